@@ -1,0 +1,129 @@
+"""Attaching the thought encoder to a Hugging Face model and feeding it evicted K/V (method.md section 3).
+
+``attach_thought`` swaps the target linears of every decoder layer for ``ThoughtLinear`` (as peft does
+for LoRA: module replacement, no source patch), freezes the base model, and registers a
+``ThoughtEncoder`` on the model as ``model.pte_thought``, so ``model.parameters()`` holds everything and
+the trainable ones are exactly h_g, W^a_Q/K/V, A and B.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import PreTrainedModel
+
+from pte.thought import LayerThought, StateStore, ThoughtConfig, ThoughtLinear
+
+ATTR = "pte_thought"
+
+
+def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
+    """The decoder blocks of a Qwen2/Llama-style causal LM."""
+    return model.model.layers
+
+
+def _base(module: nn.Module) -> nn.Module:
+    return module.base if isinstance(module, ThoughtLinear) else module
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class ThoughtEncoder(nn.Module):
+    """All layers' global tokens and latent projections, plus the live per-sequence states."""
+
+    def __init__(self, model: PreTrainedModel, cfg: ThoughtConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        c = model.config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        q_dim, kv_dim = c.num_attention_heads * head_dim, c.num_key_value_heads * head_dim
+        self.layers = nn.ModuleList(LayerThought(cfg, c.hidden_size, q_dim, kv_dim) for _ in decoder_layers(model))
+        self.store = StateStore(len(self.layers))
+        # Plain list, not submodules: the frozen projections belong to the base model's state dict.
+        self._proj = [
+            tuple(_base(getattr(layer.self_attn, n)) for n in ("q_proj", "k_proj", "v_proj"))
+            for layer in decoder_layers(model)
+        ]
+        self._rotary = [model.model.rotary_emb]
+
+    def begin(self, batch: int) -> None:
+        """Reset the states of a new batch of sequences to S_g."""
+        self.store.states = [lt.initial_state(p, batch) for lt, p in zip(self.layers, self._proj)]
+
+    def detach_states(self) -> None:
+        """Cut the graph between replay chunks: the carried state is a constant for the next chunk."""
+        self.store.states = [s.detach() for s in self.store.states]
+
+    def absorb(self, keys: list[torch.Tensor], values: list[torch.Tensor], positions: torch.Tensor) -> None:
+        """Fold one eviction into every layer's state.
+
+        Args:
+            keys, values: per-layer evicted ``[B, H_kv, m, D]`` (keys as cached, i.e. rotated).
+            positions: ``[B, m]`` absolute positions of the evicted tokens.
+        """
+        if self.cfg.evicted_keys == "pre_rope":
+            cos, sin = self._rotary[0](values[0], positions)  # [B, m, D]
+            cos, sin = cos[:, None].to(keys[0].dtype), sin[:, None].to(keys[0].dtype)
+            keys = [k * cos - _rotate_half(k) * sin for k in keys]  # rotate back by -theta
+        for i, (lt, k, v) in enumerate(zip(self.layers, keys, values)):
+            flat_k = k.transpose(1, 2).flatten(2)  # [B, m, H_kv*D]
+            flat_v = v.transpose(1, 2).flatten(2)
+            self.store.states[i] = lt.update(self.store.states[i], self._proj[i][0], flat_k, flat_v)
+
+
+def attach_thought(model: PreTrainedModel, cfg: ThoughtConfig) -> ThoughtEncoder:
+    """Freeze ``model``, add the dynamic low-rank update to ``cfg.target_modules`` and return the encoder."""
+    model.requires_grad_(False)
+    encoder = ThoughtEncoder(model, cfg)
+    found = set()
+    for idx, layer in enumerate(decoder_layers(model)):
+        for block in (layer.self_attn, layer.mlp):
+            for name in cfg.target_modules:
+                child = getattr(block, name, None)
+                if isinstance(child, nn.Linear):
+                    setattr(block, name, ThoughtLinear(child, cfg, idx, encoder.store))
+                    found.add(name)
+    missing = set(cfg.target_modules) - found
+    if missing:
+        raise ValueError(f"thought.target_modules: no linear layer named {sorted(missing)} in the decoder layers")
+    setattr(model, ATTR, encoder)
+    return encoder
+
+
+def get_thought(model: nn.Module) -> ThoughtEncoder | None:
+    return getattr(model, ATTR, None)
+
+
+def thought_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable PTE parameters only (what an adapter export holds)."""
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_thought(model: nn.Module, out_dir: str | Path) -> None:
+    """Write ``pte_adapter.safetensors`` and ``pte_config.json`` (the ThoughtConfig)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(thought_state_dict(model), str(out / "pte_adapter.safetensors"))
+    (out / "pte_config.json").write_text(json.dumps(asdict(get_thought(model).cfg), indent=2))
+
+
+def load_thought(model: PreTrainedModel, adapter_dir: str | Path) -> ThoughtEncoder:
+    """Attach an encoder with the saved config to a fresh base model and load its weights."""
+    adapter_dir = Path(adapter_dir)
+    raw = json.loads((adapter_dir / "pte_config.json").read_text())
+    raw["target_modules"] = tuple(raw["target_modules"])
+    encoder = attach_thought(model, ThoughtConfig(**raw))
+    weights = load_file(str(adapter_dir / "pte_adapter.safetensors"))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    expected = set(thought_state_dict(model))
+    if unexpected or expected - set(weights):
+        raise ValueError(f"{adapter_dir}: adapter does not match the model (unexpected {unexpected[:3]})")
+    return encoder

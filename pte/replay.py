@@ -1,0 +1,107 @@
+"""Chunked teacher-forced replay of a rollout (method.md section 4, "memory claim").
+
+The replay rebuilds the rollout's conditioning exactly: same retained prompt, same window contents,
+same thought state, cut into chunks at the rollout's eviction points. Within a chunk nothing is
+evicted, so one parallel forward over the chunk equals the token-by-token rollout. Each chunk is
+yielded with its log-probs while its graph is alive: the caller backpropagates the chunk's loss before
+asking for the next one. The cache stores detached K/V and the state is detached between chunks, so
+activation memory is bounded by the window, not by the response length.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+import torch
+from transformers import PreTrainedModel
+
+from pte.encoder import get_thought
+from pte.forward import forward_tokens
+from pte.rollout import Rollout, new_cache, prompt_positions
+
+
+@dataclass
+class ReplayChunk:
+    """Log-probs of response tokens ``[start, start + n)`` for every row."""
+
+    start: int
+    logprobs: torch.Tensor  # [B, n], differentiable when grad is enabled
+    entropy: torch.Tensor  # [B, n], detached
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.logprobs.shape[1]
+
+
+def _chunk_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob of ``targets`` and the entropy, from ``logits [B, n, V]`` at the sampling temperature."""
+    logp = torch.log_softmax(logits / temperature if temperature > 0 else logits, dim=-1)
+    chosen = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    with torch.no_grad():
+        entropy = -(logp.exp() * logp).sum(-1)
+    return chosen, entropy
+
+
+def replay(model: PreTrainedModel, ro: Rollout, full_cache: bool = False) -> Iterator[ReplayChunk]:
+    """Yield per-chunk log-probs of ``ro``'s responses under ``ro.policy``.
+
+    With ``full_cache`` the responses are scored without any eviction, in one chunk (the reference).
+    """
+    policy = replace(ro.policy, name="full", sink_tokens=0) if full_cache else ro.policy
+    cuts = [] if full_cache else ro.evict_before
+    encoder = get_thought(model)
+    b, p = ro.prompt_ids.shape
+    t = ro.response_ids.shape[1]
+    if t == 0:
+        return
+    cache = new_cache(model, policy, p, t)
+    if encoder is not None:
+        encoder.begin(b)
+    lengths = ro.prompt_mask.sum(1)
+    resp = ro.response_ids
+    bounds = [0, *cuts, t - 1]
+    for k, (a, z) in enumerate(zip(bounds[:-1], bounds[1:])):
+        pos = lengths[:, None] + torch.arange(a, z, device=resp.device)  # [B, z - a]
+        valid = torch.ones_like(pos, dtype=torch.bool)
+        if k == 0:
+            ids = torch.cat([ro.prompt_ids, resp[:, :z]], dim=1)
+            pos = torch.cat([prompt_positions(ro.prompt_mask), pos], dim=1)
+            valid = torch.cat([ro.prompt_mask, valid], dim=1)
+            logits = forward_tokens(model, cache, ids, pos, valid, logits_from=p - 1)
+        else:
+            if encoder is not None:
+                encoder.detach_states()
+            evicted = cache.evict(policy.evict_tokens)
+            if policy.encodes_evicted:
+                encoder.absorb(*evicted)
+            logits = forward_tokens(model, cache, resp[:, a:z], pos, valid)
+        start = 0 if k == 0 else a + 1
+        logp, ent = _chunk_stats(logits, resp[:, start : z + 1], ro.temperature)
+        yield ReplayChunk(start=start, logprobs=logp, entropy=ent)
+
+
+def full_replay(model: PreTrainedModel, ro: Rollout) -> torch.Tensor:
+    """Log-probs ``[B, T]`` of ``ro`` under ``ro.policy`` in one tensor (no grad; for checks and eval)."""
+    with torch.no_grad():
+        return torch.cat([c.logprobs for c in replay(model, ro)], dim=1)
+
+
+def reference_logprobs(model: PreTrainedModel, ro: Rollout) -> torch.Tensor:
+    """pi_ref: full cache, adapters off (method.md section 4). ``[B, T]``, no grad."""
+    encoder = get_thought(model)
+    with torch.no_grad(), adapters_disabled(model):
+        if encoder is not None:
+            encoder.store.enabled = False
+        try:
+            return torch.cat([c.logprobs for c in replay(model, ro, full_cache=True)], dim=1)
+        finally:
+            if encoder is not None:
+                encoder.store.enabled = True
+
+
+def adapters_disabled(model: PreTrainedModel) -> contextlib.AbstractContextManager:
+    """peft's adapter-off context for LoRA models, a no-op context otherwise."""
+    disable = getattr(model, "disable_adapter", None)
+    return disable() if callable(disable) else contextlib.nullcontext()

@@ -1,0 +1,174 @@
+"""Batched sampling under a bounded cache (method.md sections 2-4): the rollout of cache-aware GRPO.
+
+Notation: B rows (prompts x samples), P padded prompt length, T generated tokens, V vocabulary.
+Response token r_j is sampled from the logits of the forward of r_{j-1} (r_0 from the prompt). Evictions
+happen right before a forward that would overflow the window; ``evict_before`` records the index i of
+every forwarded token r_i that an eviction preceded, so replay can cut its chunks at the same points.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedModel
+
+from pte.cache import BoundedKVCache, CachePolicy
+from pte.encoder import decoder_layers, get_thought
+from pte.forward import forward_tokens
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Args:
+    temperature: softmax temperature; 0 = greedy. Log-probs are taken at this temperature.
+    top_p: nucleus sampling mass (1 = off).
+    top_k: keep the k most likely tokens (0 = off).
+    max_new_tokens: generation limit (paper 3072).
+    stop_check_every: steps between checks that every row has finished (each check syncs the device).
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 256
+    stop_check_every: int = 8
+
+
+@dataclass
+class Rollout:
+    """Everything replay and the objective need from one batch of generations."""
+
+    prompt_ids: torch.Tensor  # [B, P] left padded
+    prompt_mask: torch.Tensor  # [B, P] bool, False on pads
+    response_ids: torch.Tensor  # [B, T], pad after EOS
+    response_mask: torch.Tensor  # [B, T] bool, True up to and including EOS
+    logprobs: torch.Tensor  # [B, T] log-prob of each sampled token at the sampling temperature
+    truncated: torch.Tensor  # [B] bool, no EOS within max_new_tokens
+    policy: CachePolicy  # with the window resolved for this batch
+    temperature: float
+    evict_before: list[int] = field(default_factory=list)
+    used_slots: list[int] = field(default_factory=list)  # occupied cache slots after each step
+    slot_bytes: int = 0  # K/V bytes per occupied slot (all layers, whole batch)
+
+    @property
+    def kv_bytes(self) -> torch.Tensor:
+        """K/V bytes held after each generated token, ``[T]``."""
+        return torch.tensor(self.used_slots, dtype=torch.float64) * self.slot_bytes
+
+    def stats(self) -> dict[str, float]:
+        lengths = self.response_mask.sum(1).float()
+        kv = self.kv_bytes
+        return {
+            "evictions": float(len(self.evict_before)),
+            "evicted_tokens": float(len(self.evict_before) * self.policy.evict_tokens),
+            "kv_bytes_held": float(kv[-1]) if len(kv) else 0.0,
+            "kv_bytes_peak": float(kv.max()) if len(kv) else 0.0,
+            "response_length": float(lengths.mean()),
+            "truncated_frac": float(self.truncated.float().mean()),
+        }
+
+
+def prompt_positions(prompt_mask: torch.Tensor) -> torch.Tensor:
+    """Absolute positions of left-padded prompts: 0..L_b-1 on real tokens, 0 on pads. ``[B, P]``."""
+    return (prompt_mask.long().cumsum(1) - 1).clamp(min=0)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log pi(token) under the sampling temperature. ``logits [..., V]``, ``tokens [...]``."""
+    logp = torch.log_softmax(logits / temperature if temperature > 0 else logits, dim=-1)
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """Draw one token per row from ``logits [B, V]`` with temperature / top-k / top-p."""
+    if cfg.temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / cfg.temperature
+    if cfg.top_k > 0:
+        kth = logits.topk(min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > cfg.top_p  # keep the smallest prefix with mass >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def new_cache(model: PreTrainedModel, policy: CachePolicy, prompt_len: int, max_new: int) -> BoundedKVCache:
+    return BoundedKVCache(len(decoder_layers(model)), policy, prompt_len, policy.capacity(prompt_len, max_new))
+
+
+@torch.no_grad()
+def rollout(
+    model: PreTrainedModel,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    policy: CachePolicy,
+    sampling: SamplingConfig,
+    eos_ids: list[int],
+    pad_id: int,
+    generator: torch.Generator | None = None,
+) -> Rollout:
+    """Generate up to ``max_new_tokens`` for each row under ``policy``; finished rows stop counting.
+
+    Every row generates one token per step, so evictions are synchronous across the batch.
+    """
+    encoder = get_thought(model)
+    if policy.encodes_evicted and encoder is None:
+        raise ValueError("cache.policy=pte needs a model with a thought encoder (method: pte)")
+    prompt_mask = prompt_mask.bool()
+    b, p = prompt_ids.shape
+    device = prompt_ids.device
+    t_max = sampling.max_new_tokens
+    cache = new_cache(model, policy, p, t_max)
+    if encoder is not None:
+        encoder.begin(b)
+    lengths = prompt_mask.sum(1)  # [B]
+    eos = torch.tensor(eos_ids, device=device)
+    tokens = torch.full((b, t_max), pad_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros(b, t_max, device=device)
+    alive = torch.ones(b, dtype=torch.bool, device=device)
+    mask = torch.zeros(b, t_max, dtype=torch.bool, device=device)
+    ones = torch.ones(b, 1, dtype=torch.bool, device=device)
+    evict_before: list[int] = []
+    used: list[int] = []
+
+    logits = forward_tokens(model, cache, prompt_ids, prompt_positions(prompt_mask), prompt_mask, p - 1)[:, -1]
+    steps = 0
+    for j in range(t_max):
+        if j > 0:
+            n = policy.to_evict(cache.used, p)
+            if n:
+                evicted = cache.evict(n)
+                if policy.encodes_evicted:
+                    encoder.absorb(*evicted)
+                evict_before.append(j - 1)
+            pos = (lengths + j - 1)[:, None]
+            logits = forward_tokens(model, cache, tokens[:, j - 1 : j], pos, ones)[:, -1]
+        tok = torch.where(alive, sample(logits, sampling, generator), pad_id)
+        tokens[:, j] = tok
+        logprobs[:, j] = torch.where(alive, token_logprobs(logits, tok, sampling.temperature), 0.0)
+        mask[:, j] = alive
+        alive &= ~torch.isin(tok, eos)
+        used.append(cache.used)
+        steps = j + 1
+        if steps % sampling.stop_check_every == 0 and not alive.any():
+            break
+
+    t = int(mask.sum(1).max()) if steps else 0
+    k0 = cache.keys[0]
+    return Rollout(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        response_ids=tokens[:, :t],
+        response_mask=mask[:, :t],
+        logprobs=logprobs[:, :t],
+        truncated=alive.clone(),
+        policy=policy,
+        temperature=sampling.temperature,
+        evict_before=[i for i in evict_before if i < t - 1],
+        used_slots=used[:t],
+        slot_bytes=2 * len(cache.keys) * k0.shape[0] * k0.shape[1] * k0.shape[3] * k0.element_size(),
+    )

@@ -1,0 +1,140 @@
+"""The thought state and the dynamic low-rank update: every equation of method.md section 3.
+
+Notation for one decoder layer: G global tokens, r latent rank, m evicted tokens, B batch rows,
+H_q/H_kv query/kv heads, D head dim, d_model hidden size.
+
+    q_g = W_Q h_g,  k_g = W_K h_g,  v_g = W_V h_g              (frozen projections of the layer)
+    S_g  = N( c_G (W^a_Q q_g) (W^a_K k_g)^T (W^a_V v_g) )      initial state, G x r
+    S'_e =     c_m (W^a_Q q_g) (W^a_K K_e)^T (W^a_V V_e)       from m evicted tokens, G x r
+    S_e  <- N(S_e + S'_e)                                       progressive update at each eviction
+    y = W x + (alpha / r) A (S_e (B x)),  A: d_out x G (zero init), B: r x d_in
+
+c_m is the size-independent scale (``state_scale``: 1/m or 1/(m sqrt r)); N is ``normalize`` (RMS or
+Frobenius). Heads are flattened (K_e: [B, m, H_kv*D]); each layer's state comes from that layer's own
+evicted keys/values; keys are un-rotated back to their pre-rotary form by default (``evicted_keys``)
+so the state depends on content, not on absolute position.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ThoughtConfig:
+    """Choices the paper leaves open, with this project's defaults (paper values where it gives them).
+
+    Args:
+        rank: r, latent size of the state and of B (paper 32).
+        global_tokens: G, learnable global tokens per layer (paper 32).
+        alpha: scale numerator of the update, y = Wx + alpha/r * A S B x.
+        target_modules: linear layers (by attribute name) that get the dynamic update.
+        normalize: ``rms`` (S / rms(S)), ``frobenius`` (S / ||S||_F) or ``none``.
+        state_scale: ``mean`` (1/m) or ``mean_sqrt_rank`` (1/(m sqrt r)) on the state increments.
+        evicted_keys: ``pre_rope`` (undo the rotary embedding of evicted keys) or ``post_rope`` (as cached).
+        init_std: std of the global tokens; W^a and B use PyTorch's default Linear init; A is zero.
+    """
+
+    rank: int = 32
+    global_tokens: int = 32
+    alpha: float = 32.0
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    normalize: str = "rms"
+    state_scale: str = "mean"
+    evicted_keys: str = "pre_rope"
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.normalize not in ("rms", "frobenius", "none"):
+            raise ValueError(f"thought.normalize={self.normalize!r}: expected rms, frobenius or none")
+        if self.state_scale not in ("mean", "mean_sqrt_rank"):
+            raise ValueError(f"thought.state_scale={self.state_scale!r}: expected mean or mean_sqrt_rank")
+        if self.evicted_keys not in ("pre_rope", "post_rope"):
+            raise ValueError(f"thought.evicted_keys={self.evicted_keys!r}: expected pre_rope or post_rope")
+        if self.rank < 1 or self.global_tokens < 1:
+            raise ValueError("thought.rank and thought.global_tokens must be >= 1")
+
+
+def normalize_state(s: torch.Tensor, how: str, eps: float = 1e-6) -> torch.Tensor:
+    """N(S) per row of a ``[B, G, r]`` batch of states."""
+    if how == "rms":
+        return s * torch.rsqrt(s.pow(2).mean(dim=(-2, -1), keepdim=True) + eps)
+    if how == "frobenius":
+        return s / (s.pow(2).sum(dim=(-2, -1), keepdim=True).sqrt() + eps)
+    return s
+
+
+class LayerThought(nn.Module):
+    """Global tokens and latent projections of one decoder layer; builds and updates its state.
+
+    Args:
+        cfg: thought settings.
+        d_model: hidden size (the global tokens live in the layer's input space).
+        q_dim, kv_dim: H_q*D and H_kv*D, output sizes of the frozen q/k/v projections.
+    """
+
+    def __init__(self, cfg: ThoughtConfig, d_model: int, q_dim: int, kv_dim: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.global_tokens = nn.Parameter(torch.randn(cfg.global_tokens, d_model) * cfg.init_std)  # h_g [G, d]
+        self.lat_q = nn.Linear(q_dim, cfg.rank, bias=False)  # W^a_Q
+        self.lat_k = nn.Linear(kv_dim, cfg.rank, bias=False)  # W^a_K
+        self.lat_v = nn.Linear(kv_dim, cfg.rank, bias=False)  # W^a_V
+
+    def _scale(self, m: int) -> float:
+        return 1.0 / (m * (math.sqrt(self.cfg.rank) if self.cfg.state_scale == "mean_sqrt_rank" else 1.0))
+
+    def _increment(self, q_lat: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """c_m (W^a_Q q_g)(W^a_K K)^T (W^a_V V) for K, V ``[B, m, kv_dim]`` -> ``[B, G, r]``."""
+        k_lat, v_lat = self.lat_k(k), self.lat_v(v)  # [B, m, r]
+        return q_lat @ k_lat.transpose(-1, -2) @ v_lat * self._scale(k.shape[1])
+
+    def initial_state(self, proj: tuple[nn.Module, nn.Module, nn.Module], batch: int) -> torch.Tensor:
+        """S_g from the global tokens alone, repeated for ``batch`` rows: ``[B, G, r]``."""
+        q_proj, k_proj, v_proj = proj
+        h = self.global_tokens
+        s = self._increment(self.lat_q(q_proj(h)), k_proj(h)[None], v_proj(h)[None])  # [1, G, r]
+        return normalize_state(s, self.cfg.normalize).expand(batch, -1, -1)
+
+    def update(
+        self, state: torch.Tensor, q_proj: nn.Module, keys: torch.Tensor, values: torch.Tensor
+    ) -> torch.Tensor:
+        """S_e <- N(S_e + S'_e) for evicted keys/values already flattened to ``[B, m, kv_dim]``."""
+        q_lat = self.lat_q(q_proj(self.global_tokens))  # [G, r]
+        return normalize_state(state + self._increment(q_lat, keys, values), self.cfg.normalize)
+
+
+class ThoughtLinear(nn.Module):
+    """A frozen linear layer plus the state-modulated update (alpha/r) A S_e B x.
+
+    The state is read from ``store.states[layer_idx]`` (``[B, G, r]``), set by the engine for the
+    sequences in flight; with ``store.enabled`` False the layer is exactly the base layer.
+    """
+
+    def __init__(self, base: nn.Linear, cfg: ThoughtConfig, layer_idx: int, store: StateStore) -> None:
+        super().__init__()
+        self.base, self.layer_idx, self.scaling = base, layer_idx, cfg.alpha / cfg.rank
+        self.lr_a = nn.Parameter(torch.zeros(base.out_features, cfg.global_tokens))  # A [d_out, G]
+        self.lr_b = nn.Parameter(torch.empty(cfg.rank, base.in_features))  # B [r, d_in]
+        nn.init.kaiming_uniform_(self.lr_b, a=math.sqrt(5))
+        self.store = store
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if not self.store.enabled:
+            return y
+        state = self.store.states[self.layer_idx]  # [B, G, r]
+        u = (x @ self.lr_b.T) @ state.transpose(-1, -2)  # [B, T, r] -> [B, T, G]
+        return y + self.scaling * (u @ self.lr_a.T)
+
+
+class StateStore:
+    """Per-layer thought states of the sequences in flight, shared by reference with every ThoughtLinear."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.states: list[torch.Tensor | None] = [None] * num_layers
+        self.enabled = True
