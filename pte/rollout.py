@@ -50,6 +50,7 @@ class Rollout:
     evict_before: list[int] = field(default_factory=list)
     used_slots: list[int] = field(default_factory=list)  # occupied cache slots after each step
     slot_bytes: int = 0  # K/V bytes per occupied slot (all layers, whole batch)
+    logits: torch.Tensor | None = None  # [B, T, V] raw logits, only with keep_logits (debugging, parity tests)
 
     @property
     def kv_bytes(self) -> torch.Tensor:
@@ -110,6 +111,7 @@ def rollout(
     eos_ids: list[int],
     pad_id: int,
     generator: torch.Generator | None = None,
+    keep_logits: bool = False,
 ) -> Rollout:
     """Generate up to ``max_new_tokens`` for each row under ``policy``; finished rows stop counting.
 
@@ -134,6 +136,7 @@ def rollout(
     ones = torch.ones(b, 1, dtype=torch.bool, device=device)
     evict_before: list[int] = []
     used: list[int] = []
+    kept: list[torch.Tensor] = []
 
     logits = forward_tokens(model, cache, prompt_ids, prompt_positions(prompt_mask), prompt_mask, p - 1)[:, -1]
     steps = 0
@@ -147,6 +150,8 @@ def rollout(
                 evict_before.append(j - 1)
             pos = (lengths + j - 1)[:, None]
             logits = forward_tokens(model, cache, tokens[:, j - 1 : j], pos, ones)[:, -1]
+        if keep_logits:
+            kept.append(logits)
         tok = torch.where(alive, sample(logits, sampling, generator), pad_id)
         tokens[:, j] = tok
         logprobs[:, j] = torch.where(alive, token_logprobs(logits, tok, sampling.temperature), 0.0)
@@ -170,5 +175,6 @@ def rollout(
         temperature=sampling.temperature,
         evict_before=[i for i in evict_before if i < t - 1],
         used_slots=used[:t],
+        logits=torch.stack(kept, dim=1)[:, :t] if keep_logits else None,
         slot_bytes=2 * len(cache.keys) * k0.shape[0] * k0.shape[1] * k0.shape[3] * k0.element_size(),
     )

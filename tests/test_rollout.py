@@ -1,0 +1,134 @@
+"""Rollout under every cache policy: parity with Hugging Face, batch invariance, masks and memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pte.forward
+from pte.cache import CachePolicy
+from pte.generate import encode_prompts
+from tests.helpers import PROMPTS, run, tiny, tiny_pte
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_full_policy_matches_hf_generate(family):
+    model, tok = tiny(family)
+    ids, mask = encode_prompts(tok, PROMPTS)
+    hf = model.generate(
+        ids, attention_mask=mask.long(), max_new_tokens=40, do_sample=False, pad_token_id=0, eos_token_id=None,
+        output_logits=True, return_dict_in_generate=True,
+    )
+    ours = run(model, tok, PROMPTS, CachePolicy("full"), 40, keep_logits=True)
+    assert torch.equal(ours.response_ids, hf.sequences[:, ids.shape[1]:])
+    torch.testing.assert_close(ours.logits, torch.stack(hf.logits, 1).float(), atol=1e-4, rtol=0)
+
+
+def test_per_token_window_matches_qwen2_native_sliding_window():
+    w = 24
+    model, tok = tiny("qwen2", use_sliding_window=True, sliding_window=w, max_window_layers=0)
+    prompt = ["Hi"]
+    ids, mask = encode_prompts(tok, prompt)
+    assert ids.shape[1] < w
+    hf = model.generate(
+        ids, max_new_tokens=60, do_sample=False, pad_token_id=0, eos_token_id=None,
+        output_logits=True, return_dict_in_generate=True,
+    )
+    policy = CachePolicy("window", window=w, evict_ratio=0.0, retain_prompt=False)
+    ours = run(model, tok, prompt, policy, 60, keep_logits=True)
+    assert len(ours.evict_before) > 20
+    assert torch.equal(ours.response_ids, hf.sequences[:, ids.shape[1]:])
+    torch.testing.assert_close(ours.logits, torch.stack(hf.logits, 1).float(), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["window", "pte", "sink"])
+def test_batch_invariance_through_evictions(kind):
+    model, tok = tiny_pte() if kind == "pte" else tiny()
+    policy = CachePolicy(kind, window=8, evict_ratio=0.25, sink_tokens=2 if kind == "sink" else 0)
+    batch = run(model, tok, PROMPTS, policy, 30)
+    assert len(batch.evict_before) >= 3
+    for i, prompt in enumerate(PROMPTS):
+        alone = run(model, tok, [prompt], policy, 30)
+        assert torch.equal(batch.response_ids[i], alone.response_ids[0])
+        torch.testing.assert_close(batch.logprobs[i], alone.logprobs[0], atol=1e-4, rtol=0)
+
+
+def test_positions_masks_and_retained_prompt(monkeypatch):
+    """Record every forward: positions rise per row, no query sees a later key or a pad, prompts stay."""
+    model, tok = tiny_pte()
+    calls = []
+    real_mask, real_evict = pte.cache.BoundedKVCache.mask, pte.cache.BoundedKVCache.evict
+
+    def spy_mask(self, q_pos, q_valid, dtype):
+        out = real_mask(self, q_pos, q_valid, dtype)
+        k_pos = torch.cat([self.pos[:, : self.used], q_pos], 1)
+        k_valid = torch.cat([self.valid[:, : self.used], q_valid], 1)
+        calls.append((q_pos.clone(), q_valid.clone(), k_pos.clone(), k_valid.clone(), out[:, 0] == 0))
+        return out
+
+    evicted = []
+
+    def spy_evict(self, n):
+        out = real_evict(self, n)
+        evicted.append(out[2].clone())
+        return out
+
+    monkeypatch.setattr(pte.cache.BoundedKVCache, "mask", spy_mask)
+    monkeypatch.setattr(pte.cache.BoundedKVCache, "evict", spy_evict)
+    ro = run(model, tok, PROMPTS, CachePolicy("pte", window=8, evict_ratio=0.25), 30)
+    lengths = ro.prompt_mask.sum(1)
+    last = torch.full((len(PROMPTS),), -1)
+    for q_pos, q_valid, k_pos, k_valid, allowed in calls:
+        real_q = torch.where(q_valid, q_pos, -1)
+        assert (real_q.max(1).values > last).all()
+        last = real_q.max(1).values
+        seen = allowed & q_valid[:, :, None]  # [B, q, kv] for real queries
+        assert not (seen & ~k_valid[:, None, :]).any(), "a pad or empty slot was attended"
+        assert not (seen & (k_pos[:, None, :] > q_pos[:, :, None])).any(), "a query saw a later key"
+    assert len(evicted) >= 3
+    for pos in evicted:
+        assert (pos >= lengths[:, None]).all(), "a real prompt token was evicted"
+
+
+def test_pte_at_init_equals_window():
+    model, tok = tiny_pte(random_a=False)
+    window = run(model, tok, PROMPTS, CachePolicy("window", window=8), 30)
+    ours = run(model, tok, PROMPTS, CachePolicy("pte", window=8), 30)
+    assert len(ours.evict_before) >= 3
+    assert torch.equal(ours.response_ids, window.response_ids)
+    assert torch.equal(ours.logprobs, window.logprobs)
+
+
+def test_thought_state_changes_outputs_once_a_is_nonzero():
+    model, tok = tiny_pte(random_a=True)
+    window = run(model, tok, PROMPTS, CachePolicy("window", window=8), 30)
+    ours = run(model, tok, PROMPTS, CachePolicy("pte", window=8), 30)
+    assert not torch.allclose(ours.logprobs, window.logprobs)
+
+
+def test_eos_stops_rows_and_masks_the_rest():
+    model, tok = tiny()
+    ro = run(model, tok, PROMPTS, CachePolicy("window", window=8), 40, eos=list(range(10, 60)), temperature=1.0)
+    lengths = ro.response_mask.sum(1)
+    assert lengths.min() < ro.response_ids.shape[1]
+    for row, n in enumerate(lengths.tolist()):
+        assert ro.response_mask[row, :n].all() and not ro.response_mask[row, n:].any()
+        assert (ro.response_ids[row, n:] == tok.pad_token_id).all()
+        assert (ro.logprobs[row, n:] == 0).all()
+
+
+@pytest.mark.parametrize("kind", ["full", "window", "pte"])
+def test_kv_bytes_flat_under_bounded_policies(kind):
+    model, tok = tiny_pte(random_a=False)
+    ro = run(model, tok, ["Hi"], CachePolicy(kind, window=64, evict_ratio=0.25), 2048)
+    kv = ro.kv_bytes
+    assert len(kv) == 2048
+    if kind == "full":
+        steps = kv[1:] - kv[:-1]
+        assert torch.all(steps == steps[0]) and steps[0] > 0, "full cache must grow by one slot per token"
+    else:
+        first = ro.evict_before[0] + 1
+        held = kv[first:]
+        assert held.max() == held.min() + (ro.policy.evict_tokens - 1) * ro.slot_bytes
+        assert held[-64:].max() == held[64:128].max()
+        assert held.max() < kv.new_tensor(2048 * ro.slot_bytes) / 10
