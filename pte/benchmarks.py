@@ -54,7 +54,7 @@ def last_boxed(text: str) -> str | None:
     """Return the content of the last ``\\boxed{...}`` in ``text``, matching nested braces.
 
     Why: Minerva keeps its gold answer only inside the reference solution, and answers such as
-    ``\\frac{\\pi}{2}`` contain braces that a regex cannot balance.
+    ``\\frac{\\pi}{2}`` contain braces that a regex cannot balance. Escaped braces (``\\{``) do not count.
 
     Args:
         text: LaTeX text.
@@ -65,16 +65,25 @@ def last_boxed(text: str) -> str | None:
     start = text.rfind("\\boxed{")
     if start < 0:
         return None
-    depth = 0
     begin = start + len("\\boxed{")
-    for pos in range(begin - 1, len(text)):
-        if text[pos] == "{":
-            depth += 1
-        elif text[pos] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[begin:pos].strip()
+    depth = 1
+    pos = begin
+    while pos < len(text):
+        char = text[pos]
+        if char == "\\":
+            pos += 2
+            continue
+        depth += {"{": 1, "}": -1}.get(char, 0)
+        if depth == 0:
+            return text[begin:pos].strip()
+        pos += 1
     return None
+
+
+def _drop_math_dollars(text: str) -> str:
+    """Remove unescaped ``$`` delimiters: golds are bare LaTeX, yet sources write ``$69$,$84$`` or split a boxed
+    expression across ``$ $``. No gold in these sets uses ``$`` as a currency sign (that would be ``\\$``)."""
+    return re.sub(r"(?<!\\)\$", "", text).strip()
 
 
 def _gsm8k_answer(row: Row) -> str:
@@ -93,18 +102,18 @@ def _minerva_answer(row: Row) -> str:
     boxed = last_boxed(str(_field(row, "solution")))
     if boxed is None:
         raise KeyError("no complete \\boxed{} in 'solution'")
-    return boxed
+    return _drop_math_dollars(boxed)
 
 
 def _olympiad_answer(row: Row) -> str:
     """OlympiadBench: ``final_answer`` is a list of LaTeX strings, often ``$...$``-wrapped (even ``$69$,$84$``).
 
-    All math-mode dollars are dropped (the field never holds a currency sign) and list items are joined with ", ".
+    Math-mode dollars are dropped and list items are joined with ", ".
     """
     items = _field(row, "final_answer")
     if isinstance(items, str):
         items = [items]
-    parts = [re.sub(r"(?<!\\)\$", "", str(item)).strip() for item in items]
+    parts = [_drop_math_dollars(str(item)) for item in items]
     return ", ".join(part for part in parts if part)
 
 

@@ -114,7 +114,7 @@ def test_unknown_benchmark_lists_known_names() -> None:
     assert all(name in str(info.value) for name in BENCHMARKS)
 
 
-def test_hub_field_names(tmp_path: Path) -> None:
+def test_hub_field_names_and_source_quirks(tmp_path: Path) -> None:
     """Hub copies name fields differently from the local ones; the same converters must read both."""
     minerva = _write(tmp_path, [{"question": "Compute v.", "answer": "3.5"}])
     assert load_benchmark("minerva_math", minerva) == [Problem("minerva_math/1", "Compute v.", "3.5")]
@@ -122,6 +122,8 @@ def test_hub_field_names(tmp_path: Path) -> None:
     assert load_benchmark("amc23", amc)[0] == Problem("amc23/4", "q", "12")
     aime = _write(tmp_path, [{"problem": "q", "answer": "070", "id": "7"}])
     assert load_benchmark("aime25", aime)[0].answer == "70"
+    split = _write(tmp_path, [{"problem": "p", "solution": "x=\\boxed{a+$ $b}$.", "idx": 72}])
+    assert load_benchmark("minerva_math", split)[0].answer == "a+ b"  # a boxed answer split across "$ $"
     olympiad = _write(tmp_path, [{"id": 5, "question": "q", "final_answer": ["$3$", "$\\frac{1}{2}$"]}])
     assert load_benchmark("olympiadbench", olympiad)[0].answer == "3, \\frac{1}{2}"
 
@@ -143,6 +145,7 @@ def test_hub_path_uses_pinned_spec(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_last_boxed_balances_braces() -> None:
     assert last_boxed(r"\boxed{1} then \boxed{\frac{a}{b}} m") == r"\frac{a}{b}"
     assert last_boxed(r"\boxed{x^{2}}$.") == "x^{2}"
+    assert last_boxed(r"\boxed{\left\{ x \right.} m") == r"\left\{ x \right."  # escaped braces do not nest
     assert last_boxed(r"\boxed{\frac{1}{2}") is None
     assert last_boxed("no box") is None
 
@@ -162,3 +165,43 @@ def test_real_files(name: str) -> None:
     assert len(problems) == REAL_ROWS[name]
     assert all(p.answer.strip() and p.question.strip() for p in problems)
     assert len({p.id for p in problems}) == len(problems)
+
+
+# Reference text per benchmark for the grader check: the benchmark's own worked solution where its final answer is
+# marked in it (\boxed{} for MATH-500 and Minerva, the "#### " line for GSM8K); AIME24's AoPS solutions and
+# OlympiadBench's solutions mark no final answer reliably, so those and the answer-only sets use \boxed{gold}.
+GRADER_REFERENCE = {"math500": "solution", "minerva_math": "solution", "gsm8k": "answer"}
+GRADER_GAPS = {  # measured on the shared files; see the report to the grader's owner
+    "gsm8k": "extract_answer has no rule for the '#### X' line, so every GSM8K reference extracts None",
+    "minerva_math": "math-verify cannot parse 4 golds (rows 5, 27, 268, 269: np.arcsin, E_{1}, L_{\\odot}) and "
+    "row 72's reference box holds '$ $': 267/272",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED.is_dir(), reason="shared benchmark files not present")
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=GRADER_GAPS[name]))
+        if name in GRADER_GAPS
+        else name
+        for name in sorted(REAL_ROWS)
+    ],
+)
+def test_grader_accepts_reference_answers(name: str) -> None:
+    """Each benchmark's own reference, through the project's grader, must score >= 99 % against our gold strings."""
+    rewards = pytest.importorskip("pte.rewards")
+    path = SHARED / f"{name}.jsonl"
+    failing = []
+    for row, problem in zip(_rows(path), load_benchmark(name, str(path))):
+        key = GRADER_REFERENCE.get(name)
+        reference = str(row[key]) if key else f"\\boxed{{{problem.answer}}}"
+        try:
+            correct = rewards.verify_answer(rewards.extract_answer(reference), problem.answer)
+        except ValueError:  # the grader refuses a gold it cannot parse (GoldAnswerError)
+            correct = False
+        if not correct:
+            failing.append(problem.id)
+    rate = 1 - len(failing) / REAL_ROWS[name]
+    assert rate >= 0.99, f"{name}: {rate:.2%} of references verify; failing: {failing}"
