@@ -22,9 +22,15 @@ from pte.thought import LayerThought, StateStore, ThoughtConfig, ThoughtLinear
 ATTR = "pte_thought"
 
 
-def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
-    """The decoder blocks of a Qwen2/Llama-style causal LM."""
-    return model.model.layers
+def unwrap(model: nn.Module) -> PreTrainedModel:
+    """The Hugging Face model under a peft wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks of a Qwen2/Llama-style causal LM (peft-wrapped or not)."""
+    return unwrap(model).model.layers
 
 
 def _base(module: nn.Module) -> nn.Module:
@@ -122,7 +128,7 @@ def load_thought(model: PreTrainedModel, adapter_dir: str | Path) -> ThoughtEnco
     raw["target_modules"] = tuple(raw["target_modules"])
     encoder = attach_thought(model, ThoughtConfig(**raw))
     weights = load_file(str(adapter_dir / "pte_adapter.safetensors"))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    unexpected = model.load_state_dict(weights, strict=False).unexpected_keys
     expected = set(thought_state_dict(model))
     if unexpected or expected - set(weights):
         raise ValueError(f"{adapter_dir}: adapter does not match the model (unexpected {unexpected[:3]})")

@@ -14,6 +14,7 @@ import torch
 from transformers import PreTrainedModel
 
 from pte.cache import BoundedKVCache
+from pte.encoder import unwrap
 
 
 @lru_cache(maxsize=None)
@@ -41,7 +42,7 @@ def forward_tokens(
     """
     dtype = next(model.parameters()).dtype
     mask = cache.mask(positions, valid, dtype)
-    kwargs = {_cache_kwarg(type(model)): cache}
+    kwargs = {_cache_kwarg(type(unwrap(model))): cache}
     out = model(
         input_ids=input_ids,
         attention_mask=mask,

@@ -1,0 +1,270 @@
+"""The typed config schema shared by train.py and eval.py, and its one loader.
+
+Every field is documented once, here; the YAML files in configs/ mirror it with one-line comments.
+Loading merges: schema defaults <- YAML file <- ``key=value`` overrides (OmegaConf dot-list). An
+unknown key, a wrong type or an impossible combination stops the run at once with the key's name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from pte.cache import POLICIES, CachePolicy
+from pte.thought import ThoughtConfig
+
+METHODS = ("base", "lora", "lora_c", "pte")
+
+
+class ConfigError(ValueError):
+    """A config problem, with the dotted key that caused it."""
+
+
+def _require(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {msg}")
+
+
+@dataclass
+class ModelCfg:
+    """name: hub id, local path, ``smollm2`` (offline SmolLM2-135M-Instruct) or ``tiny-qwen2``/``tiny-llama``."""
+
+    name: str = "smollm2"
+    revision: str = "main"
+    dtype: str = "float32"
+    attn_implementation: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        _require(self.dtype in ("float32", "bfloat16", "float16"), "model.dtype", f"unknown dtype {self.dtype!r}")
+
+
+@dataclass
+class CacheCfg:
+    """Cache policy D. The thought window W comes from ``window`` if > 0, else ``budget`` minus the longest
+    prompt of the micro-batch if set, else the paper's training rule W = longest prompt of the micro-batch.
+    """
+
+    policy: str = "pte"
+    window: int = 64
+    budget: Optional[int] = None
+    evict_ratio: float = 0.25
+    sink_tokens: int = 0
+    retain_prompt: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.policy in POLICIES, "cache.policy", f"expected one of {POLICIES}, got {self.policy!r}")
+        _require(0 <= self.evict_ratio < 1, "cache.evict_ratio", "must be in [0, 1)")
+        _require(self.window >= 0, "cache.window", "must be >= 0 (0 = derive from budget or prompt length)")
+        _require(self.budget is None or self.budget > 0, "cache.budget", "must be positive")
+
+    def policy_for(self, prompt_len: int, name: str | None = None) -> CachePolicy:
+        """The concrete policy for a micro-batch whose longest prompt has ``prompt_len`` tokens."""
+        window = self.window or (self.budget - prompt_len if self.budget else prompt_len)
+        if window < 1:
+            raise ConfigError(f"cache.budget={self.budget}: leaves no window after a {prompt_len}-token prompt")
+        return CachePolicy(name or self.policy, window, self.evict_ratio, self.sink_tokens, self.retain_prompt)
+
+
+@dataclass
+class ThoughtCfg:
+    """PTE settings; see ``pte.thought.ThoughtConfig`` for each field's meaning."""
+
+    rank: int = 32
+    global_tokens: int = 32
+    alpha: float = 32.0
+    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    normalize: str = "rms"
+    state_scale: str = "mean"
+    evicted_keys: str = "pre_rope"
+    init_std: float = 0.02
+
+    def build(self) -> ThoughtConfig:
+        kwargs = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        return ThoughtConfig(**{**kwargs, "target_modules": tuple(self.target_modules)})
+
+
+@dataclass
+class LoraCfg:
+    """peft LoRA for the ``lora`` (full cache) and ``lora_c`` (window cache) baselines.
+
+    No dropout: replay must reproduce the rollout's log-probs exactly.
+    """
+
+    rank: int = 32
+    alpha: float = 64.0
+    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class DataCfg:
+    """Where training prompts come from and how they are turned into chat prompts."""
+
+    source: str = "reasoning_gym"
+    tasks: List[str] = field(default_factory=lambda: ["basic_arithmetic"])
+    size: int = 512
+    path: Optional[str] = None
+    hf_name: Optional[str] = None
+    hf_config: Optional[str] = None
+    split: str = "train"
+    revision: str = "main"
+    question_field: str = "question"
+    answer_field: str = "answer"
+    limit: Optional[int] = None
+    template: str = "chat"
+    system: Optional[str] = None
+    instruction: str = "Please reason step by step, and put your final answer within \\boxed{}."
+    few_shot: List[Dict[str, str]] = field(default_factory=list)
+    default_few_shot: bool = True
+    val_size: int = 16
+
+
+@dataclass
+class RolloutCfg:
+    """Sampling of the GRPO groups. batch_size sequences = (batch_size / group_size) prompts x group_size."""
+
+    batch_size: int = 8
+    group_size: int = 4
+    micro_batch: int = 8
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.group_size >= 2, "rollout.group_size", "must be >= 2 (advantages compare samples of a prompt)")
+        _require(
+            self.batch_size % self.group_size == 0,
+            "rollout.batch_size",
+            f"{self.batch_size} sequences cannot be split into groups of rollout.group_size={self.group_size}",
+        )
+        _require(
+            self.micro_batch >= 1 and self.batch_size % self.micro_batch == 0,
+            "rollout.micro_batch",
+            f"must divide rollout.batch_size={self.batch_size}",
+        )
+        _require(self.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
+
+    @property
+    def prompts_per_step(self) -> int:
+        return self.batch_size // self.group_size
+
+
+@dataclass
+class GRPOCfg:
+    """Objective knobs (the paper gives none of them; defaults follow DAPO-style practice)."""
+
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    beta: float = 0.0
+    loss_agg: str = "dapo"
+    std_norm: bool = True
+    mask_truncated: bool = False
+    updates_per_batch: int = 1
+    adv_eps: float = 1e-4
+
+    def __post_init__(self) -> None:
+        _require(self.loss_agg in ("grpo", "dapo", "dr_grpo"), "grpo.loss_agg", "expected grpo, dapo or dr_grpo")
+        _require(self.beta >= 0, "grpo.beta", "must be >= 0")
+        _require(self.updates_per_batch >= 1, "grpo.updates_per_batch", "must be >= 1")
+
+
+@dataclass
+class OptimCfg:
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+
+
+@dataclass
+class RewardCfg:
+    """Weights of the reward components (each logged on its own) and the grader's limits."""
+
+    correctness: float = 1.0
+    format: float = 0.0
+    timeout_s: float = 5.0
+    workers: int = 2
+
+
+@dataclass
+class TrainerCfg:
+    max_steps: int = 10
+    accelerator: str = "auto"
+    devices: int = 1
+    precision: str = "32-true"
+    out_dir: str = "runs"
+    run_name: str = "default"
+    log_every: int = 1
+    val_every: int = 0
+    val_limit: int = 8
+    ckpt_every: int = 0
+
+
+@dataclass
+class EvalCfg:
+    """Benchmarks, samples and the cache budgets that eval.py sweeps."""
+
+    benchmarks: List[str] = field(default_factory=lambda: ["math500"])
+    paths: Dict[str, str] = field(default_factory=dict)
+    n_samples: int = 1
+    k: List[int] = field(default_factory=lambda: [1])
+    limit: Optional[int] = None
+    windows: List[int] = field(default_factory=list)
+    policies: List[str] = field(default_factory=list)
+    batch_size: int = 8
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    out_dir: Optional[str] = None
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    method: str = "pte"
+    ckpt_path: Optional[str] = None
+    model: ModelCfg = field(default_factory=ModelCfg)
+    cache: CacheCfg = field(default_factory=CacheCfg)
+    thought: ThoughtCfg = field(default_factory=ThoughtCfg)
+    lora: LoraCfg = field(default_factory=LoraCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    rollout: RolloutCfg = field(default_factory=RolloutCfg)
+    grpo: GRPOCfg = field(default_factory=GRPOCfg)
+    optim: OptimCfg = field(default_factory=OptimCfg)
+    reward: RewardCfg = field(default_factory=RewardCfg)
+    trainer: TrainerCfg = field(default_factory=TrainerCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
+
+    def __post_init__(self) -> None:
+        _require(self.method in METHODS, "method", f"expected one of {METHODS}, got {self.method!r}")
+        if self.method == "pte":
+            _require(self.cache.policy == "pte", "cache.policy", "method=pte trains under cache.policy=pte")
+        if self.method in ("lora", "lora_c"):
+            _require(self.cache.policy != "pte", "cache.policy", f"method={self.method} has no thought encoder")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: Any = None) -> Config:
+    """Schema defaults <- YAML at ``path`` <- ``base`` (e.g. a checkpoint's config) <- ``key=value`` overrides."""
+    try:
+        conf = OmegaConf.structured(Config)
+        if path is not None:
+            conf = OmegaConf.merge(conf, OmegaConf.load(path))
+        if base is not None:
+            conf = OmegaConf.merge(conf, base)
+        conf = OmegaConf.merge(conf, OmegaConf.from_dotlist(list(overrides or [])))
+        return OmegaConf.to_object(conf)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        raise ConfigError(f"{key}: {err.msg if hasattr(err, 'msg') else err}".splitlines()[0]) from None
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def as_dict(cfg: Config) -> DictConfig:
+    return OmegaConf.structured(cfg)

@@ -1,0 +1,89 @@
+"""Cache-aware GRPO objective (method.md section 4), as pure tensor functions.
+
+Notation: N sequences (prompts x group size n), T response tokens. Every loss is written as a weighted
+sum of per-token terms, L = sum_{i,t} w_{i,t} l_{i,t}, so that the sum of per-chunk losses over the
+replay's chunks is exactly the loss of the whole batch and chunk-wise backward gives the same gradient.
+The aggregation choice only changes the weights w (one named function each).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, std_norm: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """r_i = (s_i - mean(s)) / (std(s) + eps) within each group of ``group_size`` consecutive rows. ``[N]``.
+
+    ``std_norm=False`` keeps only the mean baseline (Dr. GRPO).
+    """
+    groups = rewards.view(-1, group_size)  # [N / n, n]
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    if std_norm:
+        centred = centred / (groups.std(dim=1, keepdim=True) + eps)
+    return centred.reshape(-1)
+
+
+def uniform_groups(rewards: torch.Tensor, group_size: int) -> int:
+    """Groups whose rewards all agree: they carry no learning signal."""
+    groups = rewards.view(-1, group_size)
+    return int((groups == groups[:, :1]).all(dim=1).sum())
+
+
+def grpo_weights(mask: torch.Tensor, max_len: int) -> torch.Tensor:
+    """GRPO: mean over each sequence's tokens, then over sequences. ``mask [N, T]`` -> ``w [N, T]``."""
+    m = mask.float()
+    return m / m.sum(1, keepdim=True).clamp(min=1) / m.shape[0]
+
+
+def dapo_weights(mask: torch.Tensor, max_len: int) -> torch.Tensor:
+    """DAPO: one mean over all tokens of the batch, so long responses weigh more."""
+    m = mask.float()
+    return m / m.sum().clamp(min=1)
+
+
+def dr_grpo_weights(mask: torch.Tensor, max_len: int) -> torch.Tensor:
+    """Dr. GRPO: a constant normaliser (sequences x generation limit), free of length bias."""
+    m = mask.float()
+    return m / (m.shape[0] * max_len)
+
+
+AGGREGATIONS = {"grpo": grpo_weights, "dapo": dapo_weights, "dr_grpo": dr_grpo_weights}
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """k3 estimator of KL(pi_theta || pi_ref) per token: exp(d) - d - 1 with d = log pi_ref - log pi_theta.
+
+    Unlike k1 (= -d), its gradient on on-policy samples is not zero in expectation (method.md section 6).
+    """
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def token_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_low: float,
+    clip_high: float,
+    ref_logp: torch.Tensor | None = None,
+    beta: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token clipped surrogate plus beta * k3 KL.
+
+    Args:
+        logp, old_logp: ``[N, t]`` current and rollout log-probs of the sampled tokens.
+        advantages: ``[N]`` group advantages, broadcast over tokens.
+        clip_low, clip_high: ratio clipped to [1 - clip_low, 1 + clip_high] (DAPO's clip-higher when unequal).
+        ref_logp: ``[N, t]`` full-cache reference log-probs (needed when beta > 0).
+
+    Returns:
+        ``(loss [N, t], clipped [N, t] bool)``.
+    """
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages[:, None]
+    unclipped = ratio * adv
+    clipped_obj = ratio.clamp(1 - clip_low, 1 + clip_high) * adv
+    loss = -torch.minimum(unclipped, clipped_obj)
+    if beta > 0:
+        loss = loss + beta * k3_kl(logp, ref_logp)
+    return loss, (clipped_obj < unclipped).detach()

@@ -1,0 +1,95 @@
+"""One GRPO step's experience and its chunk-by-chunk policy update (method.md section 4).
+
+Rollouts run in micro-batches under the bounded cache with the current weights; the update replays each
+micro-batch chunk by chunk and backpropagates every chunk's share of the loss before the next chunk is
+computed, so activation memory is set by the window, never by the response length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from pte.config import Config
+from pte.generate import eos_ids, encode_prompts
+from pte.grpo import AGGREGATIONS, group_advantages, k3_kl, token_loss
+from pte.replay import reference_logprobs, replay
+from pte.rollout import Rollout, SamplingConfig, rollout
+
+
+@dataclass
+class Experience:
+    """A step's rollouts (micro-batches, in order) with per-sequence advantages and per-token weights."""
+
+    rollouts: list[Rollout]
+    advantages: list[torch.Tensor]  # [n] per micro-batch
+    weights: list[torch.Tensor]  # [n, T] per micro-batch; sum over everything = the batch loss normaliser
+    ref_logprobs: list[torch.Tensor | None]
+
+
+def generate_rollouts(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    prompts: list[str],
+    cfg: Config,
+    policy_name: str,
+    generator: torch.Generator | None = None,
+) -> list[Rollout]:
+    """Sample ``prompts`` (already formatted, one row per sequence) in micro-batches under the cache config."""
+    device = next(model.parameters()).device
+    r = cfg.rollout
+    sampling = SamplingConfig(r.temperature, r.top_p, r.top_k, r.max_new_tokens)
+    out = []
+    for i in range(0, len(prompts), r.micro_batch):
+        ids, mask = encode_prompts(tok, prompts[i : i + r.micro_batch], chat=False, device=device)
+        policy = cfg.cache.policy_for(int(mask.sum(1).max()), policy_name)
+        out.append(rollout(model, ids, mask, policy, sampling, eos_ids(tok, model), tok.pad_token_id, generator))
+    return out
+
+
+def build_experience(model: nn.Module, rollouts: list[Rollout], rewards: torch.Tensor, cfg: Config) -> Experience:
+    """Group advantages, loss weights over the whole batch and, if beta > 0, full-cache reference log-probs."""
+    g = cfg.grpo
+    adv = group_advantages(rewards, cfg.rollout.group_size, g.std_norm, g.adv_eps)
+    t_max = max(ro.response_ids.shape[1] for ro in rollouts)
+    masks = [ro.response_mask.clone() for ro in rollouts]
+    if g.mask_truncated:
+        for m, ro in zip(masks, rollouts):
+            m[ro.truncated] = False
+    padded = torch.cat([nn.functional.pad(m, (0, t_max - m.shape[1])) for m in masks])  # [N, T_max]
+    weights = AGGREGATIONS[g.loss_agg](padded, cfg.rollout.max_new_tokens)
+    sizes = [m.shape[0] for m in masks]
+    w_split = [w[:, : m.shape[1]] for w, m in zip(weights.split(sizes), masks)]
+    refs = [reference_logprobs(model, ro) if g.beta > 0 else None for ro in rollouts]
+    return Experience(rollouts, list(adv.split(sizes)), w_split, refs)
+
+
+def policy_update(model: nn.Module, exp: Experience, cfg: Config, backward: Callable[[torch.Tensor], None]) -> dict:
+    """Backpropagate the GRPO loss chunk by chunk over every micro-batch (no optimiser step here).
+
+    Returns:
+        Sums for logging: loss, weighted KL, clipped and masked token counts, entropy.
+    """
+    g = cfg.grpo
+    stats = dict(loss=0.0, kl=0.0, clipped=0.0, tokens=0.0, entropy=0.0)
+    for ro, adv, w, ref in zip(exp.rollouts, exp.advantages, exp.weights, exp.ref_logprobs):
+        for chunk in replay(model, ro):
+            sl = slice(chunk.start, chunk.stop)
+            ref_chunk = ref[:, sl] if ref is not None else None
+            loss_tok, clipped = token_loss(
+                chunk.logprobs, ro.logprobs[:, sl], adv, g.clip_low, g.clip_high, ref_chunk, g.beta
+            )
+            loss = (loss_tok * w[:, sl]).sum()
+            backward(loss)
+            mask = ro.response_mask[:, sl]
+            stats["loss"] += float(loss.detach())
+            stats["clipped"] += float((clipped & mask).sum())
+            stats["tokens"] += float(mask.sum())
+            stats["entropy"] += float((chunk.entropy * mask).sum())
+            if ref_chunk is not None:
+                stats["kl"] += float((k3_kl(chunk.logprobs.detach(), ref_chunk) * mask).sum())
+    return stats

@@ -1,0 +1,72 @@
+"""Train with cache-aware GRPO: ``python train.py [--config configs/X.yaml] [key=value ...]``.
+
+Writes to ``trainer.out_dir/trainer.run_name``: the resolved ``config.yaml``, TensorBoard logs, Lightning
+checkpoints (``ckpt_path=...`` resumes) and an adapter export under ``adapter/`` for eval.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from pte.callbacks import SaveOnInterrupt, build_callbacks
+from pte.cli import parse, setup_logging
+from pte.config import Config, to_yaml
+from pte.methods import export_adapter
+from pte.module import GRPOModule, build_datamodule
+
+log = logging.getLogger("train")
+# Expected with this design: the frozen base stays in eval mode (no dropout, exact replay), and manual
+# optimisation checkpoints the post-step state.
+warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
+warnings.filterwarnings("ignore", message=".*val_dataloader.*but have no .validation_step.*")
+warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+
+
+def train(cfg: Config) -> dict[str, float]:
+    """Run training for ``cfg``; return the last logged metrics."""
+    t = cfg.trainer
+    run_dir = Path(t.out_dir) / t.run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    L.seed_everything(cfg.seed, workers=True)
+    module = GRPOModule.from_config(cfg)
+    datamodule = build_datamodule(cfg, module.tokenizer)
+    ckpt_dir = run_dir / "checkpoints"
+    callbacks = [
+        ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=t.ckpt_every or t.max_steps),
+        SaveOnInterrupt(ckpt_dir / "interrupted.ckpt"),
+        *build_callbacks(cfg, datamodule),
+    ]
+    trainer = L.Trainer(
+        max_steps=t.max_steps,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        precision=t.precision,
+        logger=TensorBoardLogger(str(run_dir), name="tb", version=""),
+        callbacks=callbacks,
+        log_every_n_steps=t.log_every,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    adapter = export_adapter(module.model, cfg, run_dir / "adapter")
+    log.info("run directory %s (adapter %s, checkpoint %s)", run_dir, adapter, ckpt_dir / "last.ckpt")
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    setup_logging()
+    return train(parse(argv, __doc__.splitlines()[0]))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
