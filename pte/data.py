@@ -1,0 +1,478 @@
+"""Training prompts for cache-aware GRPO (method.md §4-5): questions with gold answers, formatted for the policy.
+
+Sources: reasoning-gym arithmetic (cheap problems a small model can solve), any Hugging Face dataset (the paper
+trains on DAPO-Math-17K) and local JSONL / Parquet files, read through field paths such as ``prompt.0.content``.
+:class:`MathDataModule` rejects unparseable gold answers at load time (method.md §6: a broken gold must never score
+1), holds out a validation set disjoint by question text, and streams training batches whose position survives
+checkpoint and resume. Prompts come out fully formatted: encode them with ``encode_prompts(..., chat=False)``.
+"""
+
+from __future__ import annotations
+
+import decimal
+import itertools
+import json
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning
+import numpy as np
+from torch.utils.data import DataLoader, IterableDataset
+from transformers import PreTrainedTokenizerBase
+
+DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+DEFAULT_TASKS = ("basic_arithmetic", "chain_sum")
+# reasoning-gym's own defaults go up to 6 terms of 4 digits; a 135M model only has a chance on short sums.
+DEFAULT_TASK_CONFIGS: dict[str, dict[str, Any]] = {
+    "basic_arithmetic": {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2},
+    "chain_sum": {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2},
+}
+DEFAULT_FEW_SHOT: tuple[dict[str, str], ...] = (
+    {
+        "question": "Calculate 14 + 3 * 5.",
+        "answer": "Multiplication comes first: 3 * 5 = 15. Then 14 + 15 = 29.\nThe final answer is \\boxed{29}.",
+    },
+)
+TEMPLATES = ("chat", "r1", "plain")
+SOURCES = ("reasoning_gym", "hf", "file")
+R1_BOS = "<｜begin▁of▁sentence｜>"
+R1_EOS = "<｜end▁of▁sentence｜>"
+R1_USER = "<｜User｜>"
+R1_ASSISTANT = "<｜Assistant｜>"
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training prompt: a stable id (``<source>/<row>``), the bare question and its gold final answer."""
+
+    id: str
+    question: str
+    answer: str
+
+
+class DataError(ValueError):
+    """Bad data or data config; the message names the file, dataset, row, field or config key at fault."""
+
+
+def get_field(row: Any, path: str, where: str) -> Any:
+    """Follow a field path such as ``reward_model.ground_truth`` or ``prompt[0].content`` through nested rows.
+
+    Raises:
+        DataError: naming ``where`` (source and row) and ``path``, when a key or index is missing or the value is null.
+    """
+    value = row
+    for part in path.replace("[", ".").replace("]", "").split("."):
+        if isinstance(value, Mapping) and part in value:
+            value = value[part]
+        elif isinstance(value, (list, tuple)) and part.lstrip("-").isdigit() and -len(value) <= int(part) < len(value):
+            value = value[int(part)]
+        else:
+            found = sorted(value) if isinstance(value, Mapping) else type(value).__name__
+            raise DataError(f"{where}: missing field {path!r} (no {part!r} in {found})")
+    if value is None:
+        raise DataError(f"{where}: field {path!r} is null")
+    return value
+
+
+def _as_text(value: Any, path: str, where: str) -> str:
+    """Render a question or gold value as a non-empty string; refuse lists, dicts, booleans and non-finite numbers.
+
+    Floats are written positionally (27.0 -> "27", 1e-07 -> "0.0000001"): graders read ``1e-07`` as ``e - 7``.
+    """
+    if not isinstance(value, (str, int, float)):
+        raise DataError(f"{where}: field {path!r} is a {type(value).__name__}, expected a string or a number")
+    if isinstance(value, bool) or (isinstance(value, float) and not math.isfinite(value)):
+        raise DataError(f"{where}: field {path!r} is {value!r}, not a question or an answer")
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else format(decimal.Decimal(repr(value)), "f")
+    text = str(value).strip()
+    if not text:
+        raise DataError(f"{where}: field {path!r} is empty")
+    return text
+
+
+def _to_examples(rows: Iterable[tuple[int, Any]], prefix: str, where: str, fields: tuple[str, str]) -> list[Example]:
+    """Build Examples (id ``<prefix>/<row>``) from numbered raw rows through the question and answer field paths."""
+    examples = []
+    for row, item in rows:
+        at = f"{where}, row {row}"
+        question, answer = (_as_text(get_field(item, field, at), field, at) for field in fields)
+        examples.append(Example(f"{prefix}/{row}", question, answer))
+    return examples
+
+
+def reasoning_gym_examples(
+    tasks: Sequence[str] = DEFAULT_TASKS,
+    size: int = 1000,
+    seed: int = 0,
+    task_configs: Mapping[str, Mapping[str, Any]] | None = None,
+) -> list[Example]:
+    """Procedurally generated problems from reasoning-gym: ``size`` in all, split evenly over ``tasks``.
+
+    ``task_configs`` maps a task to generator options, merged over ``DEFAULT_TASK_CONFIGS``. Returns the tasks
+    interleaved round-robin, ids ``<task>/<seed>/<index>``, gold answers as reasoning-gym writes them.
+    """
+    import reasoning_gym  # deferred: importing it costs ~2 s
+
+    if not tasks or len(set(tasks)) != len(tasks):
+        raise DataError(f"data.tasks: need distinct reasoning-gym task names, got {list(tasks)}")
+    if size < len(tasks):
+        raise DataError(f"data.size: {size} is smaller than the number of tasks ({len(tasks)})")
+    per_task = []
+    for i, task in enumerate(tasks):
+        options = {**DEFAULT_TASK_CONFIGS.get(task, {}), **(task_configs or {}).get(task, {})}
+        count = size // len(tasks) + (i < size % len(tasks))
+        try:
+            dataset = reasoning_gym.create_dataset(task, size=count, seed=seed, **options)
+        except (ValueError, TypeError, AssertionError) as err:
+            raise DataError(f"data.tasks / data.task_configs.{task}: reasoning-gym refused {options}: {err}") from err
+        where = f"reasoning_gym task {task!r} seed {seed}"
+        per_task.append(_to_examples(enumerate(dataset), f"{task}/{seed}", where, ("question", "answer")))
+    longest = max(len(items) for items in per_task)
+    return [items[j] for j in range(longest) for items in per_task if j < len(items)]
+
+
+def hf_examples(
+    name: str,
+    split: str,
+    question_field: str,
+    answer_field: str,
+    config: str | None = None,
+    revision: str = "main",
+    limit: int | None = None,
+) -> list[Example]:
+    """Load a Hugging Face dataset (hub id, local directory or cached copy) as Examples.
+
+    ``question_field`` / ``answer_field`` are field paths (DAPO-Math-17K: ``prompt.0.content``,
+    ``reward_model.ground_truth``); ``limit`` keeps the first rows. Ids are ``<name>/<split>/<row from 0>``.
+    """
+    import datasets  # deferred: importing it costs ~1 s
+
+    try:
+        dataset = datasets.load_dataset(name, config, split=split, revision=revision)
+    except Exception as err:  # the library raises many unrelated types; all mean "cannot load"
+        raise DataError(
+            f"data.name: cannot load dataset {name!r} (config {config!r}, split {split!r}, revision {revision!r}): "
+            f"{type(err).__name__}: {err}. Offline (HF_HUB_OFFLINE=1) it must be a local path or already cached."
+        ) from err
+    if limit is not None:
+        dataset = dataset.select(range(min(limit, len(dataset))))
+    fields = (question_field, answer_field)
+    return _to_examples(enumerate(dataset), f"{name}/{split}", f"dataset {name!r} split {split!r}", fields)
+
+
+def _jsonl_rows(path: Path, limit: int | None) -> Iterator[tuple[int, Any]]:
+    """Yield (line number from 1, parsed object) for the first ``limit`` non-blank lines of a JSONL file."""
+    with path.open(encoding="utf-8") as handle:
+        lines = ((number, line) for number, line in enumerate(handle, start=1) if line.strip())
+        for number, line in itertools.islice(lines, limit):
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"file {path}, row {number}: invalid JSON ({err.msg})") from err
+
+
+def file_examples(path: str | Path, question_field: str, answer_field: str, limit: int | None = None) -> list[Example]:
+    """Load a local JSONL (``.jsonl``) or Parquet (``.parquet``) file as Examples, fields as in :func:`hf_examples`.
+
+    Ids are ``<file stem>/<row>``: JSONL rows are line numbers (from 1), Parquet rows indices (from 0).
+    """
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        rows: Iterator[tuple[int, Any]] = _jsonl_rows(path, limit)
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows = enumerate(pq.read_table(path).to_pylist()[:limit])
+    else:
+        raise DataError(f"data.path: {path} must end in .jsonl or .parquet")
+    return _to_examples(rows, path.stem, f"file {path}", (question_field, answer_field))
+
+
+def _few_shot_pairs(few_shot: Sequence[Mapping[str, str]] | None) -> list[tuple[str, str]]:
+    """Check few-shot examples: each needs non-empty ``question`` and ``answer`` strings."""
+    pairs = []
+    for i, shot in enumerate(few_shot or ()):
+        if not isinstance(shot, Mapping) or not all(
+            isinstance(shot.get(k), str) and shot[k] for k in ("question", "answer")
+        ):
+            raise DataError(f"data.few_shot[{i}]: needs non-empty 'question' and 'answer' strings, got {shot!r}")
+        pairs.append((shot["question"], shot["answer"]))
+    return pairs
+
+
+def format_prompt(
+    tokenizer: PreTrainedTokenizerBase | None,
+    question: str,
+    template: str = "chat",
+    system: str | None = None,
+    few_shot: Sequence[Mapping[str, str]] | None = None,
+    instruction: str = DEFAULT_INSTRUCTION,
+) -> str:
+    """Render a question as the text the policy continues (ending where its answer starts).
+
+    Args:
+        tokenizer: Its chat template serves ``chat``; ``r1`` and ``plain`` ignore it (None is fine).
+        question: The bare question.
+        template: ``chat``, ``r1`` (DeepSeek-R1-Distill, opens ``<think>``) or ``plain`` (base models).
+        system: Optional system message; ``r1`` and ``plain`` put it first as raw text.
+        few_shot: Worked ``question`` / ``answer`` dicts, shown as earlier turns.
+        instruction: Appended on a new line to every question, few-shot ones included; empty for none.
+    """
+    if template not in TEMPLATES:
+        raise DataError(f"data.template: unknown template {template!r}; expected one of {', '.join(TEMPLATES)}")
+
+    def ask(text: str) -> str:
+        return f"{text}\n{instruction}" if instruction else text
+
+    turns = [(ask(q), a) for q, a in _few_shot_pairs(few_shot)]
+    if template == "r1":
+        # The R1-Distill template keeps only what follows </think> in earlier assistant turns.
+        shots = "".join(f"{R1_USER}{q}{R1_ASSISTANT}{a.split('</think>')[-1]}{R1_EOS}" for q, a in turns)
+        return f"{R1_BOS}{system or ''}{shots}{R1_USER}{ask(question)}{R1_ASSISTANT}<think>\n"
+    if template == "plain":
+        head = f"{system}\n\n" if system else ""
+        shots = "".join(f"Question: {q}\nAnswer: {a}\n\n" for q, a in turns)
+        return f"{head}{shots}Question: {ask(question)}\nAnswer:"
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise DataError("data.template: 'chat' needs a tokenizer with a chat template; use 'plain' for base models")
+    messages = [{"role": "system", "content": system}] if system else []
+    for q, a in turns:
+        messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    messages.append({"role": "user", "content": ask(question)})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _check_int(key: str, value: Any, low: int, optional: bool) -> None:
+    """Refuse a count that is not an integer >= ``low`` (None allowed when ``optional``), naming its config key."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise DataError(f"data.{key}: must be an integer >= {low}, got {value!r}")
+
+
+class _PromptStream(IterableDataset):
+    """Endless training batches, starting at the data module's current stream position."""
+
+    def __init__(self, module: MathDataModule) -> None:
+        self.module = module
+
+    def __iter__(self) -> Iterator[dict[str, list[str]]]:
+        offset = self.module._offset
+        while True:
+            batch = self.module._train_batch(offset)
+            offset += len(batch["ids"])
+            if self.module.trainer is None:  # without a Trainer, a batch counts as consumed once yielded
+                self.module._offset = offset
+            yield batch
+
+
+class MathDataModule(lightning.LightningDataModule):
+    """Question / gold-answer prompts for GRPO: a seeded held-out validation set and an endless training stream.
+
+    The stream walks a seeded permutation of the training examples per epoch, cut into batches of
+    ``prompts_per_step`` (a batch may straddle two epochs; bound training with ``max_steps``). A batch is a dict of
+    equal-length string lists: ``ids``, ``questions``, ``prompts`` (formatted) and ``answers``.
+
+    Under a Trainer the position advances in ``on_before_batch_transfer``, when the loop takes a batch rather than
+    when Lightning prefetches the next, so a checkpoint resumes at the first batch not trained on. This hook takes
+    precedence over a LightningModule's own. Without a Trainer a batch counts once it is yielded.
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        source: str = "reasoning_gym",
+        *,
+        tasks: Sequence[str] = DEFAULT_TASKS,
+        size: int = 1000,
+        task_configs: Mapping[str, Mapping[str, Any]] | None = None,
+        name: str | None = None,
+        split: str = "train",
+        config: str | None = None,
+        revision: str = "main",
+        path: str | None = None,
+        question_field: str = "question",
+        answer_field: str = "answer",
+        limit: int | None = None,
+        val_size: int = 64,
+        prompts_per_step: int = 8,
+        seed: int = 0,
+        template: str = "chat",
+        system: str | None = None,
+        few_shot: Sequence[Mapping[str, str]] | None = DEFAULT_FEW_SHOT,
+        instruction: str = DEFAULT_INSTRUCTION,
+    ) -> None:
+        """Check the config (errors name the ``data.*`` key) and keep it in ``hparams``; ``setup`` loads.
+
+        Args:
+            tokenizer: Serves the ``chat`` template.
+            source: ``reasoning_gym`` (``tasks``, ``size``, ``task_configs``), ``hf`` (``name``, ``split``,
+                ``config``, ``revision``) or ``file`` (``path``); the last two read ``question_field`` /
+                ``answer_field`` and keep the first ``limit`` rows.
+            val_size: Held-out validation questions (0 for none).
+            prompts_per_step: Prompts per training batch (GRPO samples a group per prompt).
+            seed: Seeds generation (reasoning-gym), the validation split and the training order.
+            template, system, few_shot, instruction: See :func:`format_prompt`; None or [] few-shot is zero-shot.
+        """
+        super().__init__()
+        self.save_hyperparameters(ignore=["tokenizer"])
+        if source not in SOURCES:
+            raise DataError(f"data.source: unknown source kind {source!r}; expected one of {', '.join(SOURCES)}")
+        if not {"hf": name, "file": path}.get(source, True):
+            key = "name" if source == "hf" else "path"
+            raise DataError(f"data.{key}: source {source!r} needs data.{key}")
+        for key, low in (("prompts_per_step", 1), ("val_size", 0), ("limit", 1)):
+            _check_int(key, self.hparams[key], low, optional=key == "limit")
+        self.tokenizer = tokenizer
+        self._format = {"template": template, "system": system, "few_shot": few_shot, "instruction": instruction}
+        format_prompt(tokenizer, "1 + 1 = ?", **self._format)  # a bad template or few-shot fails now
+        self.where = {"reasoning_gym": f"reasoning_gym tasks {list(tasks)} seed {seed}", "file": f"file {path}"}.get(
+            source, f"dataset {name!r} split {split!r}"
+        )
+        self.train_examples: list[Example] = []
+        self.val_examples: list[Example] = []
+        self._offset = 0
+        self._permutations: dict[int, np.ndarray] = {}
+        self._prompts: dict[str, str] = {}
+
+    def _require_setup(self) -> list[Example]:
+        if not self.train_examples:
+            raise RuntimeError("MathDataModule: call setup() first")
+        return self.train_examples
+
+    def _load(self) -> list[Example]:
+        """Read the configured source."""
+        h = self.hparams
+        if h.source == "reasoning_gym":
+            return reasoning_gym_examples(h.tasks, h.size, h.seed, h.task_configs)
+        fields = (h.question_field, h.answer_field)
+        if h.source == "hf":
+            return hf_examples(h.name, h.split, *fields, config=h.config, revision=h.revision, limit=h.limit)
+        return file_examples(h.path, *fields, limit=h.limit)
+
+    def _check_golds(self, examples: list[Example]) -> None:
+        """Parse every distinct gold answer once, so a broken gold fails the run at load time, naming its row."""
+        from pte.rewards import GoldAnswerError, parse_gold
+
+        checked: set[str] = set()
+        for example in examples:
+            if example.answer in checked:
+                continue
+            try:
+                parse_gold(example.answer, example.id)
+            except GoldAnswerError as err:
+                row = example.id.rsplit("/", 1)[-1]
+                raise DataError(
+                    f"{self.where}, row {row} (id {example.id!r}): gold answer {example.answer!r} cannot be parsed "
+                    f"by the grader ({err})"
+                ) from err
+            checked.add(example.answer)
+
+    def _split(self, examples: list[Example]) -> tuple[list[Example], list[Example]]:
+        """Hold out ``val_size`` distinct questions; every copy of a held-out question leaves the training set."""
+        first: dict[str, Example] = {}
+        for example in examples:
+            first.setdefault(example.question, example)
+        if self.hparams.val_size >= len(first):
+            raise DataError(
+                f"data.val_size: {self.hparams.val_size} leaves no training data ({len(first)} distinct questions)"
+            )
+        rng = np.random.default_rng([self.hparams.seed, 1])
+        picked = sorted(rng.choice(len(first), size=self.hparams.val_size, replace=False).tolist())
+        unique = list(first.values())
+        val = [unique[i] for i in picked]
+        held_out = {example.question for example in val}
+        return val, [example for example in examples if example.question not in held_out]
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load, validate and split the examples (once; later calls do nothing)."""
+        if self.train_examples:
+            return
+        examples = self._load()
+        if not examples:
+            raise DataError(f"data: {self.where} gave an empty dataset")
+        self._check_golds(examples)
+        self.val_examples, train = self._split(examples)
+        if self.hparams.prompts_per_step > len(train):
+            raise DataError(
+                f"data.prompts_per_step: {self.hparams.prompts_per_step} exceeds the {len(train)} training examples"
+            )
+        self.train_examples = train
+
+    def prompt(self, question: str) -> str:
+        """The formatted prompt for a question (cached)."""
+        if question not in self._prompts:
+            self._prompts[question] = format_prompt(self.tokenizer, question, **self._format)
+        return self._prompts[question]
+
+    def _collate(self, examples: list[Example]) -> dict[str, list[str]]:
+        """Keep a batch as parallel string lists (no tensors: prompts are tokenised by the rollout)."""
+        return {
+            "ids": [e.id for e in examples],
+            "questions": [e.question for e in examples],
+            "prompts": [self.prompt(e.question) for e in examples],
+            "answers": [e.answer for e in examples],
+        }
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        """The training order of one epoch, seeded by (seed, epoch)."""
+        if epoch not in self._permutations:
+            if len(self._permutations) >= 2:
+                self._permutations.pop(min(self._permutations))
+            rng = np.random.default_rng([self.hparams.seed, 2, epoch])
+            self._permutations[epoch] = rng.permutation(len(self._require_setup()))
+        return self._permutations[epoch]
+
+    def _train_batch(self, offset: int) -> dict[str, list[str]]:
+        """The batch whose first example sits at ``offset`` in the concatenation of all epochs' orders."""
+        train = self._require_setup()
+        n = len(train)
+        picks = range(offset, offset + self.hparams.prompts_per_step)
+        return self._collate([train[self._permutation(i // n)[i % n]] for i in picks])
+
+    def train_dataloader(self) -> DataLoader:
+        """Endless training batches from the current position."""
+        self._require_setup()
+        return DataLoader(_PromptStream(self), batch_size=None, num_workers=0)
+
+    def val_dataloader(self) -> DataLoader:
+        """The held-out set in fixed order, ``val_batch_size`` prompts per batch."""
+        self._require_setup()
+        return DataLoader(
+            self.val_examples,
+            batch_size=self.hparams.prompts_per_step,
+            shuffle=False,
+            collate_fn=self._collate,
+            num_workers=0,
+        )
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count a training batch as consumed when the training loop takes it (after Lightning's prefetch)."""
+        if self.trainer is not None and self.trainer.training and isinstance(batch, dict) and "ids" in batch:
+            self._offset += len(batch["ids"])
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        """Stream position (``epoch``, ``position`` within it) and what it assumes (``num_train``, ``seed``)."""
+        if not self.train_examples:
+            return {}
+        n = len(self.train_examples)
+        return {"epoch": self._offset // n, "position": self._offset % n, "num_train": n, "seed": self.hparams.seed}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Continue the stream from a checkpoint (after ``setup``, as Lightning does when resuming).
+
+        A different training set or seed would silently change what the position means, so it is an error.
+        """
+        n = len(self._require_setup())
+        saved = (state_dict.get("num_train"), state_dict.get("seed"))
+        if saved != (n, self.hparams.seed):
+            raise DataError(
+                f"data: the checkpoint's stream is for {saved[0]} training examples and seed {saved[1]}, this run has "
+                f"{n} and seed {self.hparams.seed} (data.source / data.seed / data.val_size changed?)"
+            )
+        self._offset = state_dict["epoch"] * n + state_dict["position"]
