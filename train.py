@@ -40,11 +40,11 @@ def train(cfg: Config) -> dict[str, float]:
     module = GRPOModule.from_config(cfg)
     datamodule = build_datamodule(cfg, module.tokenizer)
     ckpt_dir = run_dir / "checkpoints"
-    callbacks = [
-        ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=t.ckpt_every or t.max_steps),
-        SaveOnInterrupt(ckpt_dir / "interrupted.ckpt"),
-        *build_callbacks(cfg, datamodule),
-    ]
+    callbacks = [SaveOnInterrupt(ckpt_dir / "interrupted.ckpt"), *build_callbacks(cfg, datamodule)]
+    if t.ckpt_every:
+        callbacks.append(
+            ModelCheckpoint(ckpt_dir, every_n_train_steps=t.ckpt_every, save_last=True, enable_version_counter=False)
+        )
     trainer = L.Trainer(
         max_steps=t.max_steps,
         accelerator=t.accelerator,
@@ -58,6 +58,7 @@ def train(cfg: Config) -> dict[str, float]:
         enable_model_summary=False,
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    trainer.save_checkpoint(ckpt_dir / "last.ckpt")
     adapter = export_adapter(module.model, cfg, run_dir / "adapter")
     log.info("run directory %s (adapter %s, checkpoint %s)", run_dir, adapter, ckpt_dir / "last.ckpt")
     return {k: float(v) for k, v in trainer.callback_metrics.items()}

@@ -18,6 +18,8 @@ from pte.cache import POLICIES, CachePolicy
 from pte.thought import ThoughtConfig
 
 METHODS = ("base", "lora", "lora_c", "pte")
+# The cache each method trains under (and evaluates under unless cache.policy says otherwise).
+METHOD_POLICY = {"base": "full", "lora": "full", "lora_c": "window", "pte": "pte"}
 
 
 class ConfigError(ValueError):
@@ -44,11 +46,12 @@ class ModelCfg:
 
 @dataclass
 class CacheCfg:
-    """Cache policy D. The thought window W comes from ``window`` if > 0, else ``budget`` minus the longest
+    """Cache policy D. Training always uses the method's own policy (``METHOD_POLICY``); ``policy`` overrides
+    it for eval.py (None = the method's own). The thought window W comes from ``window`` if > 0, else ``budget`` minus the longest
     prompt of the micro-batch if set, else the paper's training rule W = longest prompt of the micro-batch.
     """
 
-    policy: str = "pte"
+    policy: Optional[str] = None
     window: int = 64
     budget: Optional[int] = None
     evict_ratio: float = 0.25
@@ -56,17 +59,17 @@ class CacheCfg:
     retain_prompt: bool = True
 
     def __post_init__(self) -> None:
-        _require(self.policy in POLICIES, "cache.policy", f"expected one of {POLICIES}, got {self.policy!r}")
+        _require(self.policy in (None, *POLICIES), "cache.policy", f"expected one of {POLICIES}, got {self.policy!r}")
         _require(0 <= self.evict_ratio < 1, "cache.evict_ratio", "must be in [0, 1)")
         _require(self.window >= 0, "cache.window", "must be >= 0 (0 = derive from budget or prompt length)")
         _require(self.budget is None or self.budget > 0, "cache.budget", "must be positive")
 
-    def policy_for(self, prompt_len: int, name: str | None = None) -> CachePolicy:
-        """The concrete policy for a micro-batch whose longest prompt has ``prompt_len`` tokens."""
+    def policy_for(self, prompt_len: int, name: str) -> CachePolicy:
+        """The concrete policy ``name`` for a micro-batch whose longest prompt has ``prompt_len`` tokens."""
         window = self.window or (self.budget - prompt_len if self.budget else prompt_len)
         if window < 1:
             raise ConfigError(f"cache.budget={self.budget}: leaves no window after a {prompt_len}-token prompt")
-        return CachePolicy(name or self.policy, window, self.evict_ratio, self.sink_tokens, self.retain_prompt)
+        return CachePolicy(name, window, self.evict_ratio, self.sink_tokens, self.retain_prompt)
 
 
 @dataclass
@@ -241,10 +244,13 @@ class Config:
 
     def __post_init__(self) -> None:
         _require(self.method in METHODS, "method", f"expected one of {METHODS}, got {self.method!r}")
-        if self.method == "pte":
-            _require(self.cache.policy == "pte", "cache.policy", "method=pte trains under cache.policy=pte")
-        if self.method in ("lora", "lora_c"):
+        if self.method != "pte":
             _require(self.cache.policy != "pte", "cache.policy", f"method={self.method} has no thought encoder")
+
+    @property
+    def eval_policy(self) -> str:
+        """The cache policy for evaluation: ``cache.policy`` or the method's own."""
+        return self.cache.policy or METHOD_POLICY[self.method]
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: Any = None) -> Config:

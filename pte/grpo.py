@@ -19,7 +19,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, std_norm: bool = Tr
     groups = rewards.view(-1, group_size)  # [N / n, n]
     centred = groups - groups.mean(dim=1, keepdim=True)
     if std_norm:
-        centred = centred / (groups.std(dim=1, keepdim=True) + eps)
+        scale = groups.std(dim=1, keepdim=True) + eps
+        centred = centred / scale.clamp(min=torch.finfo(scale.dtype).tiny)  # agreeing group: 0 / tiny = 0
     return centred.reshape(-1)
 
 

@@ -13,10 +13,10 @@ import lightning as L
 import torch
 from omegaconf import OmegaConf
 
-from pte.config import Config, as_dict, load_config
+from pte.config import METHOD_POLICY, Config, as_dict, load_config
 from pte.data import DEFAULT_FEW_SHOT, MathDataModule
 from pte.memory import MemoryTracker
-from pte.methods import TRAIN_POLICY, build_model
+from pte.methods import build_model
 from pte.rewards import Grader, build_reward
 from pte.update import build_experience, generate_rollouts, policy_update
 
@@ -61,7 +61,7 @@ class GRPOModule(L.LightningModule):
         if self.cfg.method == "base":
             raise ValueError("method=base has nothing to train; use eval.py")
         self.model, self.tokenizer = build_model(self.cfg)
-        self.policy_name = TRAIN_POLICY[self.cfg.method]
+        self.policy_name = METHOD_POLICY[self.cfg.method]
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold the trainable parameters only
         self.grader: Grader | None = None

