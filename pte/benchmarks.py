@@ -201,11 +201,23 @@ def _read_jsonl(path: str, where: str) -> Iterable[tuple[int, Row]]:
             yield number, row
 
 
+OFFLINE_SEED = 1_000_003  # far from any training seed, so these problems are held out from training streams
+OFFLINE = {"arithmetic": 200}  # procedural benchmarks generated locally: name -> default size
+
+
+def _offline(name: str, limit: int | None) -> list[Problem]:
+    """reasoning-gym arithmetic at the training defaults: an offline held-out set for smoke tests and the demo."""
+    from pte.data import DEFAULT_TASK_CONFIGS, DEFAULT_TASKS, reasoning_gym_examples
+
+    examples = reasoning_gym_examples(DEFAULT_TASKS, limit or OFFLINE[name], OFFLINE_SEED, DEFAULT_TASK_CONFIGS)
+    return [Problem(f"{name}/{i}", e.question, e.answer) for i, e in enumerate(examples)]
+
+
 def load_benchmark(name: str, path: str | None = None, limit: int | None = None) -> list[Problem]:
     """Load a registered benchmark as Problems, from a local JSONL copy or from the Hugging Face Hub.
 
     Args:
-        name: a key of ``BENCHMARKS``.
+        name: a key of ``BENCHMARKS``, or ``arithmetic`` (generated offline by reasoning-gym, seed OFFLINE_SEED).
         path: a JSONL file in that benchmark's own row format; None loads ``hf_id`` at ``revision`` from the Hub.
         limit: keep only the first ``limit`` problems.
 
@@ -216,9 +228,11 @@ def load_benchmark(name: str, path: str | None = None, limit: int | None = None)
     Raises:
         ValueError: unknown ``name``. BenchmarkFormatError (a ValueError): a missing field or an empty answer.
     """
+    if name in OFFLINE and path is None:
+        return _offline(name, limit)
     spec = BENCHMARKS.get(name)
     if spec is None:
-        raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(sorted(BENCHMARKS))}")
+        raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(sorted([*BENCHMARKS, *OFFLINE]))}")
     if path is not None:
         where = f"benchmark {name!r}, file {path}"
         rows: Iterable[tuple[int, Row]] = _read_jsonl(path, where)
