@@ -1,12 +1,30 @@
-"""Training callbacks: checkpoint on interrupt, periodic fixed-budget evaluation and memory curves."""
+"""Training callbacks: checkpoint on interrupt, periodic fixed-budget evaluation and memory curves.
+
+The periodic evaluation is the method.md §5 protocol in miniature: greedy decoding of held-out prompts under the
+run's own cache policy and window, graded like the benchmarks. The memory curves are the two views behind the
+paper's memory claims: KV bytes held against generated position (flat once the window is full) and the peak memory
+of each training phase (rollout, replay, optimizer) tracked by ``GRPOModule.memory``.
+"""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import lightning as L
+import torch
+from matplotlib.figure import Figure
 
 from pte.config import Config
+from pte.evaluate import Setting, batch_records, default_policy, grade_groups, sample_batch
+from pte.plots import MIB, figure_array, kv_memory_curves, memory_phases, summarize
+from pte.rewards import Grader
+from pte.rollout import SamplingConfig
+
+log = logging.getLogger(__name__)
+
+VAL_KEYS = ("response_length", "truncated_frac", "evictions", "tokens_per_s", "gold_errors")
 
 
 class SaveOnInterrupt(L.Callback):
@@ -19,5 +37,132 @@ class SaveOnInterrupt(L.Callback):
         trainer.save_checkpoint(self.path)
 
 
+def log_scalars(trainer: L.Trainer, metrics: Mapping[str, float], step: int) -> None:
+    """Send scalars to every logger at ``step`` (directly, so they do not wait for ``log_every_n_steps``)."""
+    for logger in trainer.loggers:
+        logger.log_metrics(dict(metrics), step=step)
+
+
+def log_figure(trainer: L.Trainer, tag: str, fig: Figure, step: int) -> None:
+    """Log a figure as an image to every logger that takes images (TensorBoard's ``add_image``)."""
+    image = figure_array(fig)
+    for logger in trainer.loggers:
+        add_image = getattr(getattr(logger, "experiment", None), "add_image", None)
+        if add_image is not None:
+            add_image(tag, image, step, dataformats="HWC")
+
+
+def _due(step: int, last: int, every: int) -> bool:
+    """True once ``step`` has crossed a multiple of ``every`` since ``last`` (several optimiser steps per batch)."""
+    return step > 0 and step // every > last // every
+
+
+class EvalCallback(L.Callback):
+    """Every ``every`` optimiser steps, greedy evaluation on the held-out prompts under the run's cache policy and
+    window; logs ``val/accuracy``, ``val/response_length`` etc. and the KV bytes held against generated position
+    (``memory/kv_bytes_*`` scalars and a ``memory/kv_curve`` image).
+
+    Args:
+        cfg: the run config (cache window, micro-batch size, generation length ``rollout.max_new_tokens``).
+        datamodule: gives ``val_examples`` and ``prompt(question)``, the training prompt format.
+        every: optimiser steps between evaluations.
+        limit: held-out prompts per evaluation (the first ``limit``, the same ones every time).
+    """
+
+    def __init__(self, cfg: Config, datamodule, every: int, limit: int) -> None:
+        self.cfg, self.datamodule, self.every, self.limit = cfg, datamodule, every, limit
+        self.last_step = 0
+        self._grader: Grader | None = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if not _due(step, self.last_step, self.every):
+            return
+        self.last_step = step
+        result = self.evaluate(pl_module)
+        if result is None:
+            return
+        metrics, curve = result
+        log_scalars(trainer, metrics, step)
+        if curve:
+            log_figure(trainer, "memory/kv_curve", kv_memory_curves({f"step {step}": curve}), step)
+
+    def _grader_for(self, pl_module: L.LightningModule) -> Grader:
+        """The module's grader pool (shared with the reward) or, without one, this callback's own."""
+        grader = getattr(pl_module, "grader", None)
+        if grader is None:
+            if self._grader is None:
+                self._grader = Grader(self.cfg.reward.timeout_s, self.cfg.reward.workers)
+            grader = self._grader
+        return grader
+
+    @torch.no_grad()
+    def evaluate(self, pl_module: L.LightningModule) -> tuple[dict[str, float], list] | None:
+        """Generate and grade the held-out prompts in micro-batches.
+
+        Returns:
+            ``(scalars, KV curve of the longest batch)``, or None without held-out prompts.
+        """
+        examples = list(getattr(self.datamodule, "val_examples", []))[: self.limit]
+        if not examples:
+            log.warning("trainer.val_every is set but the data module has no held-out examples (data.val_size)")
+            return None
+        cfg = self.cfg
+        policy = getattr(pl_module, "policy_name", None) or default_policy(cfg)
+        setting = Setting(policy, cfg.cache.window)
+        sampling = SamplingConfig(temperature=0.0, max_new_tokens=cfg.rollout.max_new_tokens)
+        grader, records = self._grader_for(pl_module), []
+        for i in range(0, len(examples), cfg.rollout.micro_batch):
+            chunk = examples[i : i + cfg.rollout.micro_batch]
+            prompts = [self.datamodule.prompt(e.question) for e in chunk]
+            out = sample_batch(pl_module.model, pl_module.tokenizer, prompts, cfg.cache, policy, sampling)
+            grades = grade_groups(grader, [[a] for a in out.answers], [e.answer for e in chunk], [e.id for e in chunk])
+            records += batch_records("val", setting, "val", chunk, out, grades)
+        summary = summarize(records, [1])
+        metrics = {"val/accuracy": summary["pass@1"], **{f"val/{k}": summary[k] for k in VAL_KEYS}}
+        metrics["memory/kv_bytes_held"] = summary["kv_bytes_held"]
+        metrics["memory/kv_bytes_peak"] = summary["kv_bytes_peak"]
+        curves = [r["kv_curve"] for r in records if r.get("kv_curve")]
+        return {k: float(v) for k, v in metrics.items() if v is not None}, max(
+            curves, key=lambda c: c[-1][0], default=[]
+        )
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._grader is not None:
+            self._grader.close()
+            self._grader = None
+
+
+class MemoryCurveCallback(L.Callback):
+    """Per-phase peak memory (rollout, replay, optimizer, process) from ``pl_module.memory.peaks()``: scalars
+    ``memory/peak_<phase>_mib`` every step and a ``memory/phases`` plot of their history every ``plot_every`` steps.
+
+    Args:
+        plot_every: optimiser steps between plots.
+    """
+
+    def __init__(self, plot_every: int) -> None:
+        self.plot_every = plot_every
+        self.history: dict[str, list[tuple[int, float]]] = {}
+        self.last_plot = 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        tracker = getattr(pl_module, "memory", None)
+        if tracker is None:
+            return
+        step = trainer.global_step
+        peaks = tracker.peaks()
+        for phase, value in peaks.items():
+            self.history.setdefault(phase, []).append((step, float(value)))
+        log_scalars(trainer, {f"memory/peak_{phase}_mib": value / MIB for phase, value in peaks.items()}, step)
+        if _due(step, self.last_plot, self.plot_every):
+            self.last_plot = step
+            log_figure(trainer, "memory/phases", memory_phases(self.history), step)
+
+
 def build_callbacks(cfg: Config, datamodule) -> list[L.Callback]:
-    return []
+    """The periodic evaluation and memory-curve callbacks when ``trainer.val_every`` > 0, else none."""
+    t = cfg.trainer
+    if t.val_every <= 0:
+        return []
+    return [EvalCallback(cfg, datamodule, t.val_every, t.val_limit), MemoryCurveCallback(t.val_every)]

@@ -1,0 +1,398 @@
+"""Benchmark evaluation under bounded KV caches: the evaluation protocol of method.md §5.
+
+A sweep is every (cache policy, thought window) setting in ``eval.policies`` x ``eval.windows``, run on every
+benchmark in ``eval.benchmarks`` with ``eval.n_samples`` samples per problem. Results are written per problem to an
+append-only ``records.jsonl`` as each batch finishes, keyed by a fingerprint of everything that shapes the samples,
+so a rerun skips finished problems and every aggregate (pass@1 over the samples, unbiased pass@k, maj@k, response
+length, truncation, evictions, KV bytes, tokens/s) is recomputed from the records. A problem whose gold answer the
+grader cannot parse is recorded but never scored (method.md §6); its count is reported as ``gold_errors``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from pte.benchmarks import BENCHMARKS, OFFLINE, Problem, load_benchmark
+from pte.cache import POLICIES
+from pte.config import CacheCfg, Config, ConfigError, to_yaml
+from pte.data import DEFAULT_FEW_SHOT, format_prompt
+from pte.generate import encode_prompts, eos_ids
+from pte.methods import TRAIN_POLICY
+from pte.plots import average, summarize, write_report
+from pte.rewards import GoldAnswerError, Grader, extract_answer
+from pte.rollout import Rollout, SamplingConfig, rollout
+
+log = logging.getLogger(__name__)
+
+RECORDS_FILE = "records.jsonl"
+# Returns (model, tokenizer, ...): load_base and load_trained both fit; items after the first two are ignored.
+Loader = Callable[[], tuple]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One cache configuration of a sweep; ``window`` 0 derives W from ``cache.budget`` or the prompt length."""
+
+    policy: str
+    window: int
+
+    @property
+    def name(self) -> str:
+        return "full" if self.policy == "full" else f"{self.policy}-w{self.window}"
+
+    def cache(self, base: CacheCfg) -> CacheCfg:
+        """The run's cache config with this setting's policy and window (sink tokens only where they apply)."""
+        sinks = base.sink_tokens if self.policy == "sink" else 0
+        return replace(base, policy=self.policy, window=self.window, sink_tokens=sinks)
+
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def default_policy(cfg: Config) -> str:
+    """``cache.policy`` if set, else the policy the method trains under (the full cache for a base model)."""
+    return cfg.cache.policy or TRAIN_POLICY.get(cfg.method) or "full"
+
+
+def sweep(cfg: Config) -> list[Setting]:
+    """Validate ``eval.*`` against the model's method and expand the policy x window grid.
+
+    The full cache never evicts, so it runs once whatever the windows. Raises ConfigError naming the key.
+    """
+    e = cfg.eval
+    _check(bool(e.benchmarks), "eval.benchmarks", "needs at least one benchmark")
+    unknown = [b for b in e.benchmarks if b not in BENCHMARKS and b not in OFFLINE]
+    _check(not unknown, "eval.benchmarks", f"unknown {unknown}; known: {sorted([*BENCHMARKS, *OFFLINE])}")
+    _check(e.n_samples >= 1, "eval.n_samples", "must be >= 1")
+    _check(all(1 <= k <= e.n_samples for k in e.k), "eval.k", f"each k must be in [1, eval.n_samples={e.n_samples}]")
+    _check(e.limit is None or e.limit >= 1, "eval.limit", "must be >= 1 (or null for all problems)")
+    _check(e.batch_size >= 1, "eval.batch_size", "must be >= 1")
+    _check(e.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
+    _check(e.temperature >= 0, "eval.temperature", "must be >= 0 (0 = greedy)")
+    _check(0 < e.top_p <= 1, "eval.top_p", "must be in (0, 1]")
+    _check(all(w >= 0 for w in e.windows), "eval.windows", "windows must be >= 0 (0 = derive from cache.budget)")
+    policies = list(e.policies) or [default_policy(cfg)]
+    for policy in policies:
+        _check(policy in POLICIES, "eval.policies", f"unknown policy {policy!r}; expected one of {POLICIES}")
+        _check(
+            policy != "pte" or cfg.method == "pte",
+            "eval.policies",
+            f"policy 'pte' needs a PTE checkpoint (thought encoder); this model is method={cfg.method}",
+        )
+    if e.temperature == 0 and e.n_samples > 1:
+        log.warning("eval.temperature=0 (greedy) with eval.n_samples=%d: all samples will be identical", e.n_samples)
+    windows = list(e.windows) or [cfg.cache.window]
+    settings = [Setting("full", 0) if p == "full" else Setting(p, w) for p in policies for w in windows]
+    return list(dict.fromkeys(settings))
+
+
+def few_shot(cfg: Config) -> list[dict[str, str]]:
+    """The run's few-shot examples, chosen by the same rule as training's data module."""
+    d = cfg.data
+    return list(d.few_shot) or (list(DEFAULT_FEW_SHOT) if d.default_few_shot else [])
+
+
+def checkpoint_id(path: str | None) -> str:
+    """Identify a checkpoint by its files' names, sizes and modification times (cheap; changes on overwrite)."""
+    if not path:
+        return ""
+    p = Path(path)
+    files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p]
+    stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    return hashlib.sha1(json.dumps(stats).encode()).hexdigest()[:12]
+
+
+def fingerprint(cfg: Config, setting: Setting) -> str:
+    """Hash of everything that shapes a setting's samples; records with another fingerprint are not reused."""
+    c, e, d, m = setting.cache(cfg.cache), cfg.eval, cfg.data, cfg.model
+    spec = {
+        "model": [m.name, m.revision, m.dtype],
+        "method": cfg.method,
+        "ckpt": checkpoint_id(cfg.ckpt_path),
+        "thought": asdict(cfg.thought) if cfg.method == "pte" else None,
+        "cache": [c.policy, c.window, c.budget, c.evict_ratio, c.sink_tokens, c.retain_prompt],
+        "sampling": [e.max_new_tokens, e.temperature, e.top_p, e.n_samples, cfg.seed],
+        "prompt": [d.template, d.system, d.instruction, few_shot(cfg)],
+    }
+    return hashlib.sha1(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def output_dir(cfg: Config) -> Path:
+    """``eval.out_dir``, else ``<checkpoint dir>/eval``, else ``<trainer.out_dir>/eval-<model>`` for a base model."""
+    if cfg.eval.out_dir:
+        return Path(cfg.eval.out_dir)
+    if cfg.ckpt_path:
+        ckpt = Path(cfg.ckpt_path)
+        return (ckpt if ckpt.is_dir() else ckpt.parent) / "eval"
+    return Path(cfg.trainer.out_dir) / f"eval-{cfg.model.name.strip('/').replace('/', '_')}"
+
+
+@dataclass
+class Sampled:
+    """One generation batch: decoded responses, their extracted answers, the rollout and its wall time."""
+
+    texts: list[str]
+    answers: list[str | None]
+    rollout: Rollout
+    seconds: float
+
+
+def sample_batch(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    prompts: list[str],
+    cache: CacheCfg,
+    policy_name: str,
+    sampling: SamplingConfig,
+    generator: torch.Generator | None = None,
+) -> Sampled:
+    """Generate for formatted prompts under policy ``policy_name`` of ``cache`` (window resolved for this batch)."""
+    device = next(model.parameters()).device
+    ids, mask = encode_prompts(tok, prompts, chat=False, device=device)
+    policy = cache.policy_for(int(mask.sum(1).max()), policy_name)
+    start = time.perf_counter()
+    ro = rollout(model, ids, mask, policy, sampling, eos_ids(tok, model), tok.pad_token_id, generator)
+    seconds = time.perf_counter() - start
+    texts = [tok.decode(r[m], skip_special_tokens=True) for r, m in zip(ro.response_ids.cpu(), ro.response_mask.cpu())]
+    return Sampled(texts, [extract_answer(t) for t in texts], ro, seconds)
+
+
+def grade_groups(
+    grader: Grader, answers: Sequence[Sequence[str | None]], golds: Sequence[str], ids: Sequence[str]
+) -> list[list[bool] | str]:
+    """Grade each problem's samples; a problem with an unparseable gold gets the error message instead.
+
+    The whole batch is graded at once (parallel across problems); only if some gold fails is it regraded
+    problem by problem to find which.
+    """
+    preds = [a for group in answers for a in group]
+    flat_golds = [g for g, group in zip(golds, answers) for _ in group]
+    flat_ids = [i for i, group in zip(ids, answers) for _ in group]
+    try:
+        flat = grader.grade(preds, flat_golds, flat_ids)
+    except GoldAnswerError:
+        return [_grade_one(grader, group, gold, pid) for group, gold, pid in zip(answers, golds, ids)]
+    out, start = [], 0
+    for group in answers:
+        out.append(flat[start : start + len(group)])
+        start += len(group)
+    return out
+
+
+def _grade_one(grader: Grader, answers: Sequence[str | None], gold: str, pid: str) -> list[bool] | str:
+    try:
+        return grader.grade(list(answers), [gold] * len(answers), [pid] * len(answers))
+    except GoldAnswerError as err:
+        return str(err)
+
+
+def kv_curve(ro: Rollout) -> list[list[float]]:
+    """Per-sequence KV bytes held against generated tokens, kept only at slope changes (exact when joined)."""
+    y = (ro.kv_bytes / max(ro.response_ids.shape[0], 1)).tolist()
+    keep = [0, *(j for j in range(1, len(y) - 1) if y[j] - y[j - 1] != y[j + 1] - y[j]), len(y) - 1]
+    return [[j + 1, y[j]] for j in sorted(set(keep))] if y else []
+
+
+def batch_records(
+    fp: str, setting: Setting, bench: str, batch: list[Problem], out: Sampled, grades: list
+) -> list[dict]:
+    """One record per problem of a finished batch; the first carries the batch's KV curve for the memory plot."""
+    ro, n = out.rollout, len(out.texts) // len(batch)
+    rows, stats = len(out.texts), ro.stats()
+    lengths, truncated = ro.response_mask.sum(1).tolist(), ro.truncated.tolist()
+    common = {
+        "fingerprint": fp,
+        "setting": setting.name,
+        "benchmark": bench,
+        "window": ro.policy.window,
+        "evictions": stats["evictions"],
+        "kv_bytes_held": stats["kv_bytes_held"] / rows,
+        "kv_bytes_peak": stats["kv_bytes_peak"] / rows,
+        "seconds": out.seconds / len(batch),
+    }
+    records = []
+    for j, problem in enumerate(batch):
+        rows_j = slice(j * n, (j + 1) * n)
+        grade = grades[j]
+        records.append(
+            {
+                **common,
+                "id": problem.id,
+                "gold": problem.answer,
+                "correct": grade if isinstance(grade, list) else None,
+                "gold_error": grade if isinstance(grade, str) else None,
+                "answers": out.answers[rows_j],
+                "lengths": lengths[rows_j],
+                "truncated": truncated[rows_j],
+                "responses": out.texts[rows_j],
+            }
+        )
+    records[0]["kv_curve"] = kv_curve(ro)
+    return records
+
+
+class RecordStore:
+    """Per-(fingerprint, benchmark, problem) records in an append-only JSONL; the last line for a key wins.
+
+    A line cut short by an interrupted write is skipped with a warning, so its problem is simply redone.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.records: dict[tuple[str, str, str], dict] = {}
+        if path.exists():
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    log.warning("%s line %d is incomplete; its problem will be recomputed", path, number)
+                    continue
+                self.records[rec["fingerprint"], rec["benchmark"], rec["id"]] = rec
+
+    def get(self, fp: str, bench: str, pid: str) -> dict | None:
+        return self.records.get((fp, bench, pid))
+
+    def append(self, records: Iterable[dict]) -> None:
+        """Append and flush (the file is closed after every batch)."""
+        records = list(records)
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(r) + "\n" for r in records)
+        for r in records:
+            self.records[r["fingerprint"], r["benchmark"], r["id"]] = r
+
+
+class Evaluator:
+    """Runs the missing part of a sweep into a RecordStore; the model and grader start only if work is left."""
+
+    def __init__(self, cfg: Config, load: Loader, store: RecordStore) -> None:
+        self.cfg, self.load, self.store = cfg, load, store
+        self.model: nn.Module | None = None
+        self.grader: Grader | None = None
+        e = cfg.eval
+        self.sampling = SamplingConfig(e.temperature, e.top_p, 0, e.max_new_tokens)
+
+    def _start(self) -> None:
+        """Load the model (on the GPU when one is available and allowed) and start the grader pool."""
+        model, self.tok = self.load()[:2]
+        use_gpu = torch.cuda.is_available() and self.cfg.trainer.accelerator != "cpu"
+        self.model = model.to("cuda" if use_gpu else "cpu").eval()
+        self.grader = Grader(self.cfg.reward.timeout_s, self.cfg.reward.workers)
+        shots = few_shot(self.cfg)
+        d = self.cfg.data
+        self.format = lambda q: format_prompt(self.tok, q, d.template, d.system, shots, d.instruction)
+
+    def close(self) -> None:
+        """Stop the grader pool, reporting answers that were graded False because grading timed out."""
+        if self.grader is not None:
+            if self.grader.timeouts:
+                log.warning("%d answers timed out in the grader and were graded False", self.grader.timeouts)
+            self.grader.close()
+
+    def run(self, setting: Setting, bench: str, problems: list[Problem], bar: tqdm) -> None:
+        """Generate and grade the problems of one (setting, benchmark) that have no record yet, batch by batch."""
+        fp, n = fingerprint(self.cfg, setting), self.cfg.eval.n_samples
+        pending = [p for p in problems if self.store.get(fp, bench, p.id) is None]
+        size = self.cfg.eval.batch_size
+        for i in range(0, len(pending), size):
+            if self.model is None:
+                self._start()
+            batch = pending[i : i + size]
+            device = next(self.model.parameters()).device
+            seed = zlib.crc32(f"{self.cfg.seed}/{fp}/{bench}/{batch[0].id}".encode())
+            generator = torch.Generator(device=device).manual_seed(seed)
+            prompts = [self.format(p.question) for p in batch for _ in range(n)]
+            cache = setting.cache(self.cfg.cache)
+            out = sample_batch(self.model, self.tok, prompts, cache, setting.policy, self.sampling, generator)
+            groups = [out.answers[j * n : (j + 1) * n] for j in range(len(batch))]
+            grades = grade_groups(self.grader, groups, [p.answer for p in batch], [p.id for p in batch])
+            self.store.append(batch_records(fp, setting, bench, batch, out, grades))
+            bar.update(len(batch))
+
+
+def evaluate(cfg: Config, load: Loader) -> dict:
+    """Run (or finish) the sweep of ``cfg.eval`` and write config, records, results.json/.md and plots.
+
+    Args:
+        cfg: resolved config; ``ckpt_path`` names the evaluated checkpoint (None for a base model).
+        load: returns ``(model, tokenizer)``; called only if some record is missing, so rerunning a finished
+            sweep re-aggregates without loading the model.
+
+    Returns:
+        The content of results.json: per setting, per benchmark and averaged, every reported number.
+    """
+    settings = sweep(cfg)
+    out_dir = output_dir(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(to_yaml(cfg))
+    e = cfg.eval
+    problems = {b: load_benchmark(b, path=e.paths.get(b), limit=e.limit) for b in e.benchmarks}
+    store = RecordStore(out_dir / RECORDS_FILE)
+    keys = [(fingerprint(cfg, s), b, p.id) for s in settings for b in e.benchmarks for p in problems[b]]
+    done = sum(store.get(*key) is not None for key in keys)
+    log.info(
+        "%d settings x %d benchmarks: %d of %d problems already done", len(settings), len(problems), done, len(keys)
+    )
+    runner = Evaluator(cfg, load, store)
+    try:
+        with tqdm(total=len(keys), initial=done, desc="eval", unit="problem") as bar:
+            for setting in settings:
+                for bench in e.benchmarks:
+                    runner.run(setting, bench, problems[bench], bar)
+    finally:
+        runner.close()
+    results = collect(cfg, settings, problems, store)
+    write_report(results, _curves(settings, store, cfg), out_dir)
+    log.info("results in %s", out_dir)
+    return results
+
+
+def collect(cfg: Config, settings: list[Setting], problems: dict[str, list[Problem]], store: RecordStore) -> dict:
+    """Aggregate the records of the current sweep (and only those) into the results.json structure."""
+    rows = []
+    for setting in settings:
+        fp = fingerprint(cfg, setting)
+        per_bench = {b: summarize([store.get(fp, b, p.id) for p in ps], cfg.eval.k) for b, ps in problems.items()}
+        rows.append(
+            {
+                "name": setting.name,
+                "policy": setting.policy,
+                "window": setting.window,
+                "fingerprint": fp,
+                "benchmarks": per_bench,
+                "average": average(per_bench),
+            }
+        )
+    return {
+        "model": cfg.model.name,
+        "method": cfg.method,
+        "ckpt": cfg.ckpt_path,
+        "benchmarks": list(problems),
+        "n_samples": cfg.eval.n_samples,
+        "k": sorted(set(cfg.eval.k)),
+        "settings": rows,
+    }
+
+
+def _curves(settings: list[Setting], store: RecordStore, cfg: Config) -> dict[str, list[list[float]]]:
+    """Each setting's longest recorded KV curve (over its benchmarks), for the memory plot."""
+    curves = {}
+    for setting in settings:
+        fp = fingerprint(cfg, setting)
+        found = [r["kv_curve"] for key, r in store.records.items() if key[0] == fp and r.get("kv_curve")]
+        if found:
+            curves[setting.name] = max(found, key=lambda c: c[-1][0])
+    return curves

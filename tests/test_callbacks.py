@@ -1,0 +1,60 @@
+"""Training callbacks: periodic held-out evaluation and memory curves, read back from TensorBoard event files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import train
+from pte.callbacks import EvalCallback, MemoryCurveCallback, SaveOnInterrupt, build_callbacks
+from pte.config import load_config
+from pte.plots import figure_array, memory_phases
+
+TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml")
+PHASES = ("rollout", "replay", "optimizer", "process")
+
+
+def test_build_callbacks_only_when_enabled():
+    assert build_callbacks(load_config(TINY, ["trainer.val_every=0"]), None) == []
+    callbacks = build_callbacks(load_config(TINY, ["trainer.val_every=3", "trainer.val_limit=2"]), None)
+    assert [type(c) for c in callbacks] == [EvalCallback, MemoryCurveCallback]
+    assert (callbacks[0].every, callbacks[0].limit, callbacks[1].plot_every) == (3, 2, 3)
+    assert SaveOnInterrupt("x.ckpt").path == Path("x.ckpt")
+
+
+def test_figure_array_is_rgb():
+    image = figure_array(memory_phases({"rollout": [(1, 2.0**20), (2, 3 * 2.0**20)]}))
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+    assert image.min() < 128 < image.max()  # something was drawn on the white background
+
+
+def test_training_logs_validation_and_memory_curves(tmp_path):
+    """Two steps with val_every=2: memory scalars every step, evaluation and plots at step 2 only."""
+    train.main(
+        [
+            "--config",
+            TINY,
+            f"trainer.out_dir={tmp_path}",
+            "trainer.max_steps=2",
+            "trainer.val_every=2",
+            "trainer.val_limit=2",
+            "rollout.max_new_tokens=6",
+            "data.size=12",
+        ]
+    )
+    events = EventAccumulator(str(tmp_path / "tiny" / "tb"), size_guidance={"scalars": 0, "images": 0}).Reload()
+    scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+    accuracy = scalars["val/accuracy"]
+    assert [step for step, _ in accuracy] == [2] and 0.0 <= accuracy[0][1] <= 1.0
+    assert 0 < scalars["val/response_length"][0][1] <= 6
+    assert scalars["val/gold_errors"] == [(2, 0.0)]
+    assert scalars["memory/kv_bytes_peak"][0][1] >= scalars["memory/kv_bytes_held"][0][1] > 0
+    for phase in PHASES:
+        steps, values = zip(*scalars[f"memory/peak_{phase}_mib"])
+        assert steps == (1, 2) and min(values) > 0, phase
+    for tag in ("memory/kv_curve", "memory/phases"):
+        images = events.Images(tag)
+        assert [i.step for i in images] == [2] and images[0].width > 100 and images[0].height > 100, tag

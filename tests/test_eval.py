@@ -1,0 +1,209 @@
+"""eval.py and pte.evaluate (method.md §5 protocol): sweeps, metrics, gold errors, resumable records, reports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import eval as eval_cli
+import pte.evaluate
+from pte.config import as_dict, load_config
+from pte.methods import build_model, export_adapter
+from pte.plots import summarize
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = str(ROOT / "configs" / "tiny.yaml")
+FIXTURE = str(ROOT / "tests" / "fixtures" / "eval" / "math500.jsonl")  # 3 problems + 1 unparseable gold
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# Small and fast: tiny model, 10 new tokens, sampled so that n_samples > 1 means something.
+FAST = [
+    "benchmarks=[math500]",
+    f"eval.paths.math500={FIXTURE}",
+    "eval.max_new_tokens=10",
+    "eval.temperature=1.0",
+    "reward.workers=1",
+]
+
+
+def _export(tmp: Path, method: str) -> Path:
+    """A freshly initialised tiny adapter of ``method``, exported the way train.py does."""
+    cfg = load_config(TINY, [f"method={method}"])
+    model, _ = build_model(cfg)
+    return export_adapter(model, cfg, tmp / f"{method}-adapter")
+
+
+@pytest.fixture(scope="module")
+def pte_adapter(tmp_path_factory) -> Path:
+    return _export(tmp_path_factory.mktemp("ckpt"), "pte")
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _count_rollouts(monkeypatch) -> list[int]:
+    """Wrap the rollout used by eval so each call's row count is recorded."""
+    rows: list[int] = []
+    real = pte.evaluate.rollout
+
+    def spy(model, ids, *args, **kwargs):
+        rows.append(ids.shape[0])
+        return real(model, ids, *args, **kwargs)
+
+    monkeypatch.setattr(pte.evaluate, "rollout", spy)
+    return rows
+
+
+def test_eval_sweep_writes_results_and_resumes(pte_adapter, tmp_path, monkeypatch):
+    args = [f"ckpt={pte_adapter}", "windows=[4,8]", "n_samples=2", "k=[1,2]", "eval.batch_size=2", *FAST]
+    rows = _count_rollouts(monkeypatch)
+    first = eval_cli.main([*args, "limit=3"])
+    out = pte_adapter / "eval"  # default: next to the checkpoint
+    assert sum(rows) == 2 * 3 * 2  # settings x problems x samples
+    assert len(_lines(out / "records.jsonl")) == 2 * 3
+    assert [s["name"] for s in first["settings"]] == ["pte-w4", "pte-w8"]
+
+    rows.clear()  # one more problem (the one with a broken gold): only it is generated, once per setting
+    results = eval_cli.main([*args, "limit=4"])
+    assert rows == [2, 2]
+    records = _lines(out / "records.jsonl")
+    assert len(records) == 2 * 4
+    for setting in results["settings"]:
+        s = setting["benchmarks"]["math500"]
+        assert (s["problems"], s["gold_errors"]) == (3, 1)
+        for key in ("pass@1", "pass@2", "maj@1", "maj@2", "truncated_frac"):
+            assert 0.0 <= s[key] <= 1.0, key
+        assert 0 < s["response_length"] <= 10 and s["tokens_per_s"] > 0 and s["kv_bytes_peak"] > 0
+    w4, w8 = (r["benchmarks"]["math500"] for r in results["settings"])
+    assert w4["evictions"] > w8["evictions"] and w4["kv_bytes_peak"] < w8["kv_bytes_peak"]
+    broken = [r for r in records if r["gold"] == "???"]
+    assert len(broken) == 2 and all(r["correct"] is None and "???" in r["gold_error"] for r in broken)
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("a finished sweep must not generate again")
+
+    monkeypatch.setattr(pte.evaluate, "rollout", no_generation)
+    again = eval_cli.main([*args, "limit=4"])
+    assert len(_lines(out / "records.jsonl")) == 2 * 4
+    assert again["settings"] == results["settings"]
+    assert json.loads((out / "results.json").read_text())["settings"] == results["settings"]
+    table = (out / "results.md").read_text()
+    assert "| pte-w4 | math500 | 3 |" in table and "| pte-w8 | math500 | 3 |" in table and "gold errors" in table
+    for png in ("accuracy_math500.png", "kv_memory.png"):
+        assert (out / png).read_bytes()[:8] == PNG_MAGIC
+    saved = OmegaConf.load(out / "config.yaml")
+    assert saved.eval.windows == [4, 8] and saved.ckpt_path == str(pte_adapter) and saved.method == "pte"
+
+
+def test_changed_settings_are_not_reused(pte_adapter, tmp_path, monkeypatch):
+    """A different generation length is a different fingerprint: its problems are generated, not read back."""
+    args = [f"ckpt={pte_adapter}", "limit=1", f"eval.out_dir={tmp_path}", *FAST]
+    rows = _count_rollouts(monkeypatch)
+    eval_cli.main(args)
+    eval_cli.main([*args, "eval.max_new_tokens=6"])
+    assert rows == [1, 1]
+    assert len(_lines(tmp_path / "records.jsonl")) == 2
+
+
+def test_base_model_eval(tmp_path, monkeypatch):
+    """A base model by name, two benchmarks (one generated offline), the full cache against a window."""
+    monkeypatch.chdir(tmp_path)
+    args = ["model.name=tiny-qwen2", "policies=[full,window]", "windows=[4]", "limit=2", "trainer.out_dir=runs"]
+    results = eval_cli.main([*args, *FAST, "benchmarks=[math500,arithmetic]"])
+    out = tmp_path / "runs" / "eval-tiny-qwen2"  # default for a base model
+    assert (results["method"], results["ckpt"]) == ("base", None)
+    assert [s["name"] for s in results["settings"]] == ["full", "window-w4"]
+    full, window = results["settings"]
+    for bench in ("math500", "arithmetic"):
+        assert full["benchmarks"][bench]["evictions"] == 0 and window["benchmarks"][bench]["evictions"] > 0
+        assert window["benchmarks"][bench]["kv_bytes_peak"] < full["benchmarks"][bench]["kv_bytes_peak"]
+    lengths = [full["benchmarks"][b]["response_length"] for b in ("math500", "arithmetic")]
+    assert full["average"]["response_length"] == pytest.approx(sum(lengths) / 2)
+    assert full["average"]["problems"] == 4
+    assert "| full | average | 4 |" in (out / "results.md").read_text()
+    for name in (
+        "config.yaml",
+        "results.json",
+        "accuracy_math500.png",
+        "accuracy_arithmetic.png",
+        "accuracy_average.png",
+    ):
+        assert (out / name).is_file(), name
+
+
+@pytest.mark.parametrize(
+    ("args", "key"),
+    [
+        (["model=tiny-qwen2", "policies=[pte]"], "eval.policies"),
+        (["model=tiny-qwen2", "n_samples=2", "k=[1,4]"], "eval.k"),
+        (["model=tiny-qwen2", "benchmarks=[math5000]"], "eval.benchmarks"),
+        (["model=tiny-qwen2", "windows=[-1]"], "eval.windows"),
+        (["limit=2"], "ckpt"),
+    ],
+)
+def test_bad_arguments_name_the_key(args, key, capsys):
+    with pytest.raises(SystemExit) as exc:
+        eval_cli.main(args)
+    assert exc.value.code == 2
+    assert f"config error: {key}:" in capsys.readouterr().err
+
+
+def test_pte_policy_rejected_for_lora_checkpoint(tmp_path, capsys):
+    lora = _export(tmp_path, "lora")
+    with pytest.raises(SystemExit):
+        eval_cli.main([f"ckpt={lora}", "policies=[window,pte]"])
+    err = capsys.readouterr().err
+    assert "eval.policies:" in err and "method=lora" in err
+    assert not (lora / "eval").exists()  # rejected before anything was written
+
+
+def test_lightning_checkpoint_resolves_and_loads(tmp_path):
+    """A .ckpt (trainable tensors + run config, as GRPOModule saves it) gives its config, overridable per key."""
+    cfg = load_config(TINY)
+    model, _ = build_model(cfg)
+    state = {f"model.{n}": torch.randn_like(p) for n, p in model.named_parameters() if p.requires_grad}
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir()
+    torch.save({"hyper_parameters": {"run_config": OmegaConf.to_container(as_dict(cfg))}, "state_dict": state}, ckpt)
+    resolved, load = eval_cli.resolve(None, [f"ckpt_path={ckpt}", "cache.window=4", "n_samples=3"])
+    assert (resolved.method, resolved.cache.window, resolved.eval.n_samples) == ("pte", 4, 3)
+    assert pte.evaluate.output_dir(resolved) == ckpt.parent / "eval"
+    params = dict(load()[0].named_parameters())
+    assert all(torch.equal(params[name.removeprefix("model.")], value) for name, value in state.items())
+
+
+def _record(correct: list[bool], answers: list[str | None], gold_error: str | None = None) -> dict:
+    n = len(answers)
+    return {
+        "correct": None if gold_error else correct,
+        "gold_error": gold_error,
+        "answers": answers,
+        "lengths": [10] * n,
+        "truncated": [False] * n,
+        "window": 8,
+        "evictions": 2.0,
+        "kv_bytes_held": 100.0,
+        "kv_bytes_peak": 120.0,
+        "seconds": 1.0,
+    }
+
+
+def test_summarize_metrics_and_gold_errors():
+    records = [
+        _record([True, False, False, False], ["1", "2", "2", None]),  # pass@1 1/4, pass@2 1/2, maj@4 wrong ("2")
+        _record([False, True, True, False], ["3", "4", "4", "5"]),  # pass@1 1/2, pass@2 5/6, maj@4 right ("4")
+        _record([], ["x", "y", "z", "w"], gold_error="row 3: cannot parse"),
+    ]
+    s = summarize(records, [2, 4])
+    assert (s["problems"], s["gold_errors"]) == (2, 1)
+    assert s["pass@1"] == pytest.approx((1 / 4 + 1 / 2) / 2)
+    assert s["pass@2"] == pytest.approx((1 / 2 + 5 / 6) / 2)
+    assert s["pass@4"] == pytest.approx(1.0)
+    assert s["maj@4"] == pytest.approx(0.5)
+    assert s["maj@2"] == pytest.approx(0.5)  # first two samples: "1" wins (tie, earliest) -> right; "3" -> wrong
+    assert s["tokens_per_s"] == pytest.approx(120 / 3)
+    assert summarize(records[2:], [1])["pass@1"] is None  # nothing scored: no number, not zero
