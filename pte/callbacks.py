@@ -17,7 +17,7 @@ import torch
 from matplotlib.figure import Figure
 
 from pte.config import Config
-from pte.evaluate import Setting, batch_records, default_policy, grade_groups, sample_batch
+from pte.evaluate import Setting, batch_records, grade_groups, sample_batch
 from pte.plots import MIB, figure_array, kv_memory_curves, memory_phases, summarize
 from pte.rewards import Grader
 from pte.rollout import SamplingConfig
@@ -108,7 +108,7 @@ class EvalCallback(L.Callback):
             log.warning("trainer.val_every is set but the data module has no held-out examples (data.val_size)")
             return None
         cfg = self.cfg
-        policy = getattr(pl_module, "policy_name", None) or default_policy(cfg)
+        policy = getattr(pl_module, "policy_name", None) or cfg.eval_policy
         setting = Setting(policy, cfg.cache.window)
         sampling = SamplingConfig(temperature=0.0, max_new_tokens=cfg.rollout.max_new_tokens)
         grader, records = self._grader_for(pl_module), []

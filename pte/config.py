@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -26,7 +26,7 @@ class ConfigError(ValueError):
     """A config problem, with the dotted key that caused it."""
 
 
-def _require(ok: bool, key: str, msg: str) -> None:
+def require(ok: bool, key: str, msg: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {msg}")
 
@@ -41,7 +41,7 @@ class ModelCfg:
     attn_implementation: str = "sdpa"
 
     def __post_init__(self) -> None:
-        _require(self.dtype in ("float32", "bfloat16", "float16"), "model.dtype", f"unknown dtype {self.dtype!r}")
+        require(self.dtype in ("float32", "bfloat16", "float16"), "model.dtype", f"unknown dtype {self.dtype!r}")
 
 
 @dataclass
@@ -51,18 +51,18 @@ class CacheCfg:
     prompt of the micro-batch if set, else the paper's training rule W = longest prompt of the micro-batch.
     """
 
-    policy: Optional[str] = None
+    policy: str | None = None
     window: int = 64
-    budget: Optional[int] = None
+    budget: int | None = None
     evict_ratio: float = 0.25
     sink_tokens: int = 0
     retain_prompt: bool = True
 
     def __post_init__(self) -> None:
-        _require(self.policy in (None, *POLICIES), "cache.policy", f"expected one of {POLICIES}, got {self.policy!r}")
-        _require(0 <= self.evict_ratio < 1, "cache.evict_ratio", "must be in [0, 1)")
-        _require(self.window >= 0, "cache.window", "must be >= 0 (0 = derive from budget or prompt length)")
-        _require(self.budget is None or self.budget > 0, "cache.budget", "must be positive")
+        require(self.policy in (None, *POLICIES), "cache.policy", f"expected one of {POLICIES}, got {self.policy!r}")
+        require(0 <= self.evict_ratio < 1, "cache.evict_ratio", "must be in [0, 1)")
+        require(self.window >= 0, "cache.window", "must be >= 0 (0 = derive from budget or prompt length)")
+        require(self.budget is None or self.budget > 0, "cache.budget", "must be positive")
 
     def policy_for(self, prompt_len: int, name: str) -> CachePolicy:
         """The concrete policy ``name`` for a micro-batch whose longest prompt has ``prompt_len`` tokens."""
@@ -79,7 +79,7 @@ class ThoughtCfg:
     rank: int = 32
     global_tokens: int = 32
     alpha: float = 32.0
-    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     normalize: str = "rms"
     state_scale: str = "mean"
     evicted_keys: str = "pre_rope"
@@ -99,7 +99,7 @@ class LoraCfg:
 
     rank: int = 32
     alpha: float = 64.0
-    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
 @dataclass
@@ -107,20 +107,20 @@ class DataCfg:
     """Where training prompts come from and how they are turned into chat prompts."""
 
     source: str = "reasoning_gym"
-    tasks: List[str] = field(default_factory=lambda: ["basic_arithmetic"])
+    tasks: list[str] = field(default_factory=lambda: ["basic_arithmetic"])
     size: int = 512
-    path: Optional[str] = None
-    hf_name: Optional[str] = None
-    hf_config: Optional[str] = None
+    path: str | None = None
+    hf_name: str | None = None
+    hf_config: str | None = None
     split: str = "train"
     revision: str = "main"
     question_field: str = "question"
     answer_field: str = "answer"
-    limit: Optional[int] = None
+    limit: int | None = None
     template: str = "chat"
-    system: Optional[str] = None
+    system: str | None = None
     instruction: str = "Please reason step by step, and put your final answer within \\boxed{}."
-    few_shot: List[Dict[str, str]] = field(default_factory=list)
+    few_shot: list[dict[str, str]] = field(default_factory=list)
     default_few_shot: bool = True
     val_size: int = 16
 
@@ -138,18 +138,18 @@ class RolloutCfg:
     top_k: int = 0
 
     def __post_init__(self) -> None:
-        _require(self.group_size >= 2, "rollout.group_size", "must be >= 2 (advantages compare samples of a prompt)")
-        _require(
+        require(self.group_size >= 2, "rollout.group_size", "must be >= 2 (advantages compare samples of a prompt)")
+        require(
             self.batch_size % self.group_size == 0,
             "rollout.batch_size",
             f"{self.batch_size} sequences cannot be split into groups of rollout.group_size={self.group_size}",
         )
-        _require(
+        require(
             self.micro_batch >= 1 and self.batch_size % self.micro_batch == 0,
             "rollout.micro_batch",
             f"must divide rollout.batch_size={self.batch_size}",
         )
-        _require(self.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
+        require(self.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
 
     @property
     def prompts_per_step(self) -> int:
@@ -170,9 +170,9 @@ class GRPOCfg:
     adv_eps: float = 1e-4
 
     def __post_init__(self) -> None:
-        _require(self.loss_agg in ("grpo", "dapo", "dr_grpo"), "grpo.loss_agg", "expected grpo, dapo or dr_grpo")
-        _require(self.beta >= 0, "grpo.beta", "must be >= 0")
-        _require(self.updates_per_batch >= 1, "grpo.updates_per_batch", "must be >= 1")
+        require(self.loss_agg in ("grpo", "dapo", "dr_grpo"), "grpo.loss_agg", "expected grpo, dapo or dr_grpo")
+        require(self.beta >= 0, "grpo.beta", "must be >= 0")
+        require(self.updates_per_batch >= 1, "grpo.updates_per_batch", "must be >= 1")
 
 
 @dataclass
@@ -211,25 +211,25 @@ class TrainerCfg:
 class EvalCfg:
     """Benchmarks, samples and the cache budgets that eval.py sweeps."""
 
-    benchmarks: List[str] = field(default_factory=lambda: ["math500"])
-    paths: Dict[str, str] = field(default_factory=dict)
+    benchmarks: list[str] = field(default_factory=lambda: ["math500"])
+    paths: dict[str, str] = field(default_factory=dict)
     n_samples: int = 1
-    k: List[int] = field(default_factory=lambda: [1])
-    limit: Optional[int] = None
-    windows: List[int] = field(default_factory=list)
-    policies: List[str] = field(default_factory=list)
+    k: list[int] = field(default_factory=lambda: [1])
+    limit: int | None = None
+    windows: list[int] = field(default_factory=list)
+    policies: list[str] = field(default_factory=list)
     batch_size: int = 8
     max_new_tokens: int = 512
     temperature: float = 0.0
     top_p: float = 1.0
-    out_dir: Optional[str] = None
+    out_dir: str | None = None
 
 
 @dataclass
 class Config:
     seed: int = 0
     method: str = "pte"
-    ckpt_path: Optional[str] = None
+    ckpt_path: str | None = None
     model: ModelCfg = field(default_factory=ModelCfg)
     cache: CacheCfg = field(default_factory=CacheCfg)
     thought: ThoughtCfg = field(default_factory=ThoughtCfg)
@@ -243,9 +243,9 @@ class Config:
     eval: EvalCfg = field(default_factory=EvalCfg)
 
     def __post_init__(self) -> None:
-        _require(self.method in METHODS, "method", f"expected one of {METHODS}, got {self.method!r}")
+        require(self.method in METHODS, "method", f"expected one of {METHODS}, got {self.method!r}")
         if self.method != "pte":
-            _require(self.cache.policy != "pte", "cache.policy", f"method={self.method} has no thought encoder")
+            require(self.cache.policy != "pte", "cache.policy", f"method={self.method} has no thought encoder")
 
     @property
     def eval_policy(self) -> str:

@@ -26,10 +26,9 @@ from transformers import PreTrainedTokenizerBase
 
 from pte.benchmarks import BENCHMARKS, OFFLINE, Problem, load_benchmark
 from pte.cache import POLICIES
-from pte.config import CacheCfg, Config, ConfigError, to_yaml
+from pte.config import CacheCfg, Config, require, to_yaml
 from pte.data import DEFAULT_FEW_SHOT, format_prompt
 from pte.generate import encode_prompts, eos_ids
-from pte.methods import TRAIN_POLICY
 from pte.plots import average, summarize, write_report
 from pte.rewards import GoldAnswerError, Grader, extract_answer
 from pte.rollout import Rollout, SamplingConfig, rollout
@@ -58,37 +57,27 @@ class Setting:
         return replace(base, policy=self.policy, window=self.window, sink_tokens=sinks)
 
 
-def _check(ok: bool, key: str, msg: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {msg}")
-
-
-def default_policy(cfg: Config) -> str:
-    """``cache.policy`` if set, else the policy the method trains under (the full cache for a base model)."""
-    return cfg.cache.policy or TRAIN_POLICY.get(cfg.method) or "full"
-
-
 def sweep(cfg: Config) -> list[Setting]:
     """Validate ``eval.*`` against the model's method and expand the policy x window grid.
 
     The full cache never evicts, so it runs once whatever the windows. Raises ConfigError naming the key.
     """
     e = cfg.eval
-    _check(bool(e.benchmarks), "eval.benchmarks", "needs at least one benchmark")
+    require(bool(e.benchmarks), "eval.benchmarks", "needs at least one benchmark")
     unknown = [b for b in e.benchmarks if b not in BENCHMARKS and b not in OFFLINE]
-    _check(not unknown, "eval.benchmarks", f"unknown {unknown}; known: {sorted([*BENCHMARKS, *OFFLINE])}")
-    _check(e.n_samples >= 1, "eval.n_samples", "must be >= 1")
-    _check(all(1 <= k <= e.n_samples for k in e.k), "eval.k", f"each k must be in [1, eval.n_samples={e.n_samples}]")
-    _check(e.limit is None or e.limit >= 1, "eval.limit", "must be >= 1 (or null for all problems)")
-    _check(e.batch_size >= 1, "eval.batch_size", "must be >= 1")
-    _check(e.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
-    _check(e.temperature >= 0, "eval.temperature", "must be >= 0 (0 = greedy)")
-    _check(0 < e.top_p <= 1, "eval.top_p", "must be in (0, 1]")
-    _check(all(w >= 0 for w in e.windows), "eval.windows", "windows must be >= 0 (0 = derive from cache.budget)")
-    policies = list(e.policies) or [default_policy(cfg)]
+    require(not unknown, "eval.benchmarks", f"unknown {unknown}; known: {sorted([*BENCHMARKS, *OFFLINE])}")
+    require(e.n_samples >= 1, "eval.n_samples", "must be >= 1")
+    require(all(1 <= k <= e.n_samples for k in e.k), "eval.k", f"each k must be in [1, eval.n_samples={e.n_samples}]")
+    require(e.limit is None or e.limit >= 1, "eval.limit", "must be >= 1 (or null for all problems)")
+    require(e.batch_size >= 1, "eval.batch_size", "must be >= 1")
+    require(e.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
+    require(e.temperature >= 0, "eval.temperature", "must be >= 0 (0 = greedy)")
+    require(0 < e.top_p <= 1, "eval.top_p", "must be in (0, 1]")
+    require(all(w >= 0 for w in e.windows), "eval.windows", "windows must be >= 0 (0 = derive from cache.budget)")
+    policies = list(e.policies) or [cfg.eval_policy]
     for policy in policies:
-        _check(policy in POLICIES, "eval.policies", f"unknown policy {policy!r}; expected one of {POLICIES}")
-        _check(
+        require(policy in POLICIES, "eval.policies", f"unknown policy {policy!r}; expected one of {POLICIES}")
+        require(
             policy != "pte" or cfg.method == "pte",
             "eval.policies",
             f"policy 'pte' needs a PTE checkpoint (thought encoder); this model is method={cfg.method}",

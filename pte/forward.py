@@ -8,7 +8,7 @@ additive mask, which Qwen2 and Llama take as-is, so the models run unpatched.
 from __future__ import annotations
 
 import inspect
-from functools import lru_cache
+from functools import cache
 
 import torch
 from transformers import PreTrainedModel
@@ -17,7 +17,7 @@ from pte.cache import BoundedKVCache
 from pte.encoder import unwrap
 
 
-@lru_cache(maxsize=None)
+@cache
 def _cache_kwarg(model_cls: type) -> str:
     params = inspect.signature(model_cls.forward).parameters
     return "cache" if "cache" in params else "past_key_values"

@@ -14,11 +14,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from pte.config import METHOD_POLICY, Config, load_config, to_yaml
+from pte.config import Config, load_config, to_yaml
 from pte.encoder import attach_thought, load_thought, save_thought
 from pte.models import load_model_and_tokenizer
-
-TRAIN_POLICY = METHOD_POLICY
 
 
 def load_base(cfg: Config) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -65,18 +65,18 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 def tiny_model(family: str, vocab_size: int, seed: int = 0, **overrides) -> PreTrainedModel:
     """A 2-layer, hidden-64 Qwen2 or Llama with grouped-query attention (4 query / 2 kv heads)."""
-    kwargs = dict(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=8192,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-        eos_token_id=1,
-    )
+    kwargs = {
+        "vocab_size": vocab_size,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 8192,
+        "tie_word_embeddings": False,
+        "pad_token_id": 0,
+        "eos_token_id": 1,
+    }
     kwargs.update(overrides)
     config_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}[family]
     config = config_cls(**kwargs)

@@ -124,7 +124,7 @@ class GRPOModule(L.LightningModule):
 
         tokens = sum(float(ro.response_mask.sum()) for ro in rollouts)
         ro_stats = [ro.stats() for ro in rollouts]
-        mean = lambda key: sum(s[key] for s in ro_stats) / len(ro_stats)  # noqa: E731
+        mean = lambda key: sum(s[key] for s in ro_stats) / len(ro_stats)
         logs = {
             "reward_mean": rewards.mean(),
             "reward_std": rewards.std(),

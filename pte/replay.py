@@ -11,6 +11,7 @@ activation memory is bounded by the window, not by the response length.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
@@ -62,7 +63,7 @@ def replay(model: PreTrainedModel, ro: Rollout, full_cache: bool = False) -> Ite
     lengths = ro.prompt_mask.sum(1)
     resp = ro.response_ids
     bounds = [0, *cuts, t - 1]
-    for k, (a, z) in enumerate(zip(bounds[:-1], bounds[1:])):
+    for k, (a, z) in enumerate(itertools.pairwise(bounds)):
         pos = lengths[:, None] + torch.arange(a, z, device=resp.device)  # [B, z - a]
         valid = torch.ones_like(pos, dtype=torch.bool)
         if k == 0:

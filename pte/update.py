@@ -15,7 +15,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from pte.config import Config
-from pte.generate import eos_ids, encode_prompts
+from pte.generate import encode_prompts, eos_ids
 from pte.grpo import AGGREGATIONS, group_advantages, k3_kl, token_loss
 from pte.replay import reference_logprobs, replay
 from pte.rollout import Rollout, SamplingConfig, rollout
@@ -75,7 +75,7 @@ def policy_update(model: nn.Module, exp: Experience, cfg: Config, backward: Call
         Sums for logging: loss, weighted KL, clipped and masked token counts, entropy.
     """
     g = cfg.grpo
-    stats = dict(loss=0.0, kl=0.0, clipped=0.0, tokens=0.0, entropy=0.0)
+    stats = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "tokens": 0.0, "entropy": 0.0}
     for ro, adv, w, ref in zip(exp.rollouts, exp.advantages, exp.weights, exp.ref_logprobs):
         for chunk in replay(model, ro):
             sl = slice(chunk.start, chunk.stop)

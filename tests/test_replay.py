@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -31,7 +33,7 @@ def test_replay_chunks_cover_response_once():
     chunks = list(replay(model, ro))
     assert len(chunks) == len(ro.evict_before) + 1
     assert chunks[0].start == 0 and chunks[-1].stop == ro.response_ids.shape[1]
-    assert all(a.stop == b.start for a, b in zip(chunks, chunks[1:]))
+    assert all(a.stop == b.start for a, b in itertools.pairwise(chunks))
     assert all(c.logprobs.shape[1] <= 8 + 1 for c in chunks), "a chunk is bounded by the window"
 
 

@@ -28,7 +28,7 @@ def test_per_token_window_matches_qwen2_native_sliding_window():
     w = 24
     model, tok = tiny("qwen2", use_sliding_window=True, sliding_window=w, max_window_layers=0)
     prompt = ["Hi"]
-    ids, mask = encode_prompts(tok, prompt)
+    ids, _mask = encode_prompts(tok, prompt)
     assert ids.shape[1] < w
     hf = model.generate(
         ids, max_new_tokens=60, do_sample=False, pad_token_id=0, eos_token_id=None,
