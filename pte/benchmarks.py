@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from pte.answers import last_boxed
+
 Row = Mapping[str, Any]
 
 
@@ -48,36 +50,6 @@ def _number_to_str(value: Any) -> str:
     if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
         return str(int(value))
     return str(value).strip()
-
-
-def last_boxed(text: str) -> str | None:
-    """Return the content of the last ``\\boxed{...}`` in ``text``, matching nested braces.
-
-    Why: Minerva keeps its gold answer only inside the reference solution, and answers such as
-    ``\\frac{\\pi}{2}`` contain braces that a regex cannot balance. Escaped braces (``\\{``) do not count.
-
-    Args:
-        text: LaTeX text.
-
-    Returns:
-        The stripped box content, or None when there is no complete ``\\boxed{`` group.
-    """
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    begin = start + len("\\boxed{")
-    depth = 1
-    pos = begin
-    while pos < len(text):
-        char = text[pos]
-        if char == "\\":
-            pos += 2
-            continue
-        depth += {"{": 1, "}": -1}.get(char, 0)
-        if depth == 0:
-            return text[begin:pos].strip()
-        pos += 1
-    return None
 
 
 def _drop_math_dollars(text: str) -> str:

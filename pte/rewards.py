@@ -1,10 +1,11 @@
-"""Answer extraction, math-verify grading and composable rewards.
+"""Math-verify grading and composable rewards; answers are extracted by ``pte.answers``.
 
 Implements the reward s_i of method.md §4 (correctness of the final answer, plus an optional format
 term) and the grader guards of §6: a gold answer that math-verify cannot parse raises instead of
 being scored (math-verify's string fallback would otherwise match an equally broken prediction), and
 math-verify's ``signal.alarm`` timeouts are switched off inside worker processes whose time is
 bounded from the parent instead, so grading works off the main thread and never hangs a run.
+Both sides are normalised the same way first, around spots where math-verify's LaTeX grammar fails.
 """
 
 from __future__ import annotations
@@ -25,74 +26,29 @@ from typing import Protocol
 
 import torch
 from math_verify import parse, verify
-from sympy import Basic, MatrixBase
+from sympy import Basic, Derivative, Equality, Expr, MatrixBase
+from sympy.core.function import AppliedUndef
 from typing_extensions import Self
+
+from pte.answers import extract_answer, last_boxed
 
 logger = logging.getLogger(__name__)
 
-_BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
-_BARE_ARG_RE = re.compile(r"[^\s${}]+")
-_ANSWER_RE = re.compile(r"\banswer\**\s*(?:is\b\s*:?|:)\**\s*(?P<ans>[^\n]+)", re.IGNORECASE)
 _DELIMITED_RE = re.compile(r"(?<!\\)\$|\\\(|\\\[")
+# Golds written as code (a Minerva gold reads "np.arcsin(...)"); numpy's log is the natural one.
+_NUMPY_RE = re.compile(r"\b(?:np|numpy)\.(?P<name>arcsin|arccos|arctan|sinh|cosh|tanh|sin|cos|tan|exp|log|pi)\b")
+# A whole subscript that is a command or a \text word (L_{\odot}, m_{\max }, x_{\text{max}}) is no atom of the
+# grammar; the plain word is. Bases that are commands (\sum_{...}) and commands taking arguments are left alone.
+_SUBSCRIPT_WORD_RE = re.compile(
+    r"(?<![\\A-Za-z])(?P<base>[A-Za-z])\s*_\s*(?:\{\s*(?:\\(?:textrm|mathrm|text|mbox)\s*\{\s*(?P<text>[A-Za-z]+)\s*\}"
+    r"|\\(?P<command>[A-Za-z]+))\s*\}|\\(?P<bare>[A-Za-z]+)(?![A-Za-z]|\s*\{))"
+)
+# The grammar lexes a lone E/e as Euler's number, a token that takes no subscript, so E_{1} fails to parse (F_{1}
+# does not); \mathsf{E} is an ordinary symbol. A subscripted E is never Euler's number.
+_SUBSCRIPTED_E_RE = re.compile(r"(?<![\\A-Za-z])(?P<e>[Ee])(?=\s*_)")
 _NATIVE_TIMEOUT_S = 5
 _STARTUP_TIMEOUT_S = 120.0
 _READY = "ready"
-
-
-def _braced(text: str, start: int) -> str | None:
-    """Return the content of the brace group opening at ``text[start]``, or None if it never closes.
-
-    Escaped characters (``\\{``, ``\\}``, ``\\\\``) are skipped so set braces do not unbalance the group.
-    """
-    depth = 0
-    i = start
-    while i < len(text):
-        char = text[i]
-        if char == "\\":
-            i += 2
-            continue
-        if char == "{":
-            depth += 1
-        elif char == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start + 1 : i]
-        i += 1
-    return None
-
-
-def last_boxed(text: str) -> str | None:
-    """Return the content of the last complete, non-empty ``\\boxed``/``\\fbox`` in ``text``, else None.
-
-    A box cut off by the generation budget (no closing brace) is skipped, so an earlier finished box counts.
-    """
-    for match in reversed(list(_BOX_RE.finditer(text))):
-        rest = text[match.end() :].lstrip()  # the argument: a brace group (\boxed{5}) or a bare token (\boxed 5)
-        bare = _BARE_ARG_RE.match(rest)
-        content = _braced(rest, 0) if rest.startswith("{") else (bare.group() if bare else None)
-        if content and content.strip():
-            return content.strip()
-    return None
-
-
-def _answer_line(text: str) -> str | None:
-    """Return X from the last "answer is X" / "Answer: X" phrase, without markdown bold or a final period."""
-    for match in reversed(list(_ANSWER_RE.finditer(text))):
-        answer = match.group("ans").strip().strip("*").strip().rstrip(".").strip()
-        if answer:
-            return answer
-    return None
-
-
-def extract_answer(text: str) -> str | None:
-    """Return the final answer of a model response, or None if it states none.
-
-    The last box wins; without one, the last "answer is X" / "Answer: X" phrase is used, so a correct but
-    unboxed answer still earns correctness credit (``FormatReward`` scores the box separately).
-    """
-    if not text:
-        return None
-    return last_boxed(text) or _answer_line(text)
 
 
 class GoldAnswerError(ValueError):
@@ -108,6 +64,13 @@ def _as_math(text: str) -> str:
     return text if _DELIMITED_RE.search(text) else f"${text}$"
 
 
+def _normalise(text: str) -> str:
+    """Rewrite the spellings math-verify cannot parse into ones it can, identically for gold and prediction."""
+    text = _NUMPY_RE.sub(lambda m: "\\ln" if m["name"] == "log" else f"\\{m['name']}", text)
+    text = _SUBSCRIPT_WORD_RE.sub(lambda m: f"{m['base']}_{{{m['text'] or m['command'] or m['bare']}}}", text)
+    return _SUBSCRIPTED_E_RE.sub(r"\\mathsf{\g<e>}", text)
+
+
 def _gold_text(gold: str | float, row: str | int) -> str:
     """Render a gold value as text; floats are written positionally because ``1e-07`` parses as ``e - 7``."""
     if isinstance(gold, bool) or (isinstance(gold, float) and not math.isfinite(gold)):
@@ -120,7 +83,7 @@ def _gold_text(gold: str | float, row: str | int) -> str:
 def _parse_gold(gold: str | float, row: str | int, timeout: int | None) -> list:
     """Parse a gold answer with the given math-verify timeout (None disables its ``signal.alarm``)."""
     text = _gold_text(gold, row)
-    parsed = parse(_as_math(text), parsing_timeout=timeout) if text else []
+    parsed = parse(_as_math(_normalise(text)), parsing_timeout=timeout) if text else []
     if not any(isinstance(item, (Basic, MatrixBase)) for item in parsed):
         raise GoldAnswerError(f"row {row}: math-verify cannot parse gold answer {text!r} (got {parsed!r})")
     return parsed
@@ -150,12 +113,27 @@ def parse_gold(gold: str | float, row: str | int = "?") -> list:
     return _parse_gold(gold, row, _native_timeout())
 
 
+def _compared_gold(gold: list, pred: list) -> list:
+    """Compare a bare-expression prediction with the right side of a gold ``\\frac{dM}{dt} = ...``.
+
+    math-verify does so itself only when the left side is made of symbols (``m_{\\max} = ...``); a derivative or an
+    applied function on the left names the asked-for quantity just as well. ``2x + y = 5`` still needs an equation.
+    """
+    if not any(isinstance(item, Expr) for item in pred):
+        return gold
+    named = [
+        item.rhs for item in gold if isinstance(item, Equality) and isinstance(item.lhs, (Derivative, AppliedUndef))
+    ]
+    return named or gold
+
+
 def _check(pred: str | None, gold: str | float, row: str | int, timeout: int | None) -> bool:
     """Verify one prediction; the gold is parsed first so a broken gold raises even for an empty pred."""
     gold_parsed = _parse_gold(gold, row, timeout)
     if pred is None or not pred.strip():
         return False
-    return verify(gold_parsed, parse(_as_math(pred.strip()), parsing_timeout=timeout), timeout_seconds=timeout)
+    pred_parsed = parse(_as_math(_normalise(pred.strip())), parsing_timeout=timeout)
+    return verify(_compared_gold(gold_parsed, pred_parsed), pred_parsed, timeout_seconds=timeout)
 
 
 def verify_answer(pred: str | None, gold: str | float) -> bool:

@@ -26,10 +26,12 @@ from pte.data import (
 )
 from pte.models import tiny_tokenizer
 
-# The first 5 rows of shared/data/benchmarks/dapo_math_17k.jsonl, unchanged (provenance in its SOURCES.md).
+# 5 synthetic rows in the format of shared/data/benchmarks/dapo_math_17k.jsonl (see its SOURCES.md): the same fields,
+# order, nesting and JSON escaping; the source's own rows may only live in shared/.
 FIXTURE = Path(__file__).parent / "fixtures" / "data" / "dapo_math_17k_5.jsonl"
+SOURCE = Path("/work/shared/data/benchmarks/dapo_math_17k.jsonl")
 DAPO = ("prompt.0.content", "reward_model.ground_truth")
-DAPO_ANSWERS = ["34", "113", "-3", "3", "37"]
+DAPO_ANSWERS = ["73", "8", "-5", "147", "5"]
 SHOT = {"question": "Q1", "answer": "A1"}
 
 
@@ -104,8 +106,25 @@ def test_file_jsonl_reads_nested_dapo_fields():
     examples = file_examples(FIXTURE, *DAPO)
     assert [e.answer for e in examples] == DAPO_ANSWERS
     assert [e.id for e in examples] == [f"dapo_math_17k_5/{i}" for i in range(1, 6)]
-    assert examples[0].question.startswith("In triangle $ABC$")
+    assert examples[0].question.startswith("In triangle $ABC$, $AB = 5$")
     assert file_examples(FIXTURE, "prompt[0].content", DAPO[1], limit=2) == examples[:2]
+
+
+def _shape(value):
+    """Field names in order and value types, recursively."""
+    if isinstance(value, dict):
+        return tuple((key, _shape(item)) for key, item in value.items())
+    if isinstance(value, list):
+        return ("list", frozenset(_shape(item) for item in value))
+    return type(value).__name__
+
+
+@pytest.mark.skipif(not SOURCE.is_file(), reason="shared DAPO file not present")
+def test_fixture_matches_source_format_without_copying_it():
+    source = [json.loads(line) for line in SOURCE.read_text(encoding="utf-8").splitlines()]
+    shapes = {_shape(row) for row in source}
+    assert all(_shape(row) in shapes for row in dapo_rows())
+    assert not {row["prompt"][0]["content"] for row in dapo_rows()} & {row["prompt"][0]["content"] for row in source}
 
 
 def test_file_parquet_matches_jsonl(tmp_path):

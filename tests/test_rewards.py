@@ -79,6 +79,45 @@ CASES = [
     pytest.param(r"$\boxed 5$", "5", True, id="boxed-without-braces"),
     pytest.param(r"\boxed{}", "0", False, id="empty-box"),
     pytest.param("", "1", False, id="empty-response"),
+    pytest.param("So 3 * 1200 + 850 = 4450 seats.\n#### 4,450", "4450", True, id="gsm8k-final-line"),
+    pytest.param("#### 4,451", "4450", False, id="gsm8k-final-line-wrong"),
+    pytest.param("#### Step 1\nThe answer is 7.", "7", True, id="markdown-heading-is-no-final-line"),
+    pytest.param("The answer is 7.\n#### 8", "8", True, id="final-line-beats-answer-phrase"),
+    pytest.param("\\boxed{4}\n#### 5", "4", True, id="box-beats-final-line"),
+    pytest.param(r"so $\framebox{318}$ seconds", "318", True, id="framebox"),
+    pytest.param(r"\boxed{\textbf{(073)}}", "73", True, id="bold-padded-number"),
+    pytest.param(r"\boxed{\textbf{(B) } 36}", "36", True, id="choice-label-then-value"),
+    pytest.param(r"\boxed{\textbf{(B) } 35}", "36", False, id="choice-label-then-wrong-value"),
+    pytest.param(r"\boxed{a+$ $b}", "a+b", True, id="dollars-inside-box"),
+    pytest.param(r"\boxed{E_5, E_2}", r"E_{2},E_{5}", True, id="subscripted-E"),
+    pytest.param(r"\boxed{E_2}", r"E_{2},E_{5}", False, id="subscripted-E-missing"),
+    pytest.param(r"\boxed{F_2, F_5}", r"E_{2},E_{5}", False, id="subscripted-E-other-letter"),
+    pytest.param(r"\boxed{\frac{3E_1+E_2}{4}}", r"\frac{3}{4} E_{1}+\frac{1}{4} E_{2}", True, id="subscripted-E-sum"),
+    pytest.param(
+        r"\boxed{\frac{E_1+3E_2}{4}}", r"\frac{3}{4} E_{1}+\frac{1}{4} E_{2}", False, id="subscripted-E-sum-wrong"
+    ),
+    pytest.param(r"\boxed{2.718281828}", "e", True, id="bare-e-stays-euler"),
+    pytest.param(r"\boxed{2 L_\odot}", r"2 L_{\odot}", True, id="command-subscript"),
+    pytest.param(r"\boxed{3 L_\odot}", r"2 L_{\odot}", False, id="command-subscript-wrong"),
+    pytest.param(r"\boxed{x_{\text{max}}+1}", r"x_{\max}+1", True, id="text-subscript"),
+    pytest.param(r"\boxed{\arctan\frac{5}{12}}", "np.arctan(5/12)", True, id="numpy-gold"),
+    pytest.param(r"\boxed{\arcsin(5/12)}", "np.arctan(5/12)", False, id="numpy-gold-wrong"),
+    pytest.param(r"\boxed{n^2+1}", r"k_{\min }=n^{2}+1", True, id="gold-symbol-equation"),
+    pytest.param(
+        r"\boxed{\frac{4 L_\odot N^2}{c^2 M_\odot}}",
+        r"\frac{dN}{dt}=\frac{4 L_{\odot}}{c^{2} M_{\odot}} N^{2}",
+        True,
+        id="gold-derivative-equation",
+    ),
+    pytest.param(
+        r"\boxed{\frac{4 L_\odot N^3}{c^2 M_\odot}}",
+        r"\frac{dN}{dt}=\frac{4 L_{\odot}}{c^{2} M_{\odot}} N^{2}",
+        False,
+        id="gold-derivative-equation-wrong",
+    ),
+    pytest.param(r"\boxed{3x^2}", r"\frac{dy}{dx}=3x^{2}", True, id="gold-derivative-equation-bare-pred"),
+    pytest.param(r"\boxed{\frac{dy}{dx} = 3x^2}", r"\frac{dy}{dx}=3x^{2}", True, id="derivative-equation-both"),
+    pytest.param(r"\boxed{5}", "2x+y=5", False, id="gold-equation-needs-equation"),
 ]
 EXPECTED = [case.values[2] for case in CASES]
 
@@ -117,6 +156,18 @@ def test_grader_matches_table_in_one_parallel_batch(grader: Grader) -> None:
         ("Final answer:\n 12", "12"),
         ("To answer this, compute 5.", None),
         ("", None),
+        (r"$\framebox{318}$ in all", "318"),
+        ("It holds 4,450 seats.\n#### 4,450", "4450"),
+        ("#### \\$18.", "18"),
+        ("#### -3\nsome trailing words", "-3"),
+        ("#### Step 1: add\nno final answer here", None),
+        (r"\boxed{\textbf{(073)}}", "073"),
+        (r"\boxed{\mathbf{127} }", "127"),
+        (r"\boxed{\textbf{(B) }36}", "36"),
+        (r"\boxed{\text{(B)}}", r"\text{(B)}"),
+        (r"\boxed{\text{Evelyn}}", r"\text{Evelyn}"),
+        (r"\boxed{a+$ $b}", "a+ b"),
+        (r"\boxed{\$10}", r"\$10"),
     ],
 )
 def test_extract_answer(text: str, expected: str | None) -> None:
@@ -140,12 +191,21 @@ def test_parse_gold_wraps_bare_values(gold: str | float, value: sympy.Basic) -> 
     assert sympy.simplify(parsed[0] - value) == 0
 
 
+@pytest.mark.parametrize(
+    "gold", [r"E_{2},E_{5}", r"L_{\odot}", r"x_{\text{max}}", r"k_{\min }=n^{2}+1", "np.arctan(5/12)"]
+)
+def test_parse_gold_reads_what_raw_math_verify_cannot(gold: str) -> None:
+    raw = math_verify.parse(f"${gold}$")
+    assert not any(isinstance(item, sympy.Basic) for item in raw)
+    assert isinstance(parse_gold(gold)[0], sympy.Basic)
+
+
 def test_float_gold_without_exponent() -> None:
     assert verify_answer("0.0000001", 1e-7)
     assert not verify_answer("0.000001", 1e-7)
 
 
-@pytest.mark.parametrize("bad", [r"\frac{1}{", "}{", "", "$$", float("nan"), True])
+@pytest.mark.parametrize("bad", [r"\frac{1}{", "}{", "", "$$", "s(1,2]", float("nan"), True])
 def test_unparseable_gold_raises_naming_row(bad: str | float) -> None:
     with pytest.raises(GoldAnswerError, match="row train-17"):
         parse_gold(bad, row="train-17")
@@ -197,10 +257,10 @@ def test_grader_rejects_bad_calls() -> None:
 
 
 def test_format_reward() -> None:
-    responses = [r"\boxed{3}", "The answer is 3", r"\boxed{}", r"\fbox{x}", ""]
+    responses = [r"\boxed{3}", "The answer is 3", r"\boxed{}", r"\fbox{x}", r"\framebox{x}", "#### 3", ""]
     scores = FormatReward()(responses, ["3"] * len(responses))
     assert scores.dtype == torch.float32
-    assert scores.tolist() == [1.0, 0.0, 0.0, 1.0, 0.0]
+    assert scores.tolist() == [1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0]
 
 
 def test_correctness_reward(grader: Grader) -> None:
