@@ -50,8 +50,8 @@ def _check_correct(correct: Tensor, k: int) -> Tensor:
     return correct.bool()
 
 
-class PassAtK(Metric):
-    """Mean over problems of the unbiased pass@k; ``PassAtK(1)`` is pass@1 averaged over the n samples."""
+class _ProblemRate(Metric):
+    """A summed numerator over a summed problem count: sums all-reduce exactly, so the rate is exact across processes."""
 
     is_differentiable = False
     higher_is_better = True
@@ -65,6 +65,16 @@ class PassAtK(Metric):
         self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("problems", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
 
+    def compute(self) -> Tensor:
+        """The rate over all problems seen (NaN before any update)."""
+        if self.problems == 0:
+            return torch.tensor(float("nan"), dtype=torch.float64)
+        return self.total / self.problems
+
+
+class PassAtK(_ProblemRate):
+    """Mean over problems of the unbiased pass@k; ``PassAtK(1)`` is pass@1 averaged over the n samples."""
+
     def update(self, correct: Tensor) -> None:
         """Add problems.
 
@@ -77,12 +87,6 @@ class PassAtK(Metric):
         counts = correct.sum(dim=1).cpu()
         self.total += by_count[counts].sum().to(self.total.device)
         self.problems += correct.shape[0]
-
-    def compute(self) -> Tensor:
-        """Return the mean pass@k over all problems seen (NaN before any update)."""
-        if self.problems == 0:
-            return torch.tensor(float("nan"), dtype=torch.float64)
-        return self.total / self.problems
 
 
 def majority_answer(answers: Sequence[str | None]) -> int | None:
@@ -101,20 +105,8 @@ def majority_answer(answers: Sequence[str | None]) -> int | None:
     return next(i for i, answer in enumerate(answers) if answer is not None and votes[answer] == best)
 
 
-class MajorityAtK(Metric):
+class MajorityAtK(_ProblemRate):
     """Fraction of problems whose majority answer over the first k samples is correct (maj@k)."""
-
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
-
-    def __init__(self, k: int, **kwargs) -> None:
-        super().__init__(**kwargs)
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        self.k = k
-        self.add_state("solved", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
-        self.add_state("problems", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
 
     def update(self, answers: Sequence[Sequence[str | None]], correct: Tensor) -> None:
         """Add problems.
@@ -132,11 +124,5 @@ class MajorityAtK(Metric):
                 raise ValueError(f"problem {row}: {len(sample_answers)} answers, need k={self.k}")
             winner = majority_answer(sample_answers[: self.k])
             solved += winner is not None and grades[winner]
-        self.solved += solved
+        self.total += solved
         self.problems += correct.shape[0]
-
-    def compute(self) -> Tensor:
-        """Return the fraction of problems solved by majority vote (NaN before any update)."""
-        if self.problems == 0:
-            return torch.tensor(float("nan"), dtype=torch.float64)
-        return self.solved.double() / self.problems
