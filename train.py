@@ -56,6 +56,7 @@ def train(cfg: Config) -> dict[str, float]:
         limit_val_batches=0,
         num_sanity_val_steps=0,
         enable_model_summary=False,
+        enable_checkpointing=bool(t.ckpt_every),
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     trainer.save_checkpoint(ckpt_dir / "last.ckpt")

@@ -28,7 +28,7 @@ from pte.benchmarks import BENCHMARKS, OFFLINE, Problem, load_benchmark
 from pte.cache import POLICIES
 from pte.config import CacheCfg, Config, require, to_yaml
 from pte.data import DEFAULT_FEW_SHOT, format_prompt
-from pte.generate import encode_prompts, eos_ids
+from pte.generate import decode_responses, encode_prompts, eos_ids
 from pte.plots import average, summarize, write_report
 from pte.rewards import GoldAnswerError, Grader, extract_answer
 from pte.rollout import Rollout, SamplingConfig, rollout
@@ -156,7 +156,7 @@ def sample_batch(
     start = time.perf_counter()
     ro = rollout(model, ids, mask, policy, sampling, eos_ids(tok, model), tok.pad_token_id, generator)
     seconds = time.perf_counter() - start
-    texts = [tok.decode(r[m], skip_special_tokens=True) for r, m in zip(ro.response_ids.cpu(), ro.response_mask.cpu())]
+    texts = decode_responses(tok, ro)
     return Sampled(texts, [extract_answer(t) for t in texts], ro, seconds)
 
 

@@ -33,6 +33,12 @@ def encode_prompts(
     return enc["input_ids"].to(device), enc["attention_mask"].bool().to(device)
 
 
+def decode_responses(tokenizer: PreTrainedTokenizerBase, ro: Rollout) -> list[str]:
+    """Each row's response text, up to and including its EOS, without special tokens."""
+    rows = zip(ro.response_ids.cpu(), ro.response_mask.cpu())
+    return [tokenizer.decode(r[m], skip_special_tokens=True) for r, m in rows]
+
+
 def eos_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> list[int]:
     """Every id that ends a response: the tokenizer's EOS and the model's generation-config EOS ids."""
     ids = {tokenizer.eos_token_id}
@@ -63,7 +69,4 @@ def generate(
     ids, mask = encode_prompts(tokenizer, prompts, chat, device)
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     ro = rollout(model, ids, mask, policy, SamplingConfig(**sampling), eos_ids(tokenizer, model), tokenizer.pad_token_id, gen)
-    texts = [
-        tokenizer.decode(r[m], skip_special_tokens=True) for r, m in zip(ro.response_ids.cpu(), ro.response_mask.cpu())
-    ]
-    return Generation(texts=texts, rollout=ro)
+    return Generation(texts=decode_responses(tokenizer, ro), rollout=ro)

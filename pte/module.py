@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 
 from pte.config import METHOD_POLICY, Config, as_dict, load_config
 from pte.data import DEFAULT_FEW_SHOT, MathDataModule
+from pte.generate import decode_responses
 from pte.memory import MemoryTracker
 from pte.methods import build_model
 from pte.rewards import Grader, build_reward
@@ -96,11 +97,7 @@ class GRPOModule(L.LightningModule):
         t0 = time.perf_counter()
         rollouts = generate_rollouts(self.model, self.tokenizer, prompts, cfg, self.policy_name, self.generator)
         t_rollout = time.perf_counter() - t0
-        texts = [
-            self.tokenizer.decode(r[m], skip_special_tokens=True)
-            for ro in rollouts
-            for r, m in zip(ro.response_ids.cpu(), ro.response_mask.cpu())
-        ]
+        texts = [t for ro in rollouts for t in decode_responses(self.tokenizer, ro)]
         rewards, parts = self.reward(texts, golds)
         exp = build_experience(self.model, rollouts, rewards.to(self.device), cfg)
         self.memory.stop("rollout")
