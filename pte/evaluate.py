@@ -27,9 +27,9 @@ from transformers import PreTrainedTokenizerBase
 from pte.benchmarks import BENCHMARKS, OFFLINE, Problem, load_benchmark
 from pte.cache import POLICIES
 from pte.config import CacheCfg, Config, require, to_yaml
-from pte.data import DEFAULT_FEW_SHOT, format_prompt
 from pte.generate import decode_responses, encode_prompts, eos_ids
 from pte.plots import average, summarize, write_report
+from pte.prompts import DEFAULT_FEW_SHOT, format_prompt
 from pte.rewards import GoldAnswerError, Grader, extract_answer
 from pte.rollout import Rollout, SamplingConfig, rollout
 

@@ -14,10 +14,11 @@ import torch
 from omegaconf import OmegaConf
 
 from pte.config import METHOD_POLICY, Config, as_dict, load_config
-from pte.data import DEFAULT_FEW_SHOT, MathDataModule
+from pte.data import MathDataModule
 from pte.generate import decode_responses
 from pte.memory import MemoryTracker
 from pte.methods import build_model
+from pte.prompts import DEFAULT_FEW_SHOT
 from pte.rewards import Grader, build_reward
 from pte.update import build_experience, generate_rollouts, policy_update
 

@@ -13,18 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pte.data import (
-    DEFAULT_FEW_SHOT,
-    DEFAULT_INSTRUCTION,
-    DataError,
-    Example,
-    MathDataModule,
-    file_examples,
-    format_prompt,
-    hf_examples,
-    reasoning_gym_examples,
-)
+from pte.config import ConfigError
+from pte.data import DataError, Example, MathDataModule, file_examples, hf_examples, reasoning_gym_examples
 from pte.models import tiny_tokenizer
+from pte.prompts import DEFAULT_FEW_SHOT, DEFAULT_INSTRUCTION, format_prompt
 
 # 5 synthetic rows in the format of shared/data/benchmarks/dapo_math_17k.jsonl (see its SOURCES.md): the same fields,
 # order, nesting and JSON escaping; the source's own rows may only live in shared/.
@@ -228,7 +220,7 @@ def test_default_one_shot_ends_in_a_box():
     ],
 )
 def test_bad_format_config_names_the_key(tok, kwargs, match):
-    with pytest.raises(DataError, match=match):
+    with pytest.raises(ConfigError, match=match):
         format_prompt(**{"tokenizer": tok, "question": "Q", **kwargs})
 
 
@@ -365,7 +357,7 @@ def test_lightning_checkpoint_resume_continues_after_the_last_trained_batch(tok,
     ],
 )
 def test_bad_module_config_names_the_key(tok, kwargs, match):
-    with pytest.raises(DataError, match=re.escape(match)):
+    with pytest.raises(ConfigError, match=re.escape(match)):
         MathDataModule(tok, **kwargs)
 
 
