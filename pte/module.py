@@ -68,7 +68,7 @@ class GRPOModule(L.LightningModule):
         self.strict_loading = False  # checkpoints hold the trainable parameters only
         self.grader: Grader | None = None
         self.memory = MemoryTracker()
-        self.generator = torch.Generator().manual_seed(self.cfg.seed)
+        self.generator: torch.Generator | None = None  # made on the model's device at the first step
 
     @classmethod
     def from_config(cls, cfg: Config) -> GRPOModule:
@@ -94,6 +94,8 @@ class GRPOModule(L.LightningModule):
         prompts = [p for p in batch["prompts"] for _ in range(n)]
         golds = [a for a in batch["answers"] for _ in range(n)]
 
+        if self.generator is None:
+            self.generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed + self.global_step)
         self.memory.start("rollout")
         t0 = time.perf_counter()
         rollouts = generate_rollouts(self.model, self.tokenizer, prompts, cfg, self.policy_name, self.generator)
