@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help install test test-full demo eval lint clean
+.PHONY: help install test test-full demo eval bench lint clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -33,8 +33,11 @@ demo: $(STAMP)  ## python train.py on the embedded default (SmolLM2-135M, CPU, o
 eval: $(STAMP)  ## evaluate the demo run's checkpoint
 	$(PY) eval.py ckpt=runs/default/adapter
 
+bench: $(STAMP)  ## decode speed and KV memory against HF generate() (tiny model; see benchmarks/)
+	$(PY) benchmarks/decode.py
+
 lint: $(STAMP)  ## ruff
-	$(PY) -m ruff check pte tests train.py eval.py
+	$(PY) -m ruff check pte tests benchmarks train.py eval.py
 
 clean:  ## remove runs and caches (keeps .venv)
 	rm -rf runs .pytest_cache .ruff_cache

@@ -133,7 +133,10 @@ class ThoughtLinear(nn.Module):
         y = self.base(x)
         if not self.store.enabled:
             return y
-        state = self.store.states[self.layer_idx].to(x.dtype)  # [B, G, r]
+        state = self.store.states[self.layer_idx]
+        if state is None:
+            raise RuntimeError("no thought state: run PTE models through pte.generate / pte.rollout.rollout")
+        state = state.to(x.dtype)  # [B, G, r]
         u = (x @ self.lr_b.T.to(x.dtype)) @ state.transpose(-1, -2)  # [B, T, r] -> [B, T, G]
         return y + self.scaling * (u @ self.lr_a.T.to(x.dtype))
 
