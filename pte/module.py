@@ -69,6 +69,7 @@ class GRPOModule(L.LightningModule):
         self.grader: Grader | None = None
         self.memory = MemoryTracker()
         self.generator: torch.Generator | None = None  # made on the model's device at the first step
+        self._resumed_rng: torch.Tensor | None = None
 
     @classmethod
     def from_config(cls, cfg: Config) -> GRPOModule:
@@ -95,7 +96,9 @@ class GRPOModule(L.LightningModule):
         golds = [a for a in batch["answers"] for _ in range(n)]
 
         if self.generator is None:
-            self.generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed + self.global_step)
+            self.generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
+            if self._resumed_rng is not None:
+                self.generator.set_state(self._resumed_rng)
         self.memory.start("rollout")
         t0 = time.perf_counter()
         rollouts = generate_rollouts(self.model, self.tokenizer, prompts, cfg, self.policy_name, self.generator)
@@ -158,7 +161,13 @@ class GRPOModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": sched}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Keep only trainable tensors: the frozen base is rebuilt from the config on load."""
+        """Keep only trainable tensors (the frozen base is rebuilt from the config) plus the sampler's state."""
         keep = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["pte_config"] = asdict(self.cfg)
+        if self.generator is not None:
+            checkpoint["pte_sampler_rng"] = self.generator.get_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Resume sampling where it stopped, so a resumed run draws the samples an uninterrupted one would."""
+        self._resumed_rng = checkpoint.get("pte_sampler_rng")

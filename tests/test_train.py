@@ -63,6 +63,19 @@ def test_train_each_method(tmp_path, method, digit_reward):
     assert any(name in n and p.abs().sum() > 0 for n, p in trained.items()), "training changed nothing"
 
 
+def test_resume_is_exact(tmp_path, digit_reward):
+    """Two steps straight equal one step, a checkpoint, and one resumed step: same weights to the last bit."""
+    straight = _train(tmp_path / "a", "trainer.max_steps=2", "rollout.temperature=1.0")
+    first = _train(tmp_path / "b", "trainer.max_steps=1", "rollout.temperature=1.0")
+    _train(tmp_path / "b", "trainer.max_steps=2", f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}")
+    a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    b = torch.load(first / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    one_step = torch.load(first / "checkpoints" / "last.ckpt", weights_only=False)
+    assert one_step["global_step"] == 2
+
+
 def test_resume_continues_step_count(tmp_path):
     run_dir = _train(tmp_path, "trainer.max_steps=1")
     ckpt = run_dir / "checkpoints" / "last.ckpt"
