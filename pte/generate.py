@@ -68,5 +68,7 @@ def generate(
     device = next(model.parameters()).device
     ids, mask = encode_prompts(tokenizer, prompts, chat, device)
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    ro = rollout(model, ids, mask, policy, SamplingConfig(**sampling), eos_ids(tokenizer, model), tokenizer.pad_token_id, gen)
+    ro = rollout(
+        model, ids, mask, policy, SamplingConfig(**sampling), eos_ids(tokenizer, model), tokenizer.pad_token_id, gen
+    )
     return Generation(texts=decode_responses(tokenizer, ro), rollout=ro)

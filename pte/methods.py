@@ -67,7 +67,9 @@ def load_adapter(model: PreTrainedModel, method: str, adapter_dir: str | Path) -
     return model
 
 
-def load_trained(path: str | Path, overrides: list[str] | None = None) -> tuple[nn.Module, PreTrainedTokenizerBase, Config]:
+def load_trained(
+    path: str | Path, overrides: list[str] | None = None
+) -> tuple[nn.Module, PreTrainedTokenizerBase, Config]:
     """Rebuild a trained policy from a Lightning checkpoint (``.ckpt``) or an adapter export directory.
 
     The saved config supplies model and method; ``overrides`` (``key=value``) change the rest (cache, eval...).
@@ -84,5 +86,7 @@ def load_trained(path: str | Path, overrides: list[str] | None = None) -> tuple[
     result = model.load_state_dict(weights, strict=False)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     if result.unexpected_keys or trainable - set(weights):
-        raise ValueError(f"{path}: checkpoint does not match method={cfg.method} (unexpected {result.unexpected_keys[:3]})")
+        raise ValueError(
+            f"{path}: checkpoint does not match method={cfg.method} (unexpected {result.unexpected_keys[:3]})"
+        )
     return model.eval(), tok, cfg

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from pte.config import METHOD_POLICY, Config, as_dict, load_config
 from pte.data import MathDataModule
 from pte.generate import decode_responses
+from pte.grpo import uniform_groups
 from pte.memory import MemoryTracker
 from pte.methods import build_model
 from pte.prompts import DEFAULT_FEW_SHOT
@@ -123,11 +124,12 @@ class GRPOModule(L.LightningModule):
         self._log_step(rollouts, rewards, parts, stats, grad_norm, t_rollout, time.perf_counter() - t1)
 
     def _log_step(self, rollouts, rewards, parts, stats, grad_norm, t_rollout, t_update) -> None:
-        from pte.grpo import uniform_groups
-
         tokens = sum(float(ro.response_mask.sum()) for ro in rollouts)
         ro_stats = [ro.stats() for ro in rollouts]
-        mean = lambda key: sum(s[key] for s in ro_stats) / len(ro_stats)
+
+        def mean(key: str) -> float:
+            return sum(s[key] for s in ro_stats) / len(ro_stats)
+
         logs = {
             "reward_mean": rewards.mean(),
             "reward_std": rewards.std(),

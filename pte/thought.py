@@ -103,9 +103,7 @@ class LayerThought(nn.Module):
         s = self._increment(self.lat_q(self._project(q_proj)), self._project(k_proj)[None], self._project(v_proj)[None])
         return normalize_state(s, self.cfg.normalize).expand(batch, -1, -1)
 
-    def update(
-        self, state: torch.Tensor, q_proj: nn.Module, keys: torch.Tensor, values: torch.Tensor
-    ) -> torch.Tensor:
+    def update(self, state: torch.Tensor, q_proj: nn.Module, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """S_e <- N(S_e + S'_e) for evicted keys/values already flattened to ``[B, m, kv_dim]``.
 
         The state is kept in float32 whatever the base dtype (parameters stay float32 too).

@@ -16,11 +16,17 @@ def test_full_policy_matches_hf_generate(family):
     model, tok = tiny(family)
     ids, mask = encode_prompts(tok, PROMPTS)
     hf = model.generate(
-        ids, attention_mask=mask.long(), max_new_tokens=40, do_sample=False, pad_token_id=0, eos_token_id=None,
-        output_logits=True, return_dict_in_generate=True,
+        ids,
+        attention_mask=mask.long(),
+        max_new_tokens=40,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+        output_logits=True,
+        return_dict_in_generate=True,
     )
     ours = run(model, tok, PROMPTS, CachePolicy("full"), 40, keep_logits=True)
-    assert torch.equal(ours.response_ids, hf.sequences[:, ids.shape[1]:])
+    assert torch.equal(ours.response_ids, hf.sequences[:, ids.shape[1] :])
     torch.testing.assert_close(ours.logits, torch.stack(hf.logits, 1).float(), atol=1e-4, rtol=0)
 
 
@@ -31,13 +37,18 @@ def test_per_token_window_matches_qwen2_native_sliding_window():
     ids, _mask = encode_prompts(tok, prompt)
     assert ids.shape[1] < w
     hf = model.generate(
-        ids, max_new_tokens=60, do_sample=False, pad_token_id=0, eos_token_id=None,
-        output_logits=True, return_dict_in_generate=True,
+        ids,
+        max_new_tokens=60,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+        output_logits=True,
+        return_dict_in_generate=True,
     )
     policy = CachePolicy("window", window=w, evict_ratio=0.0, retain_prompt=False)
     ours = run(model, tok, prompt, policy, 60, keep_logits=True)
     assert len(ours.evict_before) > 20
-    assert torch.equal(ours.response_ids, hf.sequences[:, ids.shape[1]:])
+    assert torch.equal(ours.response_ids, hf.sequences[:, ids.shape[1] :])
     torch.testing.assert_close(ours.logits, torch.stack(hf.logits, 1).float(), atol=1e-4, rtol=0)
 
 

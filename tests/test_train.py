@@ -15,9 +15,21 @@ from pte.methods import load_trained
 from pte.rewards import CombinedReward
 
 LOGGED = {
-    "train/reward_mean", "train/accuracy", "train/kl", "train/clip_frac", "train/entropy", "train/grad_norm",
-    "train/lr", "train/evictions_per_seq", "train/kv_bytes_held", "train/response_length", "train/truncated_frac",
-    "train/time_rollout_s", "train/tokens_per_s", "train/mem_peak_rollout_bytes", "train/mem_peak_replay_bytes",
+    "train/reward_mean",
+    "train/accuracy",
+    "train/kl",
+    "train/clip_frac",
+    "train/entropy",
+    "train/grad_norm",
+    "train/lr",
+    "train/evictions_per_seq",
+    "train/kv_bytes_held",
+    "train/response_length",
+    "train/truncated_frac",
+    "train/time_rollout_s",
+    "train/tokens_per_s",
+    "train/mem_peak_rollout_bytes",
+    "train/mem_peak_replay_bytes",
 }
 
 
@@ -100,11 +112,21 @@ def test_pte_training_raises_a_learnable_reward(tmp_path, digit_reward):
     Measured: the mean reward goes from 0.113 over the first 10 steps to 0.147 over the last 10.
     """
     data = tmp_path / "prompts.jsonl"
-    data.write_text("".join(json.dumps({"question": f"Compute {i} + {i + 3}.", "answer": str(2 * i + 3)}) + "\n" for i in range(6)))
+    data.write_text(
+        "".join(json.dumps({"question": f"Compute {i} + {i + 3}.", "answer": str(2 * i + 3)}) + "\n" for i in range(6))
+    )
     run_dir = _train(
-        tmp_path, "trainer.max_steps=60", "optim.lr=3e-2", "rollout.batch_size=32", "rollout.group_size=8",
-        "rollout.micro_batch=32", "rollout.max_new_tokens=16", "grpo.beta=0.0", "data.source=file",
-        f"data.path={data}", "data.val_size=2",
+        tmp_path,
+        "trainer.max_steps=60",
+        "optim.lr=3e-2",
+        "rollout.batch_size=32",
+        "rollout.group_size=8",
+        "rollout.micro_batch=32",
+        "rollout.max_new_tokens=16",
+        "grpo.beta=0.0",
+        "data.source=file",
+        f"data.path={data}",
+        "data.val_size=2",
     )
     acc = EventAccumulator(str(run_dir / "tb"))
     acc.Reload()
