@@ -29,7 +29,7 @@ from pte.cache import POLICIES
 from pte.config import CacheCfg, Config, require, to_yaml
 from pte.generate import decode_responses, encode_prompts, eos_ids
 from pte.plots import average, summarize, write_report
-from pte.prompts import DEFAULT_FEW_SHOT, format_prompt
+from pte.prompts import few_shot_examples, format_prompt
 from pte.rewards import GoldAnswerError, Grader, extract_answer
 from pte.rollout import Rollout, SamplingConfig, rollout
 
@@ -89,12 +89,6 @@ def sweep(cfg: Config) -> list[Setting]:
     return list(dict.fromkeys(settings))
 
 
-def few_shot(cfg: Config) -> list[dict[str, str]]:
-    """The run's few-shot examples, chosen by the same rule as training's data module."""
-    d = cfg.data
-    return list(d.few_shot) or (list(DEFAULT_FEW_SHOT) if d.default_few_shot else [])
-
-
 def checkpoint_id(path: str | None) -> str:
     """Identify a checkpoint by its files' names, sizes and modification times (cheap; changes on overwrite)."""
     if not path:
@@ -115,7 +109,7 @@ def fingerprint(cfg: Config, setting: Setting) -> str:
         "thought": asdict(cfg.thought) if cfg.method == "pte" else None,
         "cache": [c.policy, c.window, c.budget, c.evict_ratio, c.sink_tokens, c.retain_prompt],
         "sampling": [e.max_new_tokens, e.temperature, e.top_p, e.n_samples, cfg.seed],
-        "prompt": [d.template, d.system, d.instruction, few_shot(cfg)],
+        "prompt": [d.template, d.system, d.instruction, few_shot_examples(d)],
     }
     return hashlib.sha1(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -280,7 +274,7 @@ class Evaluator:
         use_gpu = torch.cuda.is_available() and self.cfg.trainer.accelerator != "cpu"
         self.model = model.to("cuda" if use_gpu else "cpu").eval()
         self.grader = Grader(self.cfg.reward.timeout_s, self.cfg.reward.workers)
-        shots = few_shot(self.cfg)
+        shots = few_shot_examples(self.cfg.data)
         d = self.cfg.data
         self.format = lambda q: format_prompt(self.tok, q, d.template, d.system, shots, d.instruction)
 

@@ -19,14 +19,13 @@ from pte.generate import decode_responses
 from pte.grpo import uniform_groups
 from pte.memory import MemoryTracker
 from pte.methods import build_model
-from pte.prompts import DEFAULT_FEW_SHOT
+from pte.prompts import few_shot_examples
 from pte.rewards import Grader, build_reward
 from pte.update import build_experience, generate_rollouts, policy_update
 
 
 def build_datamodule(cfg: Config, tokenizer) -> MathDataModule:
     d = cfg.data
-    few_shot = list(d.few_shot) or (list(DEFAULT_FEW_SHOT) if d.default_few_shot else [])
     return MathDataModule(
         tokenizer,
         d.source,
@@ -45,7 +44,7 @@ def build_datamodule(cfg: Config, tokenizer) -> MathDataModule:
         seed=cfg.seed,
         template=d.template,
         system=d.system,
-        few_shot=few_shot,
+        few_shot=few_shot_examples(d),
         instruction=d.instruction,
     )
 

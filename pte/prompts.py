@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 
 from transformers import PreTrainedTokenizerBase
 
-from pte.config import ConfigError
+from pte.config import ConfigError, DataCfg
 
 DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 DEFAULT_FEW_SHOT: tuple[dict[str, str], ...] = (
@@ -78,3 +78,8 @@ def format_prompt(
         messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
     messages.append({"role": "user", "content": ask(question)})
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def few_shot_examples(data: DataCfg) -> list[dict[str, str]]:
+    """The run's worked examples: ``data.few_shot``, else the built-in one when ``data.default_few_shot``."""
+    return list(data.few_shot) or (list(DEFAULT_FEW_SHOT) if data.default_few_shot else [])

@@ -11,20 +11,25 @@ from pte.generate import encode_prompts
 from tests.helpers import PROMPTS, run, tiny, tiny_pte
 
 
-@pytest.mark.parametrize("family", ["qwen2", "llama"])
-def test_full_policy_matches_hf_generate(family):
-    model, tok = tiny(family)
-    ids, mask = encode_prompts(tok, PROMPTS)
-    hf = model.generate(
+def hf_greedy(model, ids, steps: int, **kwargs):
+    """Hugging Face's own greedy decoding with its default cache, no EOS, keeping every step's logits."""
+    return model.generate(
         ids,
-        attention_mask=mask.long(),
-        max_new_tokens=40,
+        max_new_tokens=steps,
         do_sample=False,
         pad_token_id=0,
         eos_token_id=None,
         output_logits=True,
         return_dict_in_generate=True,
+        **kwargs,
     )
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_full_policy_matches_hf_generate(family):
+    model, tok = tiny(family)
+    ids, mask = encode_prompts(tok, PROMPTS)
+    hf = hf_greedy(model, ids, 40, attention_mask=mask.long())
     ours = run(model, tok, PROMPTS, CachePolicy("full"), 40, keep_logits=True)
     assert torch.equal(ours.response_ids, hf.sequences[:, ids.shape[1] :])
     torch.testing.assert_close(ours.logits, torch.stack(hf.logits, 1).float(), atol=1e-4, rtol=0)
@@ -36,15 +41,7 @@ def test_per_token_window_matches_qwen2_native_sliding_window():
     prompt = ["Hi"]
     ids, _mask = encode_prompts(tok, prompt)
     assert ids.shape[1] < w
-    hf = model.generate(
-        ids,
-        max_new_tokens=60,
-        do_sample=False,
-        pad_token_id=0,
-        eos_token_id=None,
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
+    hf = hf_greedy(model, ids, 60)
     policy = CachePolicy("window", window=w, evict_ratio=0.0, retain_prompt=False)
     ours = run(model, tok, prompt, policy, 60, keep_logits=True)
     assert len(ours.evict_before) > 20
