@@ -18,6 +18,7 @@ from pte.cache import POLICIES, CachePolicy
 from pte.thought import ThoughtConfig
 
 METHODS = ("base", "lora", "lora_c", "pte")
+OBJECTIVES = ("grpo", "sft")
 # The cache each method trains under (and evaluates under unless cache.policy says otherwise).
 METHOD_POLICY = {"base": "full", "lora": "full", "lora_c": "window", "pte": "pte"}
 
@@ -33,12 +34,16 @@ def require(ok: bool, key: str, msg: str) -> None:
 
 @dataclass
 class ModelCfg:
-    """name: hub id, local path, ``smollm2`` (offline SmolLM2-135M-Instruct) or ``tiny-qwen2``/``tiny-llama``."""
+    """name: hub id, local path, ``smollm2`` (offline SmolLM2-135M-Instruct), ``toy-carry`` (the toy reasoning model of
+    pte/toy_base.py, trained on first use and cached) or ``tiny-qwen2``/``tiny-llama``. adapter: an adapter export
+    (``<run>/adapter``) of the same method to start training from, e.g. an ``objective: sft`` run before GRPO.
+    """
 
     name: str = "smollm2"
     revision: str = "main"
     dtype: str = "float32"
     attn_implementation: str = "sdpa"
+    adapter: str | None = None
 
     def __post_init__(self) -> None:
         require(self.dtype in ("float32", "bfloat16", "float16"), "model.dtype", f"unknown dtype {self.dtype!r}")
@@ -84,6 +89,7 @@ class ThoughtCfg:
     state_scale: str = "mean"
     evicted_keys: str = "pre_rope"
     init_std: float = 0.02
+    state_grad: str = "detach"
 
     def build(self) -> ThoughtConfig:
         kwargs = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -104,11 +110,17 @@ class LoraCfg:
 
 @dataclass
 class DataCfg:
-    """Where training prompts come from and how they are turned into chat prompts."""
+    """Where training prompts come from and how they are turned into chat prompts.
+
+    ``carry_steps`` / ``carry_values`` size the offline long-horizon task (``source: carry``, pte/carry.py): chain
+    length (about 8 tokens of trace per step) and how many intermediate values the answer needs.
+    """
 
     source: str = "reasoning_gym"
     tasks: list[str] = field(default_factory=lambda: ["basic_arithmetic"])
     size: int = 512
+    carry_steps: int = 12
+    carry_values: int = 1
     path: str | None = None
     hf_name: str | None = None
     hf_config: str | None = None
@@ -227,8 +239,12 @@ class EvalCfg:
 
 @dataclass
 class Config:
+    """A whole run. objective: ``grpo`` (cache-aware GRPO, the paper) or ``sft`` (teacher-forced worked solutions
+    through the same chunked replay under the method's cache; needs a source with solutions, e.g. ``carry``)."""
+
     seed: int = 0
     method: str = "pte"
+    objective: str = "grpo"
     ckpt_path: str | None = None
     model: ModelCfg = field(default_factory=ModelCfg)
     cache: CacheCfg = field(default_factory=CacheCfg)
@@ -244,6 +260,7 @@ class Config:
 
     def __post_init__(self) -> None:
         require(self.method in METHODS, "method", f"expected one of {METHODS}, got {self.method!r}")
+        require(self.objective in OBJECTIVES, "objective", f"expected one of {OBJECTIVES}, got {self.objective!r}")
         if self.method != "pte":
             require(self.cache.policy != "pte", "cache.policy", f"method={self.method} has no thought encoder")
 

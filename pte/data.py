@@ -32,16 +32,18 @@ DEFAULT_TASK_CONFIGS: dict[str, dict[str, Any]] = {
     "basic_arithmetic": {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2},
     "chain_sum": {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2},
 }
-SOURCES = ("reasoning_gym", "hf", "file")
+SOURCES = ("reasoning_gym", "carry", "hf", "file")
 
 
 @dataclass(frozen=True)
 class Example:
-    """One training prompt: a stable id (``<source>/<row>``), the bare question and its gold final answer."""
+    """One training prompt: a stable id (``<source>/<row>``), the bare question, its gold final answer and, where
+    the source has one, a worked solution (the target of ``objective: sft``)."""
 
     id: str
     question: str
     answer: str
+    solution: str | None = None
 
 
 class DataError(ConfigError):
@@ -124,6 +126,17 @@ def reasoning_gym_examples(
         per_task.append(_to_examples(enumerate(dataset), f"{task}/{seed}", where, ("question", "answer")))
     longest = max(len(items) for items in per_task)
     return [items[j] for j in range(longest) for items in per_task if j < len(items)]
+
+
+def carry_examples(size: int, seed: int, steps: int, values: int) -> list[Example]:
+    """The offline long-horizon carry-chain task (pte/carry.py), with worked solutions; ids ``carry/<seed>/<i>``."""
+    from pte.carry import carry_problems
+
+    try:
+        problems = carry_problems(size, seed, steps, values)
+    except ValueError as err:
+        raise DataError(str(err)) from None
+    return [Example(f"carry/{seed}/{i}", p.question, p.answer, p.solution) for i, p in enumerate(problems)]
 
 
 def hf_examples(
@@ -227,6 +240,8 @@ class MathDataModule(lightning.LightningDataModule):
         tasks: Sequence[str] = DEFAULT_TASKS,
         size: int = 1000,
         task_configs: Mapping[str, Mapping[str, Any]] | None = None,
+        carry_steps: int = 12,
+        carry_values: int = 1,
         name: str | None = None,
         split: str = "train",
         config: str | None = None,
@@ -247,7 +262,8 @@ class MathDataModule(lightning.LightningDataModule):
 
         Args:
             tokenizer: Serves the ``chat`` template.
-            source: ``reasoning_gym`` (``tasks``, ``size``, ``task_configs``), ``hf`` (``name``, ``split``,
+            source: ``reasoning_gym`` (``tasks``, ``size``, ``task_configs``), ``carry`` (``size``, ``carry_steps``,
+                ``carry_values``: the long-horizon task of pte/carry.py), ``hf`` (``name``, ``split``,
                 ``config``, ``revision``) or ``file`` (``path``); the last two read ``question_field`` /
                 ``answer_field`` and keep the first ``limit`` rows.
             val_size: Held-out validation questions (0 for none).
@@ -267,9 +283,11 @@ class MathDataModule(lightning.LightningDataModule):
         self.tokenizer = tokenizer
         self._format = {"template": template, "system": system, "few_shot": few_shot, "instruction": instruction}
         format_prompt(tokenizer, "1 + 1 = ?", **self._format)  # a bad template or few-shot fails now
-        self.where = {"reasoning_gym": f"reasoning_gym tasks {list(tasks)} seed {seed}", "file": f"file {path}"}.get(
-            source, f"dataset {name!r} split {split!r}"
-        )
+        self.where = {
+            "reasoning_gym": f"reasoning_gym tasks {list(tasks)} seed {seed}",
+            "carry": f"carry task seed {seed}",
+            "file": f"file {path}",
+        }.get(source, f"dataset {name!r} split {split!r}")
         self.train_examples: list[Example] = []
         self.val_examples: list[Example] = []
         self._offset = 0
@@ -286,6 +304,8 @@ class MathDataModule(lightning.LightningDataModule):
         h = self.hparams
         if h.source == "reasoning_gym":
             return reasoning_gym_examples(h.tasks, h.size, h.seed, h.task_configs)
+        if h.source == "carry":
+            return carry_examples(h.size, h.seed, h.carry_steps, h.carry_values)
         fields = (h.question_field, h.answer_field)
         if h.source == "hf":
             return hf_examples(h.name, h.split, *fields, config=h.config, revision=h.revision, limit=h.limit)
@@ -347,12 +367,16 @@ class MathDataModule(lightning.LightningDataModule):
         return self._prompts[question]
 
     def _collate(self, examples: list[Example]) -> dict[str, list[str]]:
-        """Keep a batch as parallel string lists (no tensors: prompts are tokenised by the rollout)."""
+        """Keep a batch as parallel string lists (no tensors: prompts are tokenised by the rollout).
+
+        ``solutions`` holds worked solutions (empty strings where the source has none).
+        """
         return {
             "ids": [e.id for e in examples],
             "questions": [e.question for e in examples],
             "prompts": [self.prompt(e.question) for e in examples],
             "answers": [e.answer for e in examples],
+            "solutions": [e.solution or "" for e in examples],
         }
 
     def _permutation(self, epoch: int) -> np.ndarray:

@@ -63,10 +63,44 @@ class ThoughtEncoder(nn.Module):
     def begin(self, batch: int) -> None:
         """Reset the states of a new batch of sequences to S_g."""
         self.store.states = [lt.initial_state(p, batch) for lt, p in zip(self.layers, self._proj)]
+        self._links: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
 
     def detach_states(self) -> None:
         """Cut the graph between replay chunks: the carried state is a constant for the next chunk."""
         self.store.states = [s.detach() for s in self.store.states]
+
+    # -- exact gradient through the state chain (thought.state_grad = chain, method.md section 4) -----------------
+    def link(self) -> None:
+        """Let the next chunk read leaf copies of the states, and keep the chain's own graph beside them.
+
+        The chunk's backward then leaves dL/dS in each leaf's ``.grad``; :meth:`backward_chain` hands those to the
+        chain (S_g -> S_1 -> ... built from constant evicted K/V) in one backward per micro-batch.
+        """
+        chain = self.store.states
+        leaves = [s.detach().requires_grad_(s.requires_grad) for s in chain]
+        self._links.append((chain, leaves))
+        self.store.states = leaves
+
+    def unlink(self) -> None:
+        """Put the chain's graph states back, so the next eviction extends the chain rather than a leaf."""
+        self.store.states = list(self._links[-1][0])  # absorb rewrites the list in place
+
+    def backward_chain(self) -> None:
+        """Backpropagate every chunk's dL/dS through the state chain (all chunks' backwards must have run)."""
+        outputs, grads = [], []
+        for chain, leaves in self._links:
+            for s, leaf in zip(chain, leaves):
+                if not s.requires_grad:
+                    continue
+                if leaf.grad is None:
+                    raise RuntimeError(
+                        "thought.state_grad=chain: a replay chunk's loss was not backpropagated before the next chunk"
+                    )
+                outputs.append(s)
+                grads.append(leaf.grad)
+        self._links = []
+        if outputs:
+            torch.autograd.backward(outputs, grads)
 
     def absorb(self, keys: list[torch.Tensor], values: list[torch.Tensor], positions: torch.Tensor) -> None:
         """Fold one eviction into every layer's state.

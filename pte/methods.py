@@ -10,11 +10,12 @@ import json
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from safetensors.torch import load_file
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from pte.config import Config, load_config, to_yaml
+from pte.config import Config, ConfigError, load_config, to_yaml
 from pte.encoder import attach_thought, load_thought, save_thought
 from pte.models import load_model_and_tokenizer
 
@@ -39,9 +40,33 @@ def add_adapter(model: PreTrainedModel, cfg: Config) -> nn.Module:
 
 
 def build_model(cfg: Config) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    """Base model plus the method's adapter, ready to train (only adapter parameters require grad)."""
+    """Base model plus the method's adapter, ready to train (only adapter parameters require grad).
+
+    With ``model.adapter`` the adapter starts from that export's weights (e.g. an SFT warm start for GRPO).
+    """
     model, tok = load_base(cfg)
-    return add_adapter(model, cfg), tok
+    model = add_adapter(model, cfg)
+    if cfg.model.adapter:
+        warm_start(model, cfg.method, Path(cfg.model.adapter))
+    return model, tok
+
+
+def warm_start(model: nn.Module, method: str, adapter_dir: Path) -> None:
+    """Copy an adapter export's weights into the freshly attached adapter of the same method and shape."""
+    files = {"pte": "pte_adapter.safetensors", "lora": "adapter_model.safetensors"}
+    path = adapter_dir / files["lora" if method == "lora_c" else method]
+    if not path.is_file():
+        raise ConfigError(f"model.adapter: no {path.name} in {adapter_dir} (an adapter export of method={method}?)")
+    weights = load_file(str(path))
+    if method == "pte":
+        result = model.load_state_dict(weights, strict=False)
+        missing = {n for n, p in model.named_parameters() if p.requires_grad} - set(weights)
+        if result.unexpected_keys or missing:
+            raise ConfigError(f"model.adapter: {adapter_dir} does not match this model's PTE adapter")
+    else:
+        result = set_peft_model_state_dict(model, weights)
+        if result.unexpected_keys:
+            raise ConfigError(f"model.adapter: {adapter_dir} does not match this model's LoRA adapter")
 
 
 def export_adapter(model: nn.Module, cfg: Config, out_dir: str | Path) -> Path:

@@ -21,6 +21,7 @@ from pte.memory import MemoryTracker
 from pte.methods import build_model
 from pte.prompts import few_shot_examples
 from pte.rewards import Grader, build_reward
+from pte.sft import sft_update, teacher_forced
 from pte.update import build_experience, generate_rollouts, policy_update
 
 
@@ -31,6 +32,8 @@ def build_datamodule(cfg: Config, tokenizer) -> MathDataModule:
         d.source,
         tasks=list(d.tasks),
         size=d.size,
+        carry_steps=d.carry_steps,
+        carry_values=d.carry_values,
         name=d.hf_name,
         split=d.split,
         config=d.hf_config,
@@ -40,7 +43,7 @@ def build_datamodule(cfg: Config, tokenizer) -> MathDataModule:
         answer_field=d.answer_field,
         limit=d.limit,
         val_size=d.val_size,
-        prompts_per_step=cfg.rollout.prompts_per_step,
+        prompts_per_step=cfg.rollout.batch_size if cfg.objective == "sft" else cfg.rollout.prompts_per_step,
         seed=cfg.seed,
         template=d.template,
         system=d.system,
@@ -90,6 +93,8 @@ class GRPOModule(L.LightningModule):
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
+        if self.cfg.objective == "sft":
+            return self._sft_step(batch)
         cfg, n = self.cfg, self.cfg.rollout.group_size
         self.model.eval()  # no dropout anywhere: replay must reproduce the rollout exactly
         prompts = [p for p in batch["prompts"] for _ in range(n)]
@@ -121,6 +126,36 @@ class GRPOModule(L.LightningModule):
             self.memory.stop("optimizer")
         self.lr_schedulers().step()
         self._log_step(rollouts, rewards, parts, stats, grad_norm, t_rollout, time.perf_counter() - t1)
+
+    def _sft_step(self, batch: dict) -> None:
+        """One cache-aware SFT step on ``rollout.batch_size`` worked solutions (pte/sft.py)."""
+        if not all(batch["solutions"]):
+            raise ValueError("objective=sft needs worked solutions: use a source that has them (data.source=carry)")
+        self.model.eval()
+        mb, prompts, targets = self.cfg.rollout.micro_batch, batch["prompts"], batch["solutions"]
+        t0 = time.perf_counter()
+        rollouts = [
+            teacher_forced(self.tokenizer, prompts[i : i + mb], targets[i : i + mb], self.cfg, self.policy_name, self.device)
+            for i in range(0, len(prompts), mb)
+        ]
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.memory.start("replay")
+        stats = sft_update(self.model, rollouts, self.manual_backward)
+        self.memory.stop("replay")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.cfg.optim.grad_clip)
+        opt.step()
+        self.lr_schedulers().step()
+        logs = {
+            "loss": stats["loss"],
+            "entropy": stats["entropy"] / max(stats["tokens"], 1.0),
+            "response_length": stats["tokens"] / len(prompts),
+            "evictions_per_seq": sum(len(ro.evict_before) for ro in rollouts) / len(rollouts),
+            "grad_norm": float(grad_norm),
+            "lr": opt.param_groups[0]["lr"],
+            "time_update_s": time.perf_counter() - t0,
+        }
+        self.log_dict({f"train/{k}": float(v) for k, v in logs.items()}, on_step=True, prog_bar=False)
 
     def _log_step(self, rollouts, rewards, parts, stats, grad_norm, t_rollout, t_update) -> None:
         tokens = sum(float(ro.response_mask.sum()) for ro in rollouts)

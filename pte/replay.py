@@ -5,7 +5,10 @@ same thought state, cut into chunks at the rollout's eviction points. Within a c
 evicted, so one parallel forward over the chunk equals the token-by-token rollout. Each chunk is
 yielded with its log-probs while its graph is alive: the caller backpropagates the chunk's loss before
 asking for the next one. The cache stores detached K/V and the state is detached between chunks, so
-activation memory is bounded by the window, not by the response length.
+activation memory is bounded by the window, not by the response length. With ``thought.state_grad: chain`` each
+chunk reads leaf copies of the states instead, and once the caller has backpropagated the last chunk the replay
+sends every chunk's dL/dS through the chain of state updates in one backward (exact state gradient; the evicted
+K/V enter as constants).
 """
 
 from __future__ import annotations
@@ -58,8 +61,11 @@ def replay(model: PreTrainedModel, ro: Rollout, full_cache: bool = False) -> Ite
     if t == 0:
         return
     cache = new_cache(model, policy, p, t)
+    chain = encoder is not None and encoder.cfg.state_grad == "chain" and torch.is_grad_enabled() and not full_cache
     if encoder is not None:
         encoder.begin(b)
+        if chain:
+            encoder.link()
     lengths = ro.prompt_mask.sum(1)
     resp = ro.response_ids
     bounds = [0, *cuts, t - 1]
@@ -72,15 +78,21 @@ def replay(model: PreTrainedModel, ro: Rollout, full_cache: bool = False) -> Ite
             valid = torch.cat([ro.prompt_mask, valid], dim=1)
             logits = forward_tokens(model, cache, ids, pos, valid, logits_from=p - 1)
         else:
-            if encoder is not None:
+            if chain:
+                encoder.unlink()
+            elif encoder is not None:
                 encoder.detach_states()
             evicted = cache.evict(policy.evict_tokens)
             if policy.encodes_evicted:
                 encoder.absorb(*evicted)
+            if chain:
+                encoder.link()
             logits = forward_tokens(model, cache, resp[:, a:z], pos, valid)
         start = 0 if k == 0 else a + 1
         logp, ent = _chunk_stats(logits, resp[:, start : z + 1], ro.temperature)
         yield ReplayChunk(start=start, logprobs=logp, entropy=ent)
+    if chain:
+        encoder.backward_chain()
 
 
 def full_replay(model: PreTrainedModel, ro: Rollout) -> torch.Tensor:
