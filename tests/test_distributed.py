@@ -7,6 +7,7 @@ train.py under Lightning's own launcher for the whole loop.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -207,9 +208,18 @@ def test_ddp_trains_and_evaluates_on_two_cpu_processes(tmp_path):
     overrides += ["cache.window=0", f"cache.budget={budget}", "trainer.val_every=1", "trainer.run_name=ddp"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "train.py", "--config", TINY, f"trainer.out_dir={tmp_path}", *overrides]
-    done = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "Starting with 2 processes" in done.stdout + done.stderr
+    # Its own session, so a hang kills rank 1 (launched by rank 0) along with rank 0.
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        output = proc.communicate(timeout=TIMEOUT_S)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"two-process training still running after {TIMEOUT_S} s (hang)")
+    assert proc.returncode == 0, output[-3000:]
+    assert "Starting with 2 processes" in output
     run_dir = tmp_path / "ddp"
     assert (run_dir / "checkpoints" / "last.ckpt").exists() and (run_dir / "adapter").exists()
     acc = EventAccumulator(str(run_dir / "tb"))
