@@ -201,16 +201,22 @@ def _budget_for_unequal_windows(cfg) -> int:
     return max(lengths) + 8
 
 
-@pytest.mark.slow
-def test_ddp_trains_and_evaluates_on_two_cpu_processes(tmp_path):
-    overrides = ["trainer.strategy=ddp", "trainer.devices=2", "rollout.micro_batch=2", "trainer.max_steps=2"]
-    budget = _budget_for_unequal_windows(load_config(TINY, overrides))
-    overrides += ["cache.window=0", f"cache.budget={budget}", "trainer.val_every=1", "trainer.run_name=ddp"]
+DDP = ["trainer.strategy=ddp", "trainer.devices=2", "rollout.micro_batch=2"]
+
+
+def _train_ddp(out_dir: Path, *overrides: str) -> Path:
+    """train.py with two CPU processes under Lightning's launcher; returns the run directory."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "train.py", "--config", TINY, f"trainer.out_dir={tmp_path}", *overrides]
+    cmd = [sys.executable, "train.py", "--config", TINY, f"trainer.out_dir={out_dir}", "trainer.run_name=ddp"]
     # Its own session, so a hang kills rank 1 (launched by rank 0) along with rank 0.
     proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        [*cmd, *DDP, *overrides],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
     try:
         output = proc.communicate(timeout=TIMEOUT_S)[0]
@@ -220,10 +226,36 @@ def test_ddp_trains_and_evaluates_on_two_cpu_processes(tmp_path):
         pytest.fail(f"two-process training still running after {TIMEOUT_S} s (hang)")
     assert proc.returncode == 0, output[-3000:]
     assert "Starting with 2 processes" in output
-    run_dir = tmp_path / "ddp"
+    return out_dir / "ddp"
+
+
+@pytest.mark.slow
+def test_ddp_trains_and_evaluates_on_two_cpu_processes(tmp_path):
+    """Two steps and two held-out evaluations; the ranks' prompts get different windows, so unequal chunk counts."""
+    budget = _budget_for_unequal_windows(load_config(TINY, DDP))
+    run_dir = _train_ddp(
+        tmp_path, "trainer.max_steps=2", "cache.window=0", f"cache.budget={budget}", "trainer.val_every=1"
+    )
     assert (run_dir / "checkpoints" / "last.ckpt").exists() and (run_dir / "adapter").exists()
     acc = EventAccumulator(str(run_dir / "tb"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     assert {"train/reward_mean", "train/grad_norm", "val/accuracy"} <= tags
     assert [e.step for e in acc.Scalars("val/accuracy")] == [1, 2]
+
+
+@pytest.mark.slow
+def test_ddp_resume_is_exact(tmp_path):
+    """Two steps straight equal one step, a checkpoint and one resumed step, on two processes: same weights, and
+    each rank's sampler and the global stream position come back."""
+    straight = _train_ddp(tmp_path / "a", "trainer.max_steps=2")
+    first = _train_ddp(tmp_path / "b", "trainer.max_steps=1")
+    ckpt = first / "checkpoints" / "last.ckpt"
+    one = torch.load(ckpt, weights_only=False)
+    assert len(one["pte_sampler_rng"]) == WORLD and not torch.equal(*one["pte_sampler_rng"])
+    _train_ddp(tmp_path / "b", "trainer.max_steps=2", f"ckpt_path={ckpt}")
+    a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=False)
+    b = torch.load(ckpt, weights_only=False)
+    assert b["global_step"] == 2 and b["MathDataModule"] == a["MathDataModule"]
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
