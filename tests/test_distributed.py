@@ -14,6 +14,7 @@ import time
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,7 +22,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import pte.callbacks
 import pte.data
+from pte.callbacks import EvalCallback
 from pte.config import ConfigError, load_config
 from pte.distributed import build_strategy, reduce_gradients
 from pte.generate import encode_prompts
@@ -185,6 +188,26 @@ def test_several_processes_use_the_replay_strategy():
     assert build_strategy(load_config(TINY).trainer) == "auto"
     strategy = build_strategy(load_config(TINY, ["trainer.devices=2", "rollout.micro_batch=2"]).trainer)
     assert type(strategy).__name__ == "ReplayDDPStrategy"
+
+
+def test_evaluation_splits_prompts_and_gathers_records(datamodule, monkeypatch):
+    """Rank 1 of 2 evaluates every other held-out prompt; the summary is over every rank's records."""
+    cfg = load_config(TINY, ["rollout.max_new_tokens=2"])
+    model, tok = build_model(cfg)
+    module = SimpleNamespace(model=model, tokenizer=tok, policy_name="pte", grader=None)
+    gathered = []
+
+    def gather(records):
+        gathered.append([r["id"] for r in records])
+        return [[{**r, "id": "other"} for r in records], records]
+
+    monkeypatch.setattr(pte.callbacks, "rank_world", lambda: (1, WORLD))
+    monkeypatch.setattr(pte.callbacks, "gather_object", gather)
+    callback = EvalCallback(cfg, datamodule, every=1, limit=4)
+    metrics, _ = callback.evaluate(module)
+    callback.teardown(None, module, "fit")
+    assert gathered == [[e.id for e in datamodule.val_examples[1:4:2]]]
+    assert 0 <= metrics["val/accuracy"] <= 1
 
 
 # --- the whole loop under Lightning's launcher -------------------------------------------------------------------
