@@ -52,15 +52,18 @@ def reduce_gradients(params: list[torch.nn.Parameter]) -> None:
     """Sum the gradients of ``params`` over ranks in one all-reduce (before clipping and the optimiser step).
 
     A rank whose replay produced no gradient for a parameter (no response tokens) contributes zeros, so every rank
-    takes part in the same single collective whatever its chunk count was.
+    takes part in the same single collective whatever its chunk count was; a parameter without a gradient on every
+    rank keeps none, as in one process (the optimiser then skips it). The sum runs in float32.
     """
     if rank_world()[1] == 1 or not params:
         return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])  # [sum of numel]
+    has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
+    grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params]
+    flat = torch.cat([*grads, has_grad])  # [sum of numel + number of params]
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    for p, piece in zip(params, flat.split([g.numel() for g in grads])):
-        p.grad = piece.view_as(p).clone()
+    *pieces, counts = flat.split([g.numel() for g in grads] + [len(params)])
+    for p, piece, count in zip(params, pieces, counts.tolist()):
+        p.grad = piece.view_as(p).to(p.dtype).clone() if count > 0 else None
 
 
 def global_step_totals(

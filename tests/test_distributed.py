@@ -90,25 +90,47 @@ def _worker(rank: int, store: str, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory) -> dict:
-    """Run the workers with a deadline: a rank waiting on a collective the other never joins fails, not hangs.
+def _run_ranks(worker, tmp: Path) -> float:
+    """Run ``worker(rank, store, out_dir)`` on WORLD forked processes with a deadline; return the seconds taken.
 
-    Forked, so nothing is re-imported (~2 s instead of ~35 s spawned); the suite runs torch single-threaded
-    (conftest), and each worker opens its own process group.
+    A rank waiting on a collective the other never joins fails the test instead of hanging it. Forked, so nothing
+    is re-imported (~2 s instead of ~35 s spawned); the suite runs torch single-threaded (conftest), and each worker
+    opens its own process group.
     """
-    tmp = tmp_path_factory.mktemp("ddp")
     start = time.monotonic()
-    ctx = mp.start_processes(
-        _worker, args=(str(tmp / "store"), str(tmp)), nprocs=WORLD, join=False, start_method="fork"
-    )
+    ctx = mp.start_processes(worker, args=(str(tmp / "store"), str(tmp)), nprocs=WORLD, join=False, start_method="fork")
     while not ctx.join(timeout=1):
         if time.monotonic() - start > TIMEOUT_S:
             for proc in ctx.processes:
                 proc.kill()
-            pytest.fail(f"two-process replay still running after {TIMEOUT_S} s (hang)")
+            pytest.fail(f"two-process run still going after {TIMEOUT_S} s (hang)")
+    return time.monotonic() - start
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("ddp")
+    seconds = _run_ranks(_worker, tmp)
     ranks = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-    return {"ranks": ranks, "seconds": time.monotonic() - start}
+    return {"ranks": ranks, "seconds": seconds}
+
+
+def _missing_grads_worker(rank: int, store: str, out_dir: str) -> None:
+    """Parameter 0 has a gradient on rank 1 only, parameter 1 on no rank."""
+    dist.init_process_group("gloo", f"file://{store}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
+    params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))]
+    if rank == 1:
+        params[0].grad = torch.arange(3.0)
+    reduce_gradients(params)
+    torch.save([p.grad for p in params], Path(out_dir) / f"grads{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_reduction_keeps_missing_gradients_missing(tmp_path):
+    _run_ranks(_missing_grads_worker, tmp_path)
+    for rank in range(WORLD):
+        first, second = torch.load(tmp_path / f"grads{rank}.pt")
+        assert torch.equal(first, torch.arange(3.0)) and second is None
 
 
 def _single_process_grads(agg: str, ranks: list[dict]) -> dict[str, torch.Tensor]:
@@ -203,11 +225,13 @@ def test_evaluation_splits_prompts_and_gathers_records(datamodule, monkeypatch):
 
     monkeypatch.setattr(pte.callbacks, "rank_world", lambda: (1, WORLD))
     monkeypatch.setattr(pte.callbacks, "gather_object", gather)
+    monkeypatch.setattr(pte.callbacks, "grade_groups", lambda grader, answers, *_: [[False] for _ in answers])
+    monkeypatch.setattr(pte.callbacks, "Grader", lambda *_: SimpleNamespace(close=lambda: None))
     callback = EvalCallback(cfg, datamodule, every=1, limit=4)
     metrics, _ = callback.evaluate(module)
     callback.teardown(None, module, "fit")
     assert gathered == [[e.id for e in datamodule.val_examples[1:4:2]]]
-    assert 0 <= metrics["val/accuracy"] <= 1
+    assert metrics["val/accuracy"] == 0.0
 
 
 # --- the whole loop under Lightning's launcher -------------------------------------------------------------------
