@@ -18,6 +18,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from pte.callbacks import SaveOnInterrupt, build_callbacks
 from pte.cli import parse, setup_logging
 from pte.config import Config, to_yaml
+from pte.distributed import build_strategy
 from pte.methods import export_adapter
 from pte.module import GRPOModule, build_datamodule
 
@@ -48,7 +49,9 @@ def train(cfg: Config) -> dict[str, float]:
     trainer = L.Trainer(
         max_steps=t.max_steps,
         accelerator=t.accelerator,
+        strategy=build_strategy(t),
         devices=t.devices,
+        num_nodes=t.num_nodes,
         precision=t.precision,
         logger=TensorBoardLogger(str(run_dir), name="tb", version=""),
         callbacks=callbacks,
@@ -60,6 +63,8 @@ def train(cfg: Config) -> dict[str, float]:
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     trainer.save_checkpoint(ckpt_dir / "last.ckpt")
+    if not trainer.is_global_zero:  # every process holds the same adapter; one writes it
+        return {k: float(v) for k, v in trainer.callback_metrics.items()}
     adapter = export_adapter(module.model, cfg, run_dir / "adapter")
     log.info("run directory %s (adapter %s, checkpoint %s)", run_dir, adapter, ckpt_dir / "last.ckpt")
     return {k: float(v) for k, v in trainer.callback_metrics.items()}

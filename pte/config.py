@@ -168,6 +168,22 @@ class RolloutCfg:
         return self.batch_size // self.group_size
 
 
+def check_shards(r: RolloutCfg, world: int) -> None:
+    """Each of ``world`` processes takes whole groups of the global batch, in whole micro-batches."""
+    require(
+        r.prompts_per_step % world == 0,
+        "rollout.batch_size",
+        f"{r.batch_size} sequences = {r.prompts_per_step} prompts x rollout.group_size={r.group_size} cannot be "
+        f"shared by {world} processes (trainer.devices x trainer.num_nodes): the prompts must divide evenly",
+    )
+    require(
+        (r.batch_size // world) % r.micro_batch == 0,
+        "rollout.micro_batch",
+        f"must divide the {r.batch_size // world} sequences each of the {world} processes samples "
+        f"(rollout.batch_size / (trainer.devices x trainer.num_nodes))",
+    )
+
+
 @dataclass
 class GRPOCfg:
     """Objective knobs (the paper gives none of them; defaults follow DAPO-style practice)."""
@@ -205,11 +221,22 @@ class RewardCfg:
     workers: int = 2
 
 
+STRATEGIES = ("auto", "ddp")
+
+
 @dataclass
 class TrainerCfg:
+    """Lightning Trainer settings. ``strategy``: ``auto`` (one process unless devices x num_nodes > 1) or ``ddp``
+    (pte.distributed.ReplayDDPStrategy: one process per device, gradients summed once per step); ``devices`` is
+    per node (-1 = all), ``num_nodes`` the number of machines. ``rollout.batch_size`` is the global batch over all
+    processes. FSDP is not supported yet (README "Running at scale").
+    """
+
     max_steps: int = 10
     accelerator: str = "auto"
+    strategy: str = "auto"
     devices: int = 1
+    num_nodes: int = 1
     precision: str = "32-true"
     out_dir: str = "runs"
     run_name: str = "default"
@@ -217,6 +244,21 @@ class TrainerCfg:
     val_every: int = 0
     val_limit: int = 8
     ckpt_every: int = 0
+
+    def __post_init__(self) -> None:
+        fsdp = " (FSDP is not supported yet: see README 'Running at scale')" if "fsdp" in self.strategy else ""
+        require(
+            self.strategy in STRATEGIES,
+            "trainer.strategy",
+            f"expected one of {STRATEGIES}, got {self.strategy!r}{fsdp}",
+        )
+        require(self.devices >= 1 or self.devices == -1, "trainer.devices", "must be >= 1, or -1 for all devices")
+        require(self.num_nodes >= 1, "trainer.num_nodes", "must be >= 1")
+
+    @property
+    def world_size(self) -> int | None:
+        """Processes over all nodes, or None when ``devices`` = -1 (known only at launch)."""
+        return self.devices * self.num_nodes if self.devices > 0 else None
 
 
 @dataclass
@@ -263,6 +305,8 @@ class Config:
         require(self.objective in OBJECTIVES, "objective", f"expected one of {OBJECTIVES}, got {self.objective!r}")
         if self.method != "pte":
             require(self.cache.policy != "pte", "cache.policy", f"method={self.method} has no thought encoder")
+        if self.trainer.world_size:
+            check_shards(self.rollout, self.trainer.world_size)
 
     @property
     def eval_policy(self) -> str:

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from transformers import PreTrainedTokenizerBase
 
 from pte.config import ConfigError
+from pte.distributed import rank_world
 from pte.prompts import DEFAULT_FEW_SHOT, DEFAULT_INSTRUCTION, format_prompt
 
 DEFAULT_TASKS = ("basic_arithmetic", "chain_sum")
@@ -214,7 +215,7 @@ class _PromptStream(IterableDataset):
         offset = self.module._offset
         while True:
             batch = self.module._train_batch(offset)
-            offset += len(batch["ids"])
+            offset += self.module.hparams.prompts_per_step
             if self.module.trainer is None:  # without a Trainer, a batch counts as consumed once yielded
                 self.module._offset = offset
             yield batch
@@ -225,7 +226,8 @@ class MathDataModule(lightning.LightningDataModule):
 
     The stream walks a seeded permutation of the training examples per epoch, cut into batches of
     ``prompts_per_step`` (a batch may straddle two epochs; bound training with ``max_steps``). A batch is a dict of
-    equal-length string lists: ``ids``, ``questions``, ``prompts`` (formatted) and ``answers``.
+    equal-length string lists: ``ids``, ``questions``, ``prompts`` (formatted) and ``answers``. Under multi-process
+    training ``prompts_per_step`` is the global count and each process receives its own slice of every batch.
 
     Under a Trainer the position advances in ``on_before_batch_transfer``, when the loop takes a batch rather than
     when Lightning prefetches the next, so a checkpoint resumes at the first batch not trained on. This hook takes
@@ -389,10 +391,19 @@ class MathDataModule(lightning.LightningDataModule):
         return self._permutations[epoch]
 
     def _train_batch(self, offset: int) -> dict[str, list[str]]:
-        """The batch whose first example sits at ``offset`` in the concatenation of all epochs' orders."""
+        """This process's share of the global batch whose first example sits at ``offset`` in the concatenation of
+        all epochs' orders: rank r of w takes the r-th of w equal consecutive slices, so the shards together are the
+        single-process batch and the stream position (global) resumes exactly, whatever the number of processes."""
         train = self._require_setup()
         n = len(train)
-        picks = range(offset, offset + self.hparams.prompts_per_step)
+        rank, world = rank_world()
+        share, rest = divmod(self.hparams.prompts_per_step, world)
+        if rest:
+            raise DataError(
+                f"rollout.batch_size: its {self.hparams.prompts_per_step} prompts per step cannot be shared by {world} "
+                "processes"
+            )
+        picks = range(offset + rank * share, offset + (rank + 1) * share)
         return self._collate([train[self._permutation(i // n)[i % n]] for i in picks])
 
     def train_dataloader(self) -> DataLoader:
@@ -414,7 +425,7 @@ class MathDataModule(lightning.LightningDataModule):
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Count a training batch as consumed when the training loop takes it (after Lightning's prefetch)."""
         if self.trainer is not None and self.trainer.training and isinstance(batch, dict) and "ids" in batch:
-            self._offset += len(batch["ids"])
+            self._offset += self.hparams.prompts_per_step  # the global batch: every process's share
         return batch
 
     def state_dict(self) -> dict[str, int]:

@@ -8,6 +8,8 @@ The aggregation choice only changes the weights w (one named function each).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -30,22 +32,28 @@ def uniform_groups(rewards: torch.Tensor, group_size: int) -> int:
     return int((groups == groups[:, :1]).all(dim=1).sum())
 
 
-def grpo_weights(mask: torch.Tensor, max_len: int) -> torch.Tensor:
+def _local(value: torch.Tensor) -> torch.Tensor:
+    return value
+
+
+# Each takes ``total``, which sums a batch-wide normaliser over processes (pte.distributed.all_sum) when the batch is
+# sharded, so every shard's weights are its part of the global batch's weights.
+def grpo_weights(mask: torch.Tensor, max_len: int, total: Callable = _local) -> torch.Tensor:
     """GRPO: mean over each sequence's tokens, then over sequences. ``mask [N, T]`` -> ``w [N, T]``."""
     m = mask.float()
-    return m / m.sum(1, keepdim=True).clamp(min=1) / m.shape[0]
+    return m / m.sum(1, keepdim=True).clamp(min=1) / total(m.new_tensor(m.shape[0]))
 
 
-def dapo_weights(mask: torch.Tensor, max_len: int) -> torch.Tensor:
+def dapo_weights(mask: torch.Tensor, max_len: int, total: Callable = _local) -> torch.Tensor:
     """DAPO: one mean over all tokens of the batch, so long responses weigh more."""
     m = mask.float()
-    return m / m.sum().clamp(min=1)
+    return m / total(m.sum()).clamp(min=1)
 
 
-def dr_grpo_weights(mask: torch.Tensor, max_len: int) -> torch.Tensor:
+def dr_grpo_weights(mask: torch.Tensor, max_len: int, total: Callable = _local) -> torch.Tensor:
     """Dr. GRPO: a constant normaliser (sequences x generation limit), free of length bias."""
     m = mask.float()
-    return m / (m.shape[0] * max_len)
+    return m / (total(m.new_tensor(m.shape[0])) * max_len)
 
 
 AGGREGATIONS = {"grpo": grpo_weights, "dapo": dapo_weights, "dr_grpo": dr_grpo_weights}

@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 
 from pte.config import METHOD_POLICY, Config, as_dict, load_config
 from pte.data import MathDataModule
+from pte.distributed import gather_object, global_step_totals, own_share, reduce_gradients
 from pte.generate import decode_responses
 from pte.grpo import uniform_groups
 from pte.memory import MemoryTracker
@@ -101,7 +102,7 @@ class GRPOModule(L.LightningModule):
         golds = [a for a in batch["answers"] for _ in range(n)]
 
         if self.generator is None:
-            self.generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
+            self.generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed + self.global_rank)
             if self._resumed_rng is not None:
                 self.generator.set_state(self._resumed_rng)
         self.memory.start("rollout")
@@ -119,12 +120,14 @@ class GRPOModule(L.LightningModule):
             opt.zero_grad()
             self.memory.start("replay")
             stats = policy_update(self.model, exp, cfg, self.manual_backward)
+            reduce_gradients(self.trainable_parameters())  # one all-reduce per step; a no-op in one process
             self.memory.stop("replay")
             self.memory.start("optimizer")
             grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), cfg.optim.grad_clip)
             opt.step()
             self.memory.stop("optimizer")
         self.lr_schedulers().step()
+        rewards, parts, stats = global_step_totals(rewards, parts, stats)
         self._log_step(rollouts, rewards, parts, stats, grad_norm, t_rollout, time.perf_counter() - t1)
 
     def _sft_step(self, batch: dict) -> None:
@@ -186,8 +189,9 @@ class GRPOModule(L.LightningModule):
         logs.update({f"reward_{k}": v.mean() for k, v in parts.items()})
         logs["accuracy"] = parts["correctness"].mean() if "correctness" in parts else rewards.new_tensor(0.0)
         logs.update({f"mem_peak_{k}_bytes": v for k, v in self.memory.peaks().items()})
-        self.log_dict({f"train/{k}": float(v) for k, v in logs.items()}, on_step=True, prog_bar=False)
-        self.log("train/reward", rewards.mean(), prog_bar=True)
+        # sync_dist averages the per-process values (rollout statistics, timings, memory) over processes
+        self.log_dict({f"train/{k}": float(v) for k, v in logs.items()}, on_step=True, prog_bar=False, sync_dist=True)
+        self.log("train/reward", rewards.mean(), prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self):
         o = self.cfg.optim
@@ -202,8 +206,8 @@ class GRPOModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["pte_config"] = asdict(self.cfg)
         if self.generator is not None:
-            checkpoint["pte_sampler_rng"] = self.generator.get_state()
+            checkpoint["pte_sampler_rng"] = gather_object(self.generator.get_state())  # one state per process
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Resume sampling where it stopped, so a resumed run draws the samples an uninterrupted one would."""
-        self._resumed_rng = checkpoint.get("pte_sampler_rng")
+        self._resumed_rng = own_share(checkpoint.get("pte_sampler_rng"))

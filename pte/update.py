@@ -15,6 +15,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from pte.config import Config
+from pte.distributed import all_sum
 from pte.generate import encode_prompts, eos_ids
 from pte.grpo import AGGREGATIONS, group_advantages, k3_kl, token_loss
 from pte.replay import reference_logprobs, replay
@@ -52,7 +53,10 @@ def generate_rollouts(
 
 
 def build_experience(model: nn.Module, rollouts: list[Rollout], rewards: torch.Tensor, cfg: Config) -> Experience:
-    """Group advantages, loss weights over the whole batch and, if beta > 0, full-cache reference log-probs."""
+    """Group advantages, loss weights over the whole batch and, if beta > 0, full-cache reference log-probs.
+
+    Under multi-process training the batch is the global one: the weights' normaliser is summed over processes.
+    """
     g = cfg.grpo
     adv = group_advantages(rewards, cfg.rollout.group_size, g.std_norm, g.adv_eps)
     t_max = max(ro.response_ids.shape[1] for ro in rollouts)
@@ -61,7 +65,7 @@ def build_experience(model: nn.Module, rollouts: list[Rollout], rewards: torch.T
         for m, ro in zip(masks, rollouts):
             m[ro.truncated] = False
     padded = torch.cat([nn.functional.pad(m, (0, t_max - m.shape[1])) for m in masks])  # [N, T_max]
-    weights = AGGREGATIONS[g.loss_agg](padded, cfg.rollout.max_new_tokens)
+    weights = AGGREGATIONS[g.loss_agg](padded, cfg.rollout.max_new_tokens, all_sum)  # global normaliser
     sizes = [m.shape[0] for m in masks]
     w_split = [w[:, : m.shape[1]] for w, m in zip(weights.split(sizes), masks)]
     refs = [reference_logprobs(model, ro) if g.beta > 0 else None for ro in rollouts]
