@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pte.cache import POLICIES, CachePolicy
+from pte.errors import UserError
 from pte.thought import ThoughtConfig
 
 METHODS = ("base", "lora", "lora_c", "pte")
@@ -22,7 +23,7 @@ METHODS = ("base", "lora", "lora_c", "pte")
 METHOD_POLICY = {"base": "full", "lora": "full", "lora_c": "window", "pte": "pte"}
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config problem, with the dotted key that caused it."""
 
 
