@@ -172,6 +172,8 @@ def file_examples(path: str | Path, question_field: str, answer_field: str, limi
     Ids are ``<file stem>/<row>``: JSONL rows are line numbers (from 1), Parquet rows indices (from 0).
     """
     path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data.path: {path} is not a file")
     if path.suffix == ".jsonl":
         rows: Iterator[tuple[int, Any]] = _jsonl_rows(path, limit)
     elif path.suffix == ".parquet":

@@ -26,7 +26,7 @@ from transformers import PreTrainedTokenizerBase
 
 from pte.benchmarks import BENCHMARKS, OFFLINE, Problem, load_benchmark
 from pte.cache import POLICIES
-from pte.config import CacheCfg, Config, require, to_yaml
+from pte.config import CacheCfg, Config, ConfigError, require, to_yaml
 from pte.generate import decode_responses, encode_prompts, eos_ids
 from pte.plots import average, summarize, write_report
 from pte.prompts import few_shot_examples, format_prompt
@@ -331,6 +331,19 @@ class Evaluator:
             bar.update(len(batch))
 
 
+def _load_problems(bench: str, path: str | None, limit: int | None) -> list[Problem]:
+    """load_benchmark, with a hub that cannot be reached reported as a config problem naming the way out."""
+    try:
+        return load_benchmark(bench, path=path, limit=limit)
+    except (ConnectionError, OSError) as err:
+        if path is not None:
+            raise
+        raise ConfigError(
+            f"eval.benchmarks: {bench} cannot be loaded from the Hugging Face hub ({' '.join(str(err).split())[:200]}); "
+            f"offline, pass a local copy with eval.paths.{bench}=<file.jsonl>"
+        ) from err
+
+
 def evaluate(cfg: Config, load: Loader) -> dict:
     """Run (or finish) the sweep of ``cfg.eval`` and write records, results.json/.md, plots and then config.yaml.
 
@@ -345,7 +358,7 @@ def evaluate(cfg: Config, load: Loader) -> dict:
     settings = sweep(cfg)
     out_dir = output_dir(cfg)
     e = cfg.eval
-    problems = {b: load_benchmark(b, path=e.paths.get(b), limit=e.limit) for b in e.benchmarks}
+    problems = {b: _load_problems(b, e.paths.get(b), e.limit) for b in e.benchmarks}
     for bench, found in problems.items():
         require(bool(found), "eval.benchmarks", f"{bench} has no problems ({e.paths.get(bench) or 'built-in set'})")
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors import SafetensorError
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -113,7 +114,7 @@ def _attach(model: PreTrainedModel, method: str, path: Path) -> nn.Module:
     """load_adapter, with unreadable or mismatching adapter files reported as CheckpointError."""
     try:
         return load_adapter(model, method, path)
-    except (OSError, ValueError, RuntimeError, KeyError) as err:
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as err:
         detail = " ".join(str(err).split())[:300]
         raise CheckpointError(f"ckpt: adapter {path} cannot be loaded onto this model: {detail}") from err
 
