@@ -1,11 +1,11 @@
-"""Benchmark evaluation under bounded KV caches: the evaluation protocol of method.md §5.
+"""Benchmark evaluation under bounded KV caches: the evaluation protocol of docs/method.md §5.
 
 A sweep is every (cache policy, thought window) setting in ``eval.policies`` x ``eval.windows``, run on every
 benchmark in ``eval.benchmarks`` with ``eval.n_samples`` samples per problem. Results are written per problem to an
 append-only ``records.jsonl`` as each batch finishes, keyed by a fingerprint of everything that shapes the samples,
 so a rerun skips finished problems and every aggregate (pass@1 over the samples, unbiased pass@k, maj@k, response
 length, truncation, evictions, KV bytes, tokens/s) is recomputed from the records. A problem whose gold answer the
-grader cannot parse is recorded but never scored (method.md §6); its count is reported as ``gold_errors``.
+grader cannot parse is recorded but never scored (docs/method.md §6); its count is reported as ``gold_errors``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Aggregates, figures and the written report of the evaluation protocol (method.md §5).
+"""Aggregates, figures and the written report of the evaluation protocol (docs/method.md §5).
 
 Per (setting, benchmark) aggregates of the per-problem records (pass@1 over the samples, unbiased pass@k, maj@k
 with the torchmetrics classes of ``pte.metrics``), figures of accuracy against the cache budget, of KV memory against

@@ -1,4 +1,4 @@
-"""eval.py and pte.evaluate (method.md §5 protocol): sweeps, metrics, gold errors, resumable records, reports."""
+"""eval.py and pte.evaluate (docs/method.md §5 protocol): sweeps, metrics, gold errors, resumable records, reports."""
 
 from __future__ import annotations
 
