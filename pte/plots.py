@@ -90,7 +90,8 @@ def accuracy_vs_budget(curves: Mapping[str, Sequence[Point]], title: str, metric
                     markersize=7,
                     label=f"{label}: never evicted (= full cache)",
                 )
-    ax.set_ylim(bottom=0)
+    top = max((100 * (q.accuracy + q.se) for points in curves.values() for q in points), default=0.0)
+    ax.set_ylim(0, min(100.0, max(10.0, 1.2 * top)))  # from zero; at least 0-10 % so a flat 0 reads as 0
     ax.set_xlabel("thought window W (tokens)")
     ax.set_ylabel(f"{metric} (%), +-1 standard error")
     ax.set_title(title, fontsize=10)
