@@ -132,6 +132,20 @@ def test_unparseable_gold_names_the_row(capsys, tmp_path):
     assert "row 2" in err and "'???'" in err and "cannot be parsed" in err
 
 
+def test_missing_or_empty_benchmark_file(capsys, tmp_path):
+    args = ["model=tiny-qwen2", "benchmarks=[math500]", f"eval.out_dir={tmp_path}"]
+    missing = _error(capsys, eval_cli.main, [*args, f"eval.paths.math500={tmp_path}/none.jsonl"])
+    assert "eval.paths.math500:" in missing and "none.jsonl is not a file" in missing
+    empty = _jsonl(tmp_path / "empty.jsonl", [])
+    assert "math500 has no problems" in _error(capsys, eval_cli.main, [*args, f"eval.paths.math500={empty}"])
+
+
+def test_benchmark_row_without_answer_names_file_and_row(capsys, tmp_path):
+    rows = _jsonl(tmp_path / "m.jsonl", [{"problem": "1+1?", "answer": "2"}, {"problem": "2+2?"}])
+    err = _error(capsys, eval_cli.main, ["model=tiny-qwen2", "benchmarks=[math500]", f"eval.paths.math500={rows}"])
+    assert "m.jsonl, row 2" in err and "answer" in err
+
+
 def test_window_smaller_than_an_eviction_chunk(capsys, tmp_path):
     """A budget that leaves no room for the thought window after the prompt is refused, naming cache.budget."""
     args = ["model=tiny-qwen2", "policies=[window]", "windows=[0]", "cache.budget=3", f"eval.out_dir={tmp_path}"]
