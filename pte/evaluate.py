@@ -338,8 +338,9 @@ def _load_problems(bench: str, path: str | None, limit: int | None) -> list[Prob
     except (ConnectionError, OSError) as err:
         if path is not None:
             raise
+        detail = " ".join(str(err).split())[:200]
         raise ConfigError(
-            f"eval.benchmarks: {bench} cannot be loaded from the Hugging Face hub ({' '.join(str(err).split())[:200]}); "
+            f"eval.benchmarks: {bench} cannot be loaded from the Hugging Face hub ({detail}); "
             f"offline, pass a local copy with eval.paths.{bench}=<file.jsonl>"
         ) from err
 

@@ -133,6 +133,11 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     return True
 
 
+def _behind_proxy() -> bool:
+    """A proxy may be the only route out, and a direct connect says nothing about it: then skip the probe."""
+    return any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
+
+
 def resolve_source(name: str, revision: str = "main") -> str:
     """Check that ``name`` can be loaded before transformers tries (and retries): a local dir, or a usable hub id.
 
@@ -152,10 +157,11 @@ def resolve_source(name: str, revision: str = "main") -> str:
         return name
     if _offline():
         raise ModelLoadError(
-            f"model.name: {name} is neither a local directory nor in the Hugging Face cache, and HF_HUB_OFFLINE=1; "
+            f"model.name: {name} is neither a local directory nor in the Hugging Face cache, and the hub is off "
+            "(HF_HUB_OFFLINE=1); "
             "download it first (huggingface-cli download) or pass a local path"
         )
-    if not _hub_reachable():
+    if not _behind_proxy() and not _hub_reachable():
         host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
         raise ModelLoadError(
             f"model.name: {name} is not a local directory or cached, and the hub ({host}) cannot be reached; "
