@@ -37,11 +37,16 @@ def config_groups() -> str:
     return "\n".join(lines)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line is a ConfigError (one ``error:`` line) instead of usage plus a message."""
+
+    def error(self, message: str):
+        raise ConfigError(f"command line: {message} (see --help)")
+
+
 def make_parser(description: str, epilog: str, config_help: str) -> argparse.ArgumentParser:
     """``--config FILE`` plus positional ``key=value`` overrides, with ``epilog`` shown verbatim after them."""
-    parser = argparse.ArgumentParser(
-        description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = _Parser(description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, metavar="FILE", help=config_help)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. cache.window=128")
     return parser

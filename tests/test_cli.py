@@ -76,6 +76,7 @@ def test_eval_help_lists_short_keys(capsys):
         (["bogus=1"], "bogus"),  # unknown top-level key
         (["rollout.batch_size=many"], "rollout.batch_size"),  # wrong type
         (["cache.window"], "key=value"),  # not an override
+        (["--windows", "4"], "command line: unrecognized arguments: --windows 4"),  # not a flag
     ],
 )
 def test_train_config_mistakes_are_one_line(args, expected, capsys, tmp_path):
