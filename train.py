@@ -16,10 +16,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from pte.callbacks import SaveOnInterrupt, build_callbacks
-from pte.cli import parse, setup_logging
+from pte.cli import config_groups, parse, setup_logging, user_errors
 from pte.config import Config, to_yaml
 from pte.distributed import build_strategy
-from pte.methods import export_adapter
+from pte.methods import check_matches, export_adapter, saved_config
 from pte.module import GRPOModule, build_datamodule
 
 log = logging.getLogger("train")
@@ -70,9 +70,28 @@ def train(cfg: Config) -> dict[str, float]:
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 
+EPILOG = f"""config groups and their keys (each documented in pte/config.py and in every configs/*.yaml):
+{config_groups()}
+
+outputs go to <trainer.out_dir>/<trainer.run_name>/ (default runs/default/): config.yaml, tb/ (TensorBoard),
+checkpoints/last.ckpt (resume with ckpt_path=...) and adapter/ (for eval.py ckpt=...).
+The method and every choice behind these keys: docs/method.md.
+
+examples:
+  python train.py --config configs/tiny.yaml trainer.max_steps=5        # random 2-layer model, seconds on a CPU
+  python train.py --config configs/qwen2.5_3b.yaml method=lora_c cache.window=1024 trainer.run_name=q3b-lorac
+  python train.py ckpt_path=runs/default/checkpoints/last.ckpt trainer.max_steps=20   # resume a run
+"""
+
+
+@user_errors
 def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Parse the command line and train; a user error ends in one ``error:`` line and exit status 2."""
     setup_logging()
-    return train(parse(argv, __doc__.splitlines()[0]))
+    cfg = parse(argv, "Train a reasoning model with cache-aware GRPO under a bounded KV cache.", EPILOG)
+    if cfg.ckpt_path:
+        check_matches(saved_config(cfg.ckpt_path), cfg, cfg.ckpt_path)
+    return train(cfg)
 
 
 if __name__ == "__main__":

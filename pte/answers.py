@@ -1,4 +1,4 @@
-"""Final-answer extraction from model responses and reference solutions (method.md §4, §6).
+"""Final-answer extraction from model responses and reference solutions (docs/method.md §4, §6).
 
 Kept apart from ``pte.rewards`` so that benchmark loaders can read a reference solution's boxed answer without
 importing math-verify, SymPy or torch.

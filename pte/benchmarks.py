@@ -1,4 +1,4 @@
-"""Evaluation benchmarks of the paper (method.md §5): MATH-500, OlympiadBench, Minerva Math, AMC23, AIME24, AIME25,
+"""Benchmarks of the paper (docs/method.md §5): MATH-500, OlympiadBench, Minerva Math, AMC23, AIME24, AIME25,
 plus GSM8K as a cheap sanity set.
 
 Every benchmark is one row of the ``BENCHMARKS`` table: where it lives on the Hugging Face Hub and how one of its

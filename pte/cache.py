@@ -1,4 +1,4 @@
-"""Cache policy D (method.md section 2): a preallocated KV store with a retained region and a thought window.
+"""Cache policy D (docs/method.md section 2): a preallocated KV store with a retained region and a thought window.
 
 Notation: B batch rows, H kv heads, D head dim, P padded prompt length, W thought window, e tokens
 evicted per eviction, L decoder layers.

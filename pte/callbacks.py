@@ -1,6 +1,6 @@
 """Training callbacks: checkpoint on interrupt, periodic fixed-budget evaluation and memory curves.
 
-The periodic evaluation is the method.md §5 protocol in miniature: greedy decoding of held-out prompts under the
+The periodic evaluation is the docs/method.md §5 protocol in miniature: greedy decoding of held-out prompts under the
 run's own cache policy and window, graded like the benchmarks. The memory curves are the two views behind the
 paper's memory claims: KV bytes held against generated position (flat once the window is full) and the peak memory
 of each training phase (rollout, replay, optimizer) tracked by ``GRPOModule.memory``.

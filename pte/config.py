@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pte.cache import POLICIES, CachePolicy
+from pte.errors import UserError
 from pte.thought import ThoughtConfig
 
 METHODS = ("base", "lora", "lora_c", "pte")
@@ -23,7 +24,7 @@ OBJECTIVES = ("grpo", "sft")
 METHOD_POLICY = {"base": "full", "lora": "full", "lora_c": "window", "pte": "pte"}
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config problem, with the dotted key that caused it."""
 
 

@@ -1,8 +1,8 @@
-"""Training prompts for cache-aware GRPO (method.md §4-5): questions with gold answers (formatting: pte/prompts.py).
+"""Training prompts for cache-aware GRPO (docs/method.md §4-5): questions with gold answers (formatting: prompts.py).
 
 Sources: reasoning-gym arithmetic (cheap problems a small model can solve), any Hugging Face dataset (the paper
 trains on DAPO-Math-17K) and local JSONL / Parquet files, read through field paths such as ``prompt.0.content``.
-:class:`MathDataModule` rejects unparseable gold answers at load time (method.md §6: a broken gold must never score
+:class:`MathDataModule` rejects unparseable gold answers at load time (docs/method.md §6: a broken gold never scores
 1), holds out a validation set disjoint by question text, and streams training batches whose position survives
 checkpoint and resume. Prompts come out fully formatted: encode them with ``encode_prompts(..., chat=False)``.
 """
@@ -186,6 +186,8 @@ def file_examples(path: str | Path, question_field: str, answer_field: str, limi
     Ids are ``<file stem>/<row>``: JSONL rows are line numbers (from 1), Parquet rows indices (from 0).
     """
     path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data.path: {path} is not a file")
     if path.suffix == ".jsonl":
         rows: Iterator[tuple[int, Any]] = _jsonl_rows(path, limit)
     elif path.suffix == ".parquet":

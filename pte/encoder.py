@@ -1,4 +1,4 @@
-"""Attaching the thought encoder to a Hugging Face model and feeding it evicted K/V (method.md section 3).
+"""Attaching the thought encoder to a Hugging Face model and feeding it evicted K/V (docs/method.md section 3).
 
 ``attach_thought`` swaps the target linears of every decoder layer for ``ThoughtLinear`` (as peft does
 for LoRA: module replacement, no source patch), freezes the base model, and registers a

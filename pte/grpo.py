@@ -1,4 +1,4 @@
-"""Cache-aware GRPO objective (method.md section 4), as pure tensor functions.
+"""Cache-aware GRPO objective (docs/method.md section 4), as pure tensor functions.
 
 Notation: N sequences (prompts x group size n), T response tokens. Every loss is written as a weighted
 sum of per-token terms, L = sum_{i,t} w_{i,t} l_{i,t}, so that the sum of per-chunk losses over the
@@ -62,7 +62,7 @@ AGGREGATIONS = {"grpo": grpo_weights, "dapo": dapo_weights, "dr_grpo": dr_grpo_w
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """k3 estimator of KL(pi_theta || pi_ref) per token: exp(d) - d - 1 with d = log pi_ref - log pi_theta.
 
-    Unlike k1 (= -d), its gradient on on-policy samples is not zero in expectation (method.md section 6).
+    Unlike k1 (= -d), its gradient on on-policy samples is not zero in expectation (docs/method.md section 6).
     """
     d = ref_logp - logp
     return torch.exp(d) - d - 1

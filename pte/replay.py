@@ -1,4 +1,4 @@
-"""Chunked teacher-forced replay of a rollout (method.md section 4, "memory claim").
+"""Chunked teacher-forced replay of a rollout (docs/method.md section 4, "memory claim").
 
 The replay rebuilds the rollout's conditioning exactly: same retained prompt, same window contents,
 same thought state, cut into chunks at the rollout's eviction points. Within a chunk nothing is
@@ -102,7 +102,7 @@ def full_replay(model: PreTrainedModel, ro: Rollout) -> torch.Tensor:
 
 
 def reference_logprobs(model: PreTrainedModel, ro: Rollout) -> torch.Tensor:
-    """pi_ref: full cache, adapters off (method.md section 4). ``[B, T]``, no grad."""
+    """pi_ref: full cache, adapters off (docs/method.md section 4). ``[B, T]``, no grad."""
     encoder = get_thought(model)
     with torch.no_grad(), adapters_disabled(model):
         if encoder is not None:

@@ -1,6 +1,6 @@
 """Math-verify grading and composable rewards; answers are extracted by ``pte.answers``.
 
-Implements the reward s_i of method.md §4 (correctness of the final answer, plus an optional format
+Implements the reward s_i of docs/method.md §4 (correctness of the final answer, plus an optional format
 term) and the grader guards of §6: a gold answer that math-verify cannot parse raises instead of
 being scored (math-verify's string fallback would otherwise match an equally broken prediction), and
 math-verify's ``signal.alarm`` timeouts are switched off inside worker processes whose time is
@@ -52,7 +52,7 @@ _READY = "ready"
 
 
 class GoldAnswerError(ValueError):
-    """A gold answer that math-verify cannot parse; scoring it would be meaningless (method.md §6)."""
+    """A gold answer that math-verify cannot parse; scoring it would be meaningless (docs/method.md §6)."""
 
 
 def _as_math(text: str) -> str:

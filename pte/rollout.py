@@ -1,4 +1,4 @@
-"""Batched sampling under a bounded cache (method.md sections 2-4): the rollout of cache-aware GRPO.
+"""Batched sampling under a bounded cache (docs/method.md sections 2-4): the rollout of cache-aware GRPO.
 
 Notation: B rows (prompts x samples), P padded prompt length, T generated tokens, V vocabulary.
 Response token r_j is sampled from the logits of the forward of r_{j-1} (r_0 from the prompt). Evictions

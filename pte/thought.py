@@ -1,4 +1,4 @@
-"""The thought state and the dynamic low-rank update: every equation of method.md section 3.
+"""The thought state and the dynamic low-rank update: every equation of docs/method.md section 3.
 
 Notation for one decoder layer: G global tokens, r latent rank, m evicted tokens, B batch rows,
 H_q/H_kv query/kv heads, D head dim, d_model hidden size.

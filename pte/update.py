@@ -1,4 +1,4 @@
-"""One GRPO step's experience and its chunk-by-chunk policy update (method.md section 4).
+"""One GRPO step's experience and its chunk-by-chunk policy update (docs/method.md section 4).
 
 Rollouts run in micro-batches under the bounded cache with the current weights; the update replays each
 micro-batch chunk by chunk and backpropagates every chunk's share of the loss before the next chunk is

@@ -1,4 +1,4 @@
-"""Tests for pte.data: prompt sources, prompt templates and the GRPO data module (method.md §4-6)."""
+"""Tests for pte.data: prompt sources, prompt templates and the GRPO data module (docs/method.md §4-6)."""
 
 from __future__ import annotations
 

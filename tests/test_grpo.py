@@ -1,4 +1,4 @@
-"""GRPO objective against hand-computed values (method.md section 4)."""
+"""GRPO objective against hand-computed values (docs/method.md section 4)."""
 
 from __future__ import annotations
 

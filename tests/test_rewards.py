@@ -1,4 +1,4 @@
-"""Tests for pte.rewards: answer extraction, math-verify grading (method.md §6 traps) and reward composition."""
+"""Tests for pte.rewards: answer extraction, math-verify grading (docs/method.md §6 traps) and reward composition."""
 
 import time
 
