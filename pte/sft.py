@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from pte.cache import CachePolicy
 from pte.config import Config
+from pte.distributed import all_sum
 from pte.generate import encode_prompts
 from pte.replay import replay
 from pte.rollout import Rollout
@@ -70,8 +71,10 @@ def sft_update(model: nn.Module, rollouts: list[Rollout], backward: Callable[[to
     Returns:
         Sums for logging: loss (already divided by the token count), response tokens, entropy.
     """
-    tokens = sum(float(ro.response_mask.sum()) for ro in rollouts)
-    stats = {"loss": 0.0, "tokens": tokens, "entropy": 0.0}
+    local = sum(float(ro.response_mask.sum()) for ro in rollouts)
+    device = rollouts[0].response_ids.device
+    tokens = float(all_sum(torch.tensor(local, dtype=torch.float64, device=device)))  # global normaliser under DDP
+    stats = {"loss": 0.0, "tokens": local, "entropy": 0.0}
     for ro in rollouts:
         for chunk in replay(model, ro):
             mask = ro.response_mask[:, chunk.start : chunk.stop]
