@@ -62,8 +62,11 @@ class CachePolicy:
 
     @property
     def evict_tokens(self) -> int:
-        """e: tokens evicted at once, at least one."""
-        return max(1, math.floor(self.evict_ratio * self.window))
+        """e: tokens evicted at once, at least one.
+
+        The product is rounded to 9 decimals before flooring: ``0.29 * 100`` is 28.999999999999996 in binary.
+        """
+        return max(1, math.floor(round(self.evict_ratio * self.window, 9)))
 
     def keep(self, prompt_len: int) -> int:
         """Slots [0, keep) that are never evicted."""
@@ -114,7 +117,9 @@ class BoundedKVCache:
         """Store the new K/V ``[B, H, q, D]`` after the kept slots and return all kept K/V for attention.
 
         With grad enabled (replay) the stored copy is detached, so a later chunk never backpropagates
-        into an earlier one, while this forward still sees the live tensors.
+        into an earlier one, while this forward still sees the live tensors. The returned K/V are then a new
+        tensor, never a view of the buffer: attention may save them for a backward deferred past later
+        chunks, which overwrite the buffer in place. Without grad (rollout) the view is returned, no copy.
         """
         q = key_states.shape[2]
         if self.used + q > self.capacity:
@@ -128,7 +133,7 @@ class BoundedKVCache:
         end = self.used + q
         k_buf[:, :, self.used : end] = key_states.detach()
         v_buf[:, :, self.used : end] = value_states.detach()
-        if key_states.requires_grad or value_states.requires_grad:
+        if torch.is_grad_enabled():
             return (
                 torch.cat([k_buf[:, :, : self.used], key_states], dim=2),
                 torch.cat([v_buf[:, :, : self.used], value_states], dim=2),
