@@ -68,12 +68,19 @@ class ThoughtEncoder(nn.Module):
         """Cut the graph between replay chunks: the carried state is a constant for the next chunk."""
         self.store.states = [s.detach() for s in self.store.states]
 
-    def absorb(self, keys: list[torch.Tensor], values: list[torch.Tensor], positions: torch.Tensor) -> None:
+    def absorb(
+        self,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+        positions: torch.Tensor,
+        rows: torch.Tensor | None = None,
+    ) -> None:
         """Fold one eviction into every layer's state.
 
         Args:
             keys, values: per-layer evicted ``[B, H_kv, m, D]`` (keys as cached, i.e. rotated).
             positions: ``[B, m]`` absolute positions of the evicted tokens.
+            rows: ``[B]`` bool, the rows that evicted (None = all); the other rows keep their state.
         """
         if self.cfg.evicted_keys == "pre_rope":
             cos, sin = self._rotary[0](values[0], positions)  # [B, m, D]
@@ -82,7 +89,8 @@ class ThoughtEncoder(nn.Module):
         for i, (lt, k, v) in enumerate(zip(self.layers, keys, values)):
             flat_k = k.transpose(1, 2).flatten(2)  # [B, m, H_kv*D]
             flat_v = v.transpose(1, 2).flatten(2)
-            self.store.states[i] = lt.update(self.store.states[i], self._proj[i][0], flat_k, flat_v)
+            new = lt.update(self.store.states[i], self._proj[i][0], flat_k, flat_v)
+            self.store.states[i] = new if rows is None else torch.where(rows[:, None, None], new, self.store.states[i])
 
 
 def attach_thought(model: PreTrainedModel, cfg: ThoughtConfig) -> ThoughtEncoder:

@@ -74,9 +74,9 @@ def replay(model: PreTrainedModel, ro: Rollout, full_cache: bool = False) -> Ite
         else:
             if encoder is not None:
                 encoder.detach_states()
-            evicted = cache.evict(policy.evict_tokens)
-            if policy.encodes_evicted:
-                encoder.absorb(*evicted)
+            for evicted in cache.evict_due():
+                if policy.encodes_evicted:
+                    encoder.absorb(*evicted)
             logits = forward_tokens(model, cache, resp[:, a:z], pos, valid)
         start = 0 if k == 0 else a + 1
         logp, ent = _chunk_stats(logits, resp[:, start : z + 1], ro.temperature)

@@ -115,7 +115,8 @@ def rollout(
 ) -> Rollout:
     """Generate up to ``max_new_tokens`` for each row under ``policy``; finished rows stop counting.
 
-    Every row generates one token per step, so evictions are synchronous across the batch.
+    Every row generates one token per step; each row evicts by its own positions (synchronously across the
+    batch when the prompt is retained), and ``evict_before`` lists every step at which some row evicted.
     """
     encoder = get_thought(model)
     if policy.encodes_evicted and encoder is None:
@@ -142,11 +143,11 @@ def rollout(
     steps = 0
     for j in range(t_max):
         if j > 0:
-            n = policy.to_evict(cache.used, p)
-            if n:
-                evicted = cache.evict(n)
+            evictions = cache.evict_due()
+            if evictions:
                 if policy.encodes_evicted:
-                    encoder.absorb(*evicted)
+                    for evicted in evictions:
+                        encoder.absorb(*evicted)
                 evict_before.append(j - 1)
             pos = (lengths + j - 1)[:, None]
             logits = forward_tokens(model, cache, tokens[:, j - 1 : j], pos, ones)[:, -1]

@@ -76,3 +76,14 @@ def test_adapter_roundtrip(tmp_path):
     assert get_thought(fresh).cfg == get_thought(model).cfg
     policy = CachePolicy("pte", window=8)
     assert torch.equal(run(fresh, tok, PROMPTS, policy, 20).logprobs, run(model, tok, PROMPTS, policy, 20).logprobs)
+
+
+@pytest.mark.parametrize("kind", ["pte", "sink"])
+def test_replay_equals_rollout_without_retained_prompt(kind):
+    """Rows evict at their own steps (prompts of 2, 23 and 12 tokens, window 8): replay cuts at all of them."""
+    model, tok = tiny_pte()
+    policy = CachePolicy(kind, window=8, evict_ratio=0.25, sink_tokens=2 if kind == "sink" else 0, retain_prompt=False)
+    ro = run(model, tok, PROMPTS, policy, 40, eos=EOS, temperature=1.0, seed=0)
+    assert len(ro.evict_before) >= 6
+    replayed = full_replay(model, ro)
+    torch.testing.assert_close(replayed[ro.response_mask], ro.logprobs[ro.response_mask], atol=1e-4, rtol=0)
