@@ -68,6 +68,23 @@ class ThoughtEncoder(nn.Module):
         """Cut the graph between replay chunks: the carried state is a constant for the next chunk."""
         self.store.states = [s.detach() for s in self.store.states]
 
+    def pre_rope_keys(self, keys: list[torch.Tensor], positions: torch.Tensor) -> list[torch.Tensor]:
+        """Undo the rotary embedding of cached keys ``[B, H_kv, m, D]`` at ``positions [B, m]`` (float32 out).
+
+        Cached keys are ``a R(theta) k``: Hugging Face folds the rotary ``attention_scaling`` a (YaRN,
+        longrope) into cos/sin, so the inverse is ``R(-theta) / a``. theta comes from the rotary module's
+        current frequencies, computed here rather than through its forward, whose dynamic-NTK update would
+        otherwise change the model's frequencies as a side effect. Exact for every rope type whose
+        frequencies are fixed (default, linear, yarn, llama3), and for dynamic and longrope while positions
+        stay within the model's original context; past it Hugging Face switches frequencies per forward
+        and keys cached before the switch keep the old rotation.
+        """
+        rotary = self._rotary[0]
+        freqs = positions[..., None].float() * rotary.inv_freq.float().to(positions.device)  # [B, m, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, m, D]
+        cos, sin, scale = emb.cos(), emb.sin(), float(rotary.attention_scaling)
+        return [(k.float() * cos - _rotate_half(k.float()) * sin) / scale for k in keys]
+
     def absorb(
         self,
         keys: list[torch.Tensor],
@@ -83,9 +100,7 @@ class ThoughtEncoder(nn.Module):
             rows: ``[B]`` bool, the rows that evicted (None = all); the other rows keep their state.
         """
         if self.cfg.evicted_keys == "pre_rope":
-            cos, sin = self._rotary[0](values[0], positions)  # [B, m, D]
-            cos, sin = cos[:, None].to(keys[0].dtype), sin[:, None].to(keys[0].dtype)
-            keys = [k * cos - _rotate_half(k) * sin for k in keys]  # rotate back by -theta
+            keys = self.pre_rope_keys(keys, positions)
         for i, (lt, k, v) in enumerate(zip(self.layers, keys, values)):
             flat_k = k.transpose(1, 2).flatten(2)  # [B, m, H_kv*D]
             flat_v = v.transpose(1, 2).flatten(2)
