@@ -53,6 +53,8 @@ def replay(model: PreTrainedModel, ro: Rollout, full_cache: bool = False) -> Ite
     policy = replace(ro.policy, name="full", sink_tokens=0) if full_cache else ro.policy
     cuts = [] if full_cache else ro.evict_before
     encoder = get_thought(model)
+    if policy.encodes_evicted and encoder is None:
+        raise ValueError("replay: this rollout used cache.policy=pte, but the model has no thought encoder (method: pte)")
     b, p = ro.prompt_ids.shape
     t = ro.response_ids.shape[1]
     if t == 0:

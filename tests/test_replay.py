@@ -87,3 +87,11 @@ def test_replay_equals_rollout_without_retained_prompt(kind):
     assert len(ro.evict_before) >= 6
     replayed = full_replay(model, ro)
     torch.testing.assert_close(replayed[ro.response_mask], ro.logprobs[ro.response_mask], atol=1e-4, rtol=0)
+
+
+def test_replay_of_pte_rollout_without_encoder_says_so():
+    model, tok = tiny_pte()
+    ro = run(model, tok, PROMPTS, CachePolicy("pte", window=8), 20)
+    base, _ = tiny()
+    with pytest.raises(ValueError, match="no thought encoder"):
+        full_replay(base, ro)
