@@ -31,15 +31,19 @@ from dataclasses import dataclass
 
 import torch
 
-POLICIES = ("full", "window", "sink", "pte")
+POLICIES = ("full", "window", "sink", "pte", "global_only")
 
 
 @dataclass(frozen=True)
 class CachePolicy:
     """When and what to evict. ``pte`` evicts like ``window`` and hands the evicted K/V to the thought encoder.
 
+    On a model with a thought encoder, ``full``, ``window`` and ``sink`` run the base model (the update is
+    off); ``global_only`` evicts like ``window`` and applies the update with the initial state S_g only, never
+    absorbing evictions (the paper's Global-Only ablation).
+
     Args:
-        name: one of ``full``, ``window``, ``sink``, ``pte``.
+        name: one of ``full``, ``window``, ``sink``, ``pte``, ``global_only``.
         window: W, thought tokens kept in the sliding window (ignored by ``full``).
         evict_ratio: fraction of W evicted in one chunk (paper: 0.25 training, 0.15 inference); 0 = one token.
         sink_tokens: first generated tokens that are never evicted (``sink`` only).
@@ -71,6 +75,11 @@ class CachePolicy:
     @property
     def encodes_evicted(self) -> bool:
         return self.name == "pte"
+
+    @property
+    def uses_thought(self) -> bool:
+        """The thought encoder's update is applied (``pte``, ``global_only``); other policies run the base model."""
+        return self.name in ("pte", "global_only")
 
     @property
     def evict_tokens(self) -> int:

@@ -131,6 +131,23 @@ def get_thought(model: nn.Module) -> ThoughtEncoder | None:
     return getattr(model, ATTR, None)
 
 
+def start_thought(model: nn.Module, uses_thought: bool, batch: int) -> ThoughtEncoder | None:
+    """Prepare the encoder (if any) for a new batch: states reset to S_g, or the update switched off.
+
+    A cache policy that does not use the thought state (``full``, ``window``, ``sink``) then runs exactly the
+    base model, and a PTE policy on a model without an encoder is refused with a message.
+    """
+    encoder = get_thought(model)
+    if encoder is None:
+        if uses_thought:
+            raise ValueError("cache.policy pte/global_only needs a model with a thought encoder (method: pte)")
+        return None
+    encoder.store.enabled = uses_thought
+    if uses_thought:
+        encoder.begin(batch)
+    return encoder
+
+
 def thought_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The trainable PTE parameters only (what an adapter export holds)."""
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}

@@ -14,7 +14,7 @@ import torch
 from transformers import PreTrainedModel
 
 from pte.cache import BoundedKVCache, CachePolicy
-from pte.encoder import decoder_layers, get_thought
+from pte.encoder import decoder_layers, start_thought
 from pte.forward import forward_tokens
 
 
@@ -118,16 +118,12 @@ def rollout(
     Every row generates one token per step; each row evicts by its own positions (synchronously across the
     batch when the prompt is retained), and ``evict_before`` lists every step at which some row evicted.
     """
-    encoder = get_thought(model)
-    if policy.encodes_evicted and encoder is None:
-        raise ValueError("cache.policy=pte needs a model with a thought encoder (method: pte)")
     prompt_mask = prompt_mask.bool()
     b, p = prompt_ids.shape
     device = prompt_ids.device
     t_max = sampling.max_new_tokens
     cache = new_cache(model, policy, p, t_max)
-    if encoder is not None:
-        encoder.begin(b)
+    encoder = start_thought(model, policy.uses_thought, b)
     lengths = prompt_mask.sum(1)  # [B]
     eos = torch.tensor(eos_ids, device=device)
     tokens = torch.full((b, t_max), pad_id, dtype=torch.long, device=device)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 import pte.forward
 from pte.cache import CachePolicy
+from pte.encoder import get_thought
 from pte.generate import encode_prompts
 from tests.helpers import PROMPTS, run, tiny, tiny_pte
 
@@ -189,3 +192,29 @@ def test_pads_never_enter_window_state_or_sinks(monkeypatch):
             seen[b].extend(pos[b].tolist())
     for b, got in enumerate(seen):
         assert got == list(range(2, 2 + len(got))), f"row {b} evicted {got}: pads, sinks or out of order"
+
+
+@pytest.mark.parametrize("kind", ["full", "window", "sink"])
+def test_pte_checkpoint_under_plain_policies_is_the_base_model(kind):
+    model, tok = tiny_pte(random_a=True)
+    base, _ = tiny()
+    policy = CachePolicy(kind, window=8, evict_ratio=0.25, sink_tokens=2 if kind == "sink" else 0)
+    ours = run(model, tok, PROMPTS, policy, 30)
+    ref = run(base, tok, PROMPTS, policy, 30)
+    assert torch.equal(ours.response_ids, ref.response_ids)
+    assert torch.equal(ours.logprobs, ref.logprobs)
+
+
+def test_global_only_applies_initial_state_and_never_absorbs(monkeypatch):
+    model, tok = tiny_pte(random_a=True)
+    wide = CachePolicy("pte", window=64)  # no eviction: pte runs on S_g only, as global_only always does
+    assert torch.equal(
+        run(model, tok, PROMPTS, wide, 30).logprobs,
+        run(model, tok, PROMPTS, replace(wide, name="global_only"), 30).logprobs,
+    )
+    calls = []
+    monkeypatch.setattr(type(get_thought(model)), "absorb", lambda self, *a: calls.append(a))
+    ablation = run(model, tok, PROMPTS, CachePolicy("global_only", window=8), 30)
+    window = run(model, tok, PROMPTS, CachePolicy("window", window=8), 30)
+    assert len(ablation.evict_before) >= 3 and not calls
+    assert not torch.equal(ablation.logprobs, window.logprobs), "S_g must modulate the weights"
