@@ -20,6 +20,16 @@ _WRAPPED_NUMBER_RE = re.compile(_TEXT_CMD + r"\{\s*\(?\s*(?P<number>-?\d[\d,]*(?
 _CHOICE_LABEL_RE = re.compile(_TEXT_CMD + r"\{\s*\([A-E]\)\s*\}(?:\s|~|\\[ ,;:!]|\\q?quad)*")
 
 
+def drop_math_dollars(text: str) -> str:
+    """Remove unescaped ``$`` delimiters from a gold answer, which is bare LaTeX.
+
+    Sources write multi-part golds with inline math separators (OlympiadBench ``69$, $84``, ``$69$,$84$``) or
+    split one expression across ``$ $``; read as delimited math, only one part would be graded. A dollar sign as
+    currency is written ``\\$`` and is kept. The one rule for golds from every source (benchmarks, training data).
+    """
+    return _MATH_DOLLAR_RE.sub("", text).strip()
+
+
 def _braced(text: str, start: int) -> str | None:
     """Return the content of the brace group opening at ``text[start]``, or None if it never closes.
 
