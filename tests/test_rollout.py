@@ -52,9 +52,9 @@ def test_per_token_window_matches_qwen2_native_sliding_window():
     torch.testing.assert_close(ours.logits, torch.stack(hf.logits, 1).float(), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("kind", ["window", "pte", "sink"])
+@pytest.mark.parametrize("kind", ["window", "pte", "sink", "global_only"])
 def test_batch_invariance_through_evictions(kind):
-    model, tok = tiny_pte() if kind == "pte" else tiny()
+    model, tok = tiny_pte() if kind in ("pte", "global_only") else tiny()
     policy = CachePolicy(kind, window=8, evict_ratio=0.25, sink_tokens=2 if kind == "sink" else 0)
     batch = run(model, tok, PROMPTS, policy, 30)
     assert len(batch.evict_before) >= 3
@@ -145,10 +145,10 @@ def test_kv_bytes_flat_under_bounded_policies(kind):
         assert held.max() < kv.new_tensor(2048 * ro.slot_bytes) / 10
 
 
-@pytest.mark.parametrize("kind", ["window", "pte", "sink"])
+@pytest.mark.parametrize("kind", ["window", "pte", "sink", "global_only"])
 def test_batch_invariance_without_retained_prompt(kind):
     """Prompts of 2, 23 and 12 tokens under an 8-token window: each row's window runs over its own tokens."""
-    model, tok = tiny_pte() if kind == "pte" else tiny()
+    model, tok = tiny_pte() if kind in ("pte", "global_only") else tiny()
     sinks = 2 if kind == "sink" else 0
     policy = CachePolicy(kind, window=8, evict_ratio=0.25, sink_tokens=sinks, retain_prompt=False)
     batch = run(model, tok, PROMPTS, policy, 30)
