@@ -274,9 +274,13 @@ class BoundedKVCache:
 
     def _compact(self) -> None:
         """Drop the slots no row holds any more (kept or still in its window), keeping the order."""
-        kept_spans = {(pad, pad + keep) for pad, keep in zip(self._pads, self._keep, strict=True)}
-        window_from = min(pad + keep + done for pad, keep, done in zip(self._pads, self._keep, self._done, strict=True))
-        live = [i for i, g in enumerate(self._cols) if g >= window_from or any(a <= g < z for a, z in kept_spans)]
+        rows = list(zip(self._pads, self._keep, self._done, strict=True))
+        spans = {(pad, pad + keep) for pad, keep, _ in rows if keep > 0}  # kept columns of each row
+        spans.add((min(pad + keep + done for pad, keep, done in rows), self.appended))  # every row's window
+        live: list[int] = []
+        for a, z in sorted(spans):  # slots of the union of spans, in order (self._cols is increasing)
+            lo = max(bisect.bisect_left(self._cols, a), live[-1] + 1 if live else 0)
+            live.extend(range(lo, bisect.bisect_left(self._cols, z)))
         n = len(live)
         if n == self.used:
             return

@@ -80,7 +80,7 @@ def test_adapter_roundtrip(tmp_path):
 
 @pytest.mark.parametrize("kind", ["pte", "sink"])
 def test_replay_equals_rollout_without_retained_prompt(kind):
-    """Rows evict at their own steps (prompts of 2, 23 and 12 tokens, window 8): replay cuts at all of them."""
+    """Rows evict at their own steps (prompts of 21, 42 and 31 tokens, window 8): replay cuts at all of them."""
     model, tok = tiny_pte()
     policy = CachePolicy(kind, window=8, evict_ratio=0.25, sink_tokens=2 if kind == "sink" else 0, retain_prompt=False)
     ro = run(model, tok, PROMPTS, policy, 40, eos=EOS, temperature=1.0, seed=0)

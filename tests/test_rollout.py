@@ -147,7 +147,7 @@ def test_kv_bytes_flat_under_bounded_policies(kind):
 
 @pytest.mark.parametrize("kind", ["window", "pte", "sink", "global_only"])
 def test_batch_invariance_without_retained_prompt(kind):
-    """Prompts of 2, 23 and 12 tokens under an 8-token window: each row's window runs over its own tokens."""
+    """Prompts of 21, 42 and 31 tokens under an 8-token window: each row's window runs over its own tokens."""
     model, tok = tiny_pte() if kind in ("pte", "global_only") else tiny()
     sinks = 2 if kind == "sink" else 0
     policy = CachePolicy(kind, window=8, evict_ratio=0.25, sink_tokens=sinks, retain_prompt=False)
@@ -218,3 +218,15 @@ def test_global_only_applies_initial_state_and_never_absorbs(monkeypatch):
     window = run(model, tok, PROMPTS, CachePolicy("window", window=8), 30)
     assert len(ablation.evict_before) >= 3 and not calls
     assert not torch.equal(ablation.logprobs, window.logprobs), "S_g must modulate the weights"
+
+
+@pytest.mark.parametrize("window", [8, 24])
+def test_sink_batch_invariance_when_windows_and_sinks_interleave(window):
+    """With W=24 the 42-token row's window still covers the columns where shorter rows keep their sinks."""
+    model, tok = tiny_pte()
+    policy = CachePolicy("sink", window=window, evict_ratio=0.25, sink_tokens=2, retain_prompt=False)
+    batch = run(model, tok, PROMPTS, policy, 30)
+    for i, prompt in enumerate(PROMPTS):
+        alone = run(model, tok, [prompt], policy, 30)
+        assert torch.equal(batch.response_ids[i], alone.response_ids[0])
+        torch.testing.assert_close(batch.logprobs[i], alone.logprobs[0], atol=1e-4, rtol=0)
