@@ -188,7 +188,7 @@ class BoundedKVCache:
         k_pos = torch.cat([self.pos[:, : self.used], q_pos], dim=1)  # [B, used + q]
         k_valid = torch.cat([self.valid[:, : self.used], q_valid], dim=1)
         allowed = k_valid[:, None, :] & (k_pos[:, None, :] <= q_pos[:, :, None])  # [B, q, used + q]
-        if self.policy.bounded:
+        if self.policy.bounded and q > 1:  # one query: ``evict_due`` already left exactly its window valid
             keep = self.keep_pos[:, None]
             k_u, q_u = k_pos - keep, q_pos - keep  # stream indices, < 0 for kept tokens
             allowed &= (k_u < 0)[:, None, :] | (k_u[:, None, :] >= self.policy.evicted_before(q_u)[:, :, None])
