@@ -53,7 +53,9 @@ class ModelCfg:
 @dataclass
 class CacheCfg:
     """Cache policy D. Training always uses the method's own policy (``METHOD_POLICY``); ``policy`` overrides
-    it for eval.py (None = the method's own). The thought window W comes from ``window`` if > 0, else ``budget`` minus the longest
+    it for eval.py (None = the method's own). On a PTE checkpoint ``full``/``window``/``sink`` run the base
+    model exactly (update off) and ``global_only`` is the paper's Global-Only ablation (update with S_g, no
+    absorption). ``retain_prompt`` false puts each row's own prompt inside its window (prompts may exceed W). The thought window W comes from ``window`` if > 0, else ``budget`` minus the longest
     prompt of the micro-batch if set, else the paper's training rule W = longest prompt of the micro-batch.
     """
 

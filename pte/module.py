@@ -138,7 +138,9 @@ class GRPOModule(L.LightningModule):
         mb, prompts, targets = self.cfg.rollout.micro_batch, batch["prompts"], batch["solutions"]
         t0 = time.perf_counter()
         rollouts = [
-            teacher_forced(self.tokenizer, prompts[i : i + mb], targets[i : i + mb], self.cfg, self.policy_name, self.device)
+            teacher_forced(
+                self.tokenizer, prompts[i : i + mb], targets[i : i + mb], self.cfg, self.policy_name, self.device
+            )
             for i in range(0, len(prompts), mb)
         ]
         opt = self.optimizers()

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 import torch
 from transformers import PreTrainedModel
 
-from pte.encoder import get_thought
+from pte.encoder import get_thought, start_thought
 from pte.forward import forward_tokens
 from pte.rollout import Rollout, new_cache, prompt_positions
 
@@ -55,17 +55,17 @@ def replay(model: PreTrainedModel, ro: Rollout, full_cache: bool = False) -> Ite
     """
     policy = replace(ro.policy, name="full", sink_tokens=0) if full_cache else ro.policy
     cuts = [] if full_cache else ro.evict_before
-    encoder = get_thought(model)
+    if policy.uses_thought and get_thought(model) is None:
+        raise ValueError(f"replay: this rollout used cache.policy={policy.name}, but the model has no thought encoder")
     b, p = ro.prompt_ids.shape
     t = ro.response_ids.shape[1]
     if t == 0:
         return
     cache = new_cache(model, policy, p, t)
-    chain = encoder is not None and encoder.cfg.state_grad == "chain" and torch.is_grad_enabled() and not full_cache
-    if encoder is not None:
-        encoder.begin(b)
-        if chain:
-            encoder.link()
+    encoder = start_thought(model, policy.uses_thought, b)
+    chain = policy.uses_thought and encoder.cfg.state_grad == "chain" and torch.is_grad_enabled()
+    if chain:
+        encoder.link()
     lengths = ro.prompt_mask.sum(1)
     resp = ro.response_ids
     bounds = [0, *cuts, t - 1]
@@ -80,11 +80,11 @@ def replay(model: PreTrainedModel, ro: Rollout, full_cache: bool = False) -> Ite
         else:
             if chain:
                 encoder.unlink()
-            elif encoder is not None:
+            elif policy.uses_thought:
                 encoder.detach_states()
-            evicted = cache.evict(policy.evict_tokens)
-            if policy.encodes_evicted:
-                encoder.absorb(*evicted)
+            for evicted in cache.evict_due():
+                if policy.encodes_evicted:
+                    encoder.absorb(*evicted)
             if chain:
                 encoder.link()
             logits = forward_tokens(model, cache, resp[:, a:z], pos, valid)

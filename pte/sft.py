@@ -24,17 +24,25 @@ from pte.replay import replay
 from pte.rollout import Rollout
 
 
-def eviction_schedule(policy: CachePolicy, prompt_len: int, steps: int) -> tuple[list[int], list[int]]:
-    """``evict_before`` and ``used_slots`` of a ``steps``-token rollout under ``policy`` (see pte/rollout.py)."""
-    evict_before, used_slots, used = [], [], prompt_len
-    for j in range(steps):
-        if j > 0:
-            if policy.to_evict(used, prompt_len):
-                used -= policy.evict_tokens
-                evict_before.append(j - 1)
-            used += 1
-        used_slots.append(used)
-    return evict_before, used_slots
+def eviction_schedule(policy: CachePolicy, prompt_mask: torch.Tensor, steps: int) -> list[int]:
+    """``evict_before`` of a ``steps``-token rollout of these prompts under ``policy`` (see pte/rollout.py).
+
+    A row evicts when its thought stream crosses ``policy.evicted_before``; the stream index of the token forwarded
+    at step j is its column minus the row's pads and kept (retained or sink) tokens, as in the cache.
+    """
+    if not policy.bounded:
+        return []
+    lengths = prompt_mask.sum(1).tolist()
+    width = prompt_mask.shape[1]
+    offsets = [width - n + (n if policy.retain_prompt else 0) + policy.sink_tokens for n in lengths]  # pads + kept
+    done = [0] * len(lengths)
+    out = []
+    for j in range(1, steps):
+        due = [policy.evicted_before(width + j - 1 - off) for off in offsets]
+        if due != done:
+            out.append(j - 1)
+            done = due
+    return out
 
 
 def teacher_forced(
@@ -50,7 +58,7 @@ def teacher_forced(
         response[i, : len(r)] = torch.tensor(r, device=device)
         response_mask[i, : len(r)] = True
     policy = cfg.cache.policy_for(int(mask.sum(1).max()), policy_name)
-    evict_before, used = eviction_schedule(policy, ids.shape[1], t_max)
+    evict_before = eviction_schedule(policy, mask, t_max)
     return Rollout(
         prompt_ids=ids,
         prompt_mask=mask,
@@ -61,7 +69,6 @@ def teacher_forced(
         policy=policy,
         temperature=1.0,
         evict_before=[i for i in evict_before if i < t_max - 1],
-        used_slots=used,
     )
 
 

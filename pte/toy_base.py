@@ -22,11 +22,11 @@ import torch
 from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from pte.answers import extract_answer
 from pte.cache import CachePolicy
 from pte.carry import CarryProblem, carry_problems
 from pte.generate import generate
 from pte.prompts import format_prompt
-from pte.answers import extract_answer
 from pte.rewards import Grader
 
 log = logging.getLogger(__name__)
