@@ -24,10 +24,10 @@ from pte.sft import teacher_forced
 FILLER = 36  # letters between the digit and its recall: 8 evictions of a 12-token window after the digit left
 
 
-def _batch(rng: random.Random, n: int) -> tuple[list[str], list[int]]:
+def _batch(rng: random.Random, n: int) -> list[str]:
+    """Responses ``<digit><FILLER random letters>=<digit>``."""
     digits = [rng.randrange(10) for _ in range(n)]
-    fills = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(FILLER)) for _ in digits]
-    return [f"{d}{f}={d}" for d, f in zip(digits, fills)], digits
+    return [f"{d}{''.join(rng.choice('abcdefghijklmnopqrstuvwxyz') for _ in range(FILLER))}={d}" for d in digits]
 
 
 def _recall_weights(ro) -> torch.Tensor:
@@ -42,7 +42,7 @@ def _full_cache_pretrain(model, tok, prompt: str, rng: random.Random, steps: int
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     head = tok(prompt, add_special_tokens=False)["input_ids"]
     for _ in range(steps):
-        texts, _ = _batch(rng, 32)
+        texts = _batch(rng, 32)
         ids = torch.tensor([head + tok(t, add_special_tokens=False)["input_ids"] for t in texts])
         labels = torch.full_like(ids, -100)
         labels[:, -1] = ids[:, -1]
@@ -74,7 +74,7 @@ def test_pte_recalls_a_token_from_its_evicted_thoughts():
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=3e-3)
     for _ in range(150):
-        texts, _ = _batch(rng, 32)
+        texts = _batch(rng, 32)
         ro = teacher_forced(tok, [prompt] * len(texts), texts, cfg, "pte", "cpu")
         w = _recall_weights(ro)
         opt.zero_grad()
@@ -82,7 +82,7 @@ def test_pte_recalls_a_token_from_its_evicted_thoughts():
             (-(chunk.logprobs * w[:, chunk.start : chunk.stop]).sum() / len(texts)).backward()
         opt.step()
 
-    texts, digits = _batch(random.Random(1), 200)
+    texts = _batch(random.Random(1), 200)
     recall = {}
     for policy in ("full", "pte", "window"):
         ro = teacher_forced(tok, [prompt] * len(texts), texts, cfg, policy, "cpu")
