@@ -1,17 +1,19 @@
 """The carry-chain task: a seeded, offline, long-horizon problem family whose answer needs evicted thoughts.
 
-A problem gives a start digit and ``steps`` labelled digits; the solution walks a running sum mod 10, one short
-token group per step (label, operand, new value), marks the running value after each of ``carry`` chosen steps,
-and ends with the sum (mod 10) of the marked values and the last one::
+A problem is a worksheet: a start digit and ``steps`` labelled additions with blank results, and a blank mark
+after each of ``carry`` chosen steps. The solution fills it in (a running sum mod 10), copies the running value into
+each mark, and ends with the sum (mod 10) of the marked values and the last one::
 
-    question:  3 a5b1c4d9e2f6g8h3i7j1 keep c
+    question:  3 a5=? b1=? c4=? #? d9=? e2=? f6=? g8=? h3=? i7=? j1=?
     solution:  3 a5=8 b1=9 c4=3 #3 d9=2 e2=4 f6=0 g8=8 h3=1 i7=8 j1=9 ans 3+9=2 \\boxed{2}
 
-Each step costs 5 tokens under a character tokenizer, so the trace is several times longer than a tight thought
-window, and a marked value is gone from the cache long before the last line needs it. The prompt (always retained)
-holds only the operands: rebuilding a marked value from it would take the marked step's whole prefix of additions,
-which the solution format never does. Under a plain window the last line is a guess (about 1 in 10); a full cache
-or a state that carried the marked value answers it. Graded like everything else (``\\boxed{}`` + math-verify).
+The solution lines up token for token with the question, so every step reads its operand at a fixed distance and
+a small model learns the chain quickly. Each step costs 5 tokens under a character tokenizer, so the trace is several
+times longer than a tight thought window, and a marked value is gone from the cache long before the last line needs
+it. The prompt (always retained) holds only operands and blanks: rebuilding a marked value from it would take the
+marked step's whole prefix of additions, which the solution format never does. Under a plain window the last line
+is a guess (about 1 in 10); a full cache or a state that carried the marked value answers it. Graded like
+everything else (``\\boxed{}`` + math-verify).
 """
 
 from __future__ import annotations
@@ -42,25 +44,25 @@ def carry_problem(rng: np.random.Generator, steps: int, carry: int) -> CarryProb
         carry: how many intermediate values the answer needs (1 to steps // 2).
     """
     if not 2 <= steps <= len(LABELS):
-        raise ValueError(f"data.carry.steps={steps}: must be between 2 and {len(LABELS)}")
+        raise ValueError(f"data.carry_steps={steps}: must be between 2 and {len(LABELS)}")
     if not 1 <= carry <= steps // 2:
-        raise ValueError(f"data.carry.values={carry}: must be between 1 and steps // 2 = {steps // 2}")
+        raise ValueError(f"data.carry_values={carry}: must be between 1 and steps // 2 = {steps // 2}")
     start = int(rng.integers(10))
     digits = rng.integers(1, 10, size=steps).tolist()
     marked = sorted(rng.choice(np.arange(1, steps // 2 + 1), size=carry, replace=False).tolist())  # 1-based steps
-    value, lines, kept = start, [str(start)], []
+    value, lines, blanks, kept = start, [str(start)], [str(start)], []
     for i, d in enumerate(digits, start=1):
         value = (value + d) % 10
         lines.append(f"{LABELS[i - 1]}{d}={value}")
+        blanks.append(f"{LABELS[i - 1]}{d}=?")
         if i in marked:
             lines.append(f"#{value}")
+            blanks.append("#?")
             kept.append(value)
     answer = (sum(kept) + value) % 10
     terms = "+".join(str(v) for v in [*kept, value])
-    operands = "".join(f"{LABELS[i]}{d}" for i, d in enumerate(digits))
-    keep = ",".join(LABELS[i - 1] for i in marked)
     return CarryProblem(
-        question=f"{start} {operands} keep {keep}",
+        question=" ".join(blanks),
         solution=" ".join(lines) + f" ans {terms}={answer} \\boxed{{{answer}}}",
         answer=str(answer),
     )

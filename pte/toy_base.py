@@ -13,6 +13,7 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -114,7 +115,14 @@ def train_toy_base(spec: ToySpec, out_dir: Path, tok: PreTrainedTokenizerFast) -
     banned = {p.question for p in held_out}
     model = new_model(spec, len(tok)).train()
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, spec.lr, total_steps=spec.train_steps, pct_start=0.1)
+    warm = max(1, spec.train_steps // 20)
+
+    def schedule(step: int) -> float:  # linear warm-up, then cosine down to a tenth
+        if step < warm:
+            return (step + 1) / warm
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warm) / max(1, spec.train_steps - warm)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     rng = np.random.default_rng([spec.seed, 3])
     bar = tqdm(range(spec.train_steps), desc="toy base (full-cache SFT)", mininterval=5)
     for _ in bar:
@@ -128,6 +136,8 @@ def train_toy_base(spec: ToySpec, out_dir: Path, tok: PreTrainedTokenizerFast) -
         opt.step()
         sched.step()
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        if bar.n % 50 == 0:
+            log.info("toy base step %d: loss %.3f", bar.n, loss.item())
     model.eval().requires_grad_(False)
     accuracy = full_cache_accuracy(model, tok, held_out)
     record = {

@@ -25,7 +25,7 @@ import json
 import logging
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
@@ -48,7 +48,7 @@ class Arm:
     method: str
     stages: tuple[str, ...] = ()
     overrides: tuple[str, ...] = ()
-    eval_ratios: tuple[float, ...] = field(default=())
+    eval_ratios: tuple[float, ...] = ()
 
 
 ARMS = {
@@ -81,6 +81,8 @@ class Budget:
 def stage_steps(arm: Arm, budget: Budget) -> list[int]:
     """Optimiser steps of each stage: the budget split evenly, the remainder to the last stage."""
     n = len(arm.stages)
+    if n == 0:
+        return []
     share = budget.steps // n
     return [share] * (n - 1) + [budget.steps - share * (n - 1)]
 

@@ -1,0 +1,84 @@
+"""The carry task, the toy base builder and the toy-table experiment, end to end on tiny settings."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pte.carry import carry_problem, carry_problems
+from pte.experiments import toy_table
+from pte.rewards import verify_answer
+from pte.toy_base import ToySpec, train_toy_base
+
+
+@pytest.mark.parametrize("steps,carry", [(10, 1), (6, 2), (26, 13)])
+def test_carry_solution_is_right_and_lines_up_with_the_question(steps, carry):
+    p = carry_problem(np.random.default_rng(5), steps, carry)
+    tokens = p.question.split(" ")
+    filled = p.solution.split(" ")[: len(tokens)]
+    assert [q.replace("?", "") for q in tokens] == [f[: len(q) - 1] if q.endswith("?") else f for q, f in zip(tokens, filled)]
+    start, *cells = filled
+    value, marks = int(start), []
+    for cell in cells:
+        if cell.startswith("#"):
+            marks.append(int(cell[1]))
+            assert marks[-1] == value, "a mark copies the running value"
+        else:
+            value = (value + int(cell[1])) % 10
+            assert cell.endswith(f"={value}")
+    assert len(marks) == carry
+    assert verify_answer(p.solution, str((sum(marks) + value) % 10))
+    assert p.answer == str((sum(marks) + value) % 10)
+
+
+def test_carry_problems_are_seeded_and_distinct():
+    a, b = carry_problems(50, seed=3), carry_problems(50, seed=3)
+    assert a == b and len({p.question for p in a}) == 50
+    assert a != carry_problems(50, seed=4)
+
+
+@pytest.mark.parametrize("steps,carry", [(1, 1), (10, 0), (10, 6), (27, 1)])
+def test_carry_knobs_are_checked(steps, carry):
+    with pytest.raises(ValueError, match="data.carry_"):
+        carry_problem(np.random.default_rng(0), steps, carry)
+
+
+def test_toy_base_saves_a_hub_style_directory(tmp_path):
+    from pte.models import load_model_and_tokenizer, tiny_tokenizer
+
+    spec = ToySpec(steps=3, hidden=32, layers=2, heads=2, kv_heads=1, train_steps=2, batch=4, eval_problems=4)
+    record = train_toy_base(spec, tmp_path / "toy", tiny_tokenizer())
+    assert 0.0 <= record["heldout_full_cache_accuracy"] <= 1.0 and record["heldout_problems"] == 4
+    model, tok = load_model_and_tokenizer(str(tmp_path / "toy"))
+    assert model.config.num_hidden_layers == 2 and tok.decode(tok("3 a5=8")["input_ids"]) == "3 a5=8"
+    assert json.loads((tmp_path / "toy" / "toy_base.json").read_text())["spec"]["steps"] == 3
+
+
+TINY = [
+    "data.source=carry",
+    "data.carry_steps=3",
+    "data.size=64",
+    "data.instruction=''",
+    "rollout.max_new_tokens=30",
+    "eval.batch_size=4",
+]
+
+
+def test_toy_table_trains_evaluates_and_resumes(tmp_path, monkeypatch):
+    out = tmp_path / "table"
+    argv = [*TINY, "--config", "configs/tiny.yaml", "--out", str(out), "--steps", "2", "--seeds", "0"]
+    argv += ["--problems", "4", "--tight", "4", "--medium", "8", "--arms", "base", "pte_sft_grpo"]
+    table = toy_table.main(argv)
+    assert set(table) == {"base", "pte_sft_grpo"}
+    assert {"tight", "medium", "full", "tight@evict0.05"} <= set(table["pte_sft_grpo"])
+    assert (out / "pte_sft_grpo" / "seed0" / "sft" / "adapter" / "pte_adapter.safetensors").exists()
+    assert (out / "pte_sft_grpo" / "seed0" / "grpo" / "tb").is_dir()
+    assert (out / "results.md").read_text().startswith("| arm |") and (out / "accuracy_vs_budget.png").exists()
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished arm must not be trained or evaluated again")
+
+    monkeypatch.setattr(toy_table, "train_arm", fail)
+    assert toy_table.main(argv) == table
