@@ -21,8 +21,14 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import OmegaConf
 
 from pte.callbacks import build_callbacks
-from pte.checkpoints import AtomicCheckpointIO, Interrupted, SaveOnInterrupt, check_resume, interrupts_raise
-from pte.checkpoints import resolve_ckpt_path
+from pte.checkpoints import (
+    AtomicCheckpointIO,
+    Interrupted,
+    SaveOnInterrupt,
+    check_resume,
+    interrupts_raise,
+    resolve_ckpt_path,
+)
 from pte.cli import parse, setup_logging
 from pte.config import Config, ConfigError, as_dict, to_yaml
 from pte.methods import export_adapter

@@ -142,7 +142,7 @@ def check_resume(cfg: Config, path: Path, current: dict) -> int:
     return int(ckpt["global_step"])
 
 
-class Interrupted(BaseException):  # noqa: N818 - a stop request, not an error
+class Interrupted(BaseException):
     """SIGTERM or SIGINT arrived. A BaseException, like KeyboardInterrupt, so that library code catching
     ``Exception`` (e.g. Lightning's logger wrapping errors in ValueError) lets it through."""
 

@@ -151,7 +151,7 @@ def test_failing_resume_leaves_the_checkpoints_byte_identical(tmp_path, straight
     rc, _, err = run(args(tmp_path, *bad, "ckpt_path=last"))
     assert rc != 0
     assert {p.name: p.read_bytes() for p in (run_dir / "checkpoints").iterdir()} == before
-    assert f"holds all training so far" in err
+    assert "holds all training so far" in err
 
 
 def test_reused_run_name_is_refused_in_one_line(tmp_path, straight):
