@@ -226,8 +226,11 @@ class SaveOnInterrupt(L.Callback):
         offset = dm._offset - len(batch["ids"]) if dm is not None and hasattr(dm, "_offset") else 0
         self.batch = _BatchStart(trainer.global_step, offset, pl_module.sampler_state())
 
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        self.batch = None  # finished: a checkpoint from here on is the state after this batch
+
     def _rewind(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Undo what an unfinished batch consumed (its prompts and random draws); its weights were not stepped."""
+        """Undo what an unfinished batch consumed (its prompts and random draws) if its weights were not stepped."""
         if self.batch is None or trainer.global_step != self.batch.step:
             return
         if trainer.datamodule is not None and hasattr(trainer.datamodule, "_offset"):

@@ -82,6 +82,8 @@ class GRPOModule(L.LightningModule):
         self._resumed_rng: torch.Tensor | None = None
         self.nonfinite_steps = 0  # skipped steps over the whole run (checkpointed)
         self._nonfinite_streak = 0
+        self.step_skipped = False  # the last step had a non-finite loss or gradient and was not applied
+        self._commit = contextlib.ExitStack()  # holds signals from the optimiser step to the end of the batch
         self.step_metrics: dict[str, float] = {}  # the last step's scalars; pte.progress.StepLog writes them
 
     @classmethod
@@ -123,27 +125,31 @@ class GRPOModule(L.LightningModule):
 
         opt = self.optimizers()
         t1 = time.perf_counter()
-        with contextlib.ExitStack() as commit:
-            for k in range(cfg.grpo.updates_per_batch):
-                opt.zero_grad()
-                self.memory.start("replay")
-                stats = policy_update(self.model, exp, cfg, self.manual_backward)
-                self.memory.stop("replay")
-                self.memory.start("optimizer")
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), cfg.optim.grad_clip)
-                finite = math.isfinite(stats["loss"]) and math.isfinite(float(grad_norm))
-                if not finite:
-                    self._skip_nonfinite(opt)
-                    break
-                if k == 0:  # from the first optimiser step on, a signal waits until the batch is committed
-                    commit.enter_context(deferred_interrupts())
-                opt.step()
-                self.memory.stop("optimizer")
-            if finite:
-                self._nonfinite_streak = 0
-                self.lr_schedulers().step()
-            self._log_step(rollouts, rewards, parts, stats, grad_norm, t_rollout, time.perf_counter() - t1)
-        limit = cfg.trainer.max_nonfinite
+        self.step_skipped = False
+        for k in range(cfg.grpo.updates_per_batch):
+            opt.zero_grad()
+            self.memory.start("replay")
+            stats = policy_update(self.model, exp, cfg, self.manual_backward)
+            self.memory.stop("replay")
+            self.memory.start("optimizer")
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), cfg.optim.grad_clip)
+            if not (math.isfinite(stats["loss"]) and math.isfinite(float(grad_norm))):
+                self._skip_nonfinite(opt)
+                break
+            if k == 0:  # from the first optimiser step on, a signal waits until the step is logged and saved
+                self._commit.enter_context(deferred_interrupts())
+            opt.step()
+            self.memory.stop("optimizer")
+        if not self.step_skipped:
+            self._nonfinite_streak = 0
+            self.lr_schedulers().step()
+        self._log_step(rollouts, rewards, parts, stats, grad_norm, t_rollout, time.perf_counter() - t1)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        """After the callbacks logged and checkpointed the step: act on a signal held during the optimiser step, and
+        stop (the failure checkpoint follows) after ``trainer.max_nonfinite`` skipped steps in a row."""
+        self._commit.close()
+        limit = self.cfg.trainer.max_nonfinite
         if limit and self._nonfinite_streak >= limit:
             raise NonFiniteError(
                 f"{self._nonfinite_streak} consecutive steps had a non-finite loss or gradient "
@@ -155,6 +161,7 @@ class GRPOModule(L.LightningModule):
         opt.zero_grad()
         self.memory.stop("optimizer")
         self.nonfinite_steps += 1
+        self.step_skipped = True
         self._nonfinite_streak += 1
         log.warning(
             "step %d: non-finite loss or gradient, optimiser step skipped (%d so far, %d in a row)",

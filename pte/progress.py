@@ -54,7 +54,14 @@ class StepLog(L.Callback):
         step = trainer.global_step
         if metrics and step % self.log_every == 0:
             log_scalars(trainer, metrics, step)
-        Tqdm.write(step_line(step, trainer.max_steps, metrics, time.perf_counter() - self._t0), file=sys.stdout)
+            for logger in trainer.loggers:  # so that a SIGKILL loses no logged step
+                flush = getattr(getattr(logger, "experiment", None), "flush", None)
+                if flush is not None:
+                    flush()
+        line = step_line(step, trainer.max_steps, metrics, time.perf_counter() - self._t0)
+        if getattr(pl_module, "step_skipped", False):
+            line += " (non-finite loss or gradient: step skipped)"
+        Tqdm.write(line, file=sys.stdout)
         sys.stdout.flush()
 
 
