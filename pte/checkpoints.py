@@ -139,7 +139,19 @@ def check_resume(cfg: Config, path: Path, current: dict) -> int:
             continue  # only the active method's adapter shape matters
         if old != new:
             raise ConfigError(f"{key}: checkpoint {path} was trained with {key}={old!r}, this run has {new!r}")
+    changed = [k for k in _differences(saved, current) if not k.startswith(("trainer.", "eval.", "ckpt_path"))]
+    if changed:
+        log.warning("resuming with settings that differ from the checkpoint's run: %s", ", ".join(changed))
     return int(ckpt["global_step"])
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [
+            d for k in sorted(old.keys() | new.keys()) for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")
+        ]
+    return [] if old == new else [prefix.rstrip(".")]
 
 
 class Interrupted(BaseException):
