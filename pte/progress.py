@@ -74,6 +74,9 @@ class StepProgressBar(TQDMProgressBar):
         bar = self.train_progress_bar
         bar.total = trainer.max_steps
         bar.initial = bar.n = trainer.global_step
+        bar.unit = "step"
+        # Steps take seconds: show seconds per step (tqdm's default it/s reads 0.00it/s).
+        bar.bar_format = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_inv_fmt}{postfix}]"
         bar.set_description("train step")
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -12,7 +13,7 @@ import train
 from pte.callbacks import EvalCallback, MemoryCurveCallback, build_callbacks
 from pte.config import load_config
 from pte.plots import figure_array, memory_phases
-from pte.progress import step_line
+from pte.progress import StepProgressBar, step_line
 
 TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml")
 
@@ -77,3 +78,20 @@ def test_training_logs_validation_and_memory_curves(tmp_path):
     for tag in ("memory/kv_curve", "memory/phases"):
         images = events.Images(tag)
         assert [i.step for i in images] == [2] and images[0].width > 100 and images[0].height > 100, tag
+
+
+def test_progress_bar_counts_optimiser_steps_from_the_resumed_step():
+    """After a resume at step 3 of 8 the bar reads 3/8, then 4/8 (not batches of an endless epoch, not 30/19)."""
+    bar = StepProgressBar()
+    trainer = SimpleNamespace(
+        global_step=3, max_steps=8, current_epoch=0, max_epochs=-1, num_training_batches=float("inf")
+    )
+    bar._trainer = trainer
+    bar._train_progress_bar = bar.init_train_tqdm()
+    bar.on_train_epoch_start(trainer)
+    assert (bar.train_progress_bar.n, bar.train_progress_bar.total) == (3, 8)
+    trainer.global_step = 4
+    bar.get_metrics = lambda *_: {}
+    bar.on_train_batch_end(trainer, None, None, None, 0)
+    assert bar.train_progress_bar.n == 4 and "step" in str(bar.train_progress_bar)
+    bar.train_progress_bar.close()
