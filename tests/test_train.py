@@ -16,7 +16,7 @@ from pte.checkpoints import AtomicCheckpointIO, newest_checkpoint, resolve_ckpt_
 from pte.config import ConfigError, load_config
 from pte.methods import load_trained
 from pte.module import NonFiniteError
-from pte.rewards import CombinedReward
+from tests import digit_train
 
 LOGGED = {
     "train/reward_mean",
@@ -38,18 +38,9 @@ LOGGED = {
 }
 
 
-class DigitReward:
-    """A reward a random character-level model can learn: the fraction of digits in its response."""
-
-    name = "digits"
-
-    def __call__(self, responses: list[str], golds: list[str]) -> torch.Tensor:
-        return torch.tensor([sum(c.isdigit() for c in r) / max(len(r), 1) for r in responses])
-
-
 @pytest.fixture
 def digit_reward(monkeypatch):
-    monkeypatch.setattr(pte.module, "build_reward", lambda spec, grader: CombinedReward([DigitReward()], [1.0]))
+    monkeypatch.setattr(pte.module, "build_reward", digit_train.digit_reward)
 
 
 def _train(tmp_path: Path, *overrides: str) -> Path:
