@@ -42,6 +42,7 @@ warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
 warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
 warnings.filterwarnings("ignore", message=".*val_dataloader.*but have no .validation_step.*")
 warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")  # a resume, or refused
 
 # What a run leaves in its directory (removed by trainer.overwrite=true).
 RUN_ENTRIES = ("checkpoints", "tb", "adapter", "config.yaml", "config.resume-*.yaml")

@@ -134,6 +134,14 @@ def test_resume_refuses_a_checkpoint_of_another_adapter_shape(tmp_path):
     assert (run_dir / "checkpoints" / "last.ckpt").read_bytes() == before
 
 
+def test_resume_refuses_a_corrupt_checkpoint_in_one_line(tmp_path):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"half a checkpoint")
+    cfg = load_config("configs/tiny.yaml", [f"trainer.out_dir={tmp_path}", f"ckpt_path={bad}"])
+    with pytest.raises(ConfigError, match=r"^ckpt_path: .*bad.ckpt is not a readable checkpoint"):
+        train.prepare_run_dir(cfg, tmp_path / "tiny")
+
+
 def test_overwrite_replaces_an_earlier_run(tmp_path):
     run_dir = _train(tmp_path, "trainer.max_steps=2")
     cfg = load_config("configs/tiny.yaml", [f"trainer.out_dir={tmp_path}", "trainer.run_name=run"])
