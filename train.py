@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 
 import lightning as L
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import OmegaConf
@@ -29,9 +30,10 @@ from pte.checkpoints import (
     interrupts_raise,
     resolve_ckpt_path,
 )
-from pte.cli import parse, setup_logging
+from pte.cli import config_groups, parse, setup_logging, user_errors
 from pte.config import Config, ConfigError, as_dict, to_yaml
-from pte.methods import export_adapter
+from pte.distributed import build_strategy
+from pte.methods import check_matches, export_adapter, saved_config
 from pte.module import GRPOModule, build_datamodule
 from pte.progress import StepLog, StepProgressBar
 
@@ -72,6 +74,7 @@ def prepare_run_dir(cfg: Config, run_dir: Path) -> Path | None:
     ckpt_dir = run_dir / "checkpoints"
     if cfg.ckpt_path:
         ckpt = resolve_ckpt_path(cfg.ckpt_path, ckpt_dir)
+        check_matches(saved_config(ckpt), cfg, ckpt)
         step = check_resume(cfg, ckpt, OmegaConf.to_container(as_dict(cfg), resolve=True))
         log.info("resuming from %s at step %d", ckpt, step)
         return ckpt
@@ -82,6 +85,8 @@ def prepare_run_dir(cfg: Config, run_dir: Path) -> Path | None:
                 f"trainer.run_name: {run_dir} already holds a run ({', '.join(held)}); resume it with ckpt_path=last, "
                 "choose another trainer.run_name, or pass trainer.overwrite=true to replace it"
             )
+        if rank_zero_only.rank != 0:  # one process deletes
+            return None
         log.warning("trainer.overwrite=true: deleting the earlier run in %s", run_dir)
         for pattern in RUN_ENTRIES:
             for entry in run_dir.glob(pattern):
@@ -126,7 +131,9 @@ def train(cfg: Config, argv: list[str] | None = None) -> dict[str, float]:
     trainer = L.Trainer(
         max_steps=t.max_steps,
         accelerator=t.accelerator,
+        strategy=build_strategy(t),
         devices=t.devices,
+        num_nodes=t.num_nodes,
         precision=t.precision,
         logger=TensorBoardLogger(str(run_dir), name="tb", version=""),
         callbacks=callbacks,
@@ -147,6 +154,8 @@ def train(cfg: Config, argv: list[str] | None = None) -> dict[str, float]:
             raise SystemExit(128 + err.signum) from None
         raise
     trainer.save_checkpoint(ckpt_dir / "last.ckpt")
+    if not trainer.is_global_zero:  # every process holds the same adapter; one writes it
+        return {k: float(v) for k, v in trainer.callback_metrics.items()}
     adapter = export_adapter(module.model, cfg, run_dir / "adapter")
     log.info("run directory %s (adapter %s, checkpoint %s)", run_dir, adapter, ckpt_dir / "last.ckpt")
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -167,15 +176,30 @@ def _report_stop(err: BaseException, saver: SaveOnInterrupt, step: int, argv: li
     print("\n".join(lines), file=sys.stderr, flush=True)
 
 
+EPILOG = f"""config groups and their keys (each documented in pte/config.py and in every configs/*.yaml):
+{config_groups()}
+
+outputs go to <trainer.out_dir>/<trainer.run_name>/ (default runs/default/): config.yaml, tb/ (TensorBoard),
+checkpoints/ (step-N.ckpt every trainer.ckpt_every steps, last.ckpt, interrupted.ckpt; resume with
+ckpt_path=last or ckpt_path=FILE) and adapter/ (for eval.py ckpt=...). A run name that already holds a run is
+refused unless resumed or trainer.overwrite=true. SIGTERM / Ctrl-C save, print the resume command, exit 143 / 130.
+The method and every choice behind these keys: docs/method.md.
+
+examples:
+  python train.py --config configs/tiny.yaml trainer.max_steps=5        # random 2-layer model, seconds on a CPU
+  python train.py --config configs/qwen2.5_3b.yaml method=lora_c cache.window=1024 trainer.run_name=q3b-lorac
+  python train.py ckpt_path=last trainer.max_steps=20        # resume runs/default from its newest checkpoint
+"""
+
+
+@user_errors
 def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Parse the command line and train; a user error ends in one ``error:`` line and exit status 2."""
     setup_logging()
     argv = list(sys.argv[1:] if argv is None else argv)
-    cfg = parse(argv, __doc__.splitlines()[0])
-    try:
-        return train(cfg, argv)
-    except ConfigError as err:
-        raise SystemExit(f"error: {err}") from None
+    cfg = parse(argv, "Train a reasoning model with cache-aware GRPO under a bounded KV cache.", EPILOG)
+    return train(cfg, argv)
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -1,6 +1,6 @@
 """Training callbacks: periodic fixed-budget evaluation and memory curves.
 
-The periodic evaluation is the method.md §5 protocol in miniature: greedy decoding of held-out prompts under the
+The periodic evaluation is the docs/method.md §5 protocol in miniature: greedy decoding of held-out prompts under the
 run's own cache policy and window, graded like the benchmarks. The memory curves are the two views behind the
 paper's memory claims: KV bytes held against generated position (flat once the window is full) and the peak memory
 of each training phase (rollout, replay, optimizer) tracked by ``GRPOModule.memory`` (on CUDA; on CPU only the process's resident-set peak,
@@ -17,6 +17,7 @@ import torch
 from matplotlib.figure import Figure
 
 from pte.config import Config
+from pte.distributed import gather_object, rank_world
 from pte.evaluate import Setting, batch_records, grade_groups, sample_batch
 from pte.plots import MIB, figure_array, kv_memory_curves, memory_phases, summarize
 from pte.rewards import Grader
@@ -102,12 +103,15 @@ class EvalCallback(L.Callback):
         setting = Setting(policy, cfg.cache.window)
         sampling = SamplingConfig(temperature=0.0, max_new_tokens=cfg.rollout.max_new_tokens)
         grader, records = self._grader_for(pl_module), []
-        for i in range(0, len(examples), cfg.rollout.micro_batch):
-            chunk = examples[i : i + cfg.rollout.micro_batch]
+        rank, world = rank_world()
+        mine = examples[rank::world]  # each process evaluates its own share; the records are gathered below
+        for i in range(0, len(mine), cfg.rollout.micro_batch):
+            chunk = mine[i : i + cfg.rollout.micro_batch]
             prompts = [self.datamodule.prompt(e.question) for e in chunk]
             out = sample_batch(pl_module.model, pl_module.tokenizer, prompts, cfg.cache, policy, sampling)
             grades = grade_groups(grader, [[a] for a in out.answers], [e.answer for e in chunk], [e.id for e in chunk])
             records += batch_records("val", setting, "val", chunk, out, grades)
+        records = [r for part in gather_object(records) for r in part]
         summary = summarize(records, [1])
         metrics = {"val/accuracy": summary["pass@1"], **{f"val/{k}": summary[k] for k in VAL_KEYS}}
         metrics["val/kv_bytes_held_per_seq"] = summary["kv_bytes_held"]

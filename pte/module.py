@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from dataclasses import asdict
 
@@ -19,12 +18,14 @@ from omegaconf import OmegaConf
 from pte.checkpoints import deferred_interrupts
 from pte.config import METHOD_POLICY, Config, as_dict, load_config
 from pte.data import MathDataModule
+from pte.distributed import gather_object, global_step_totals, own_share, reduce_gradients
 from pte.generate import decode_responses
 from pte.grpo import uniform_groups
 from pte.memory import MemoryTracker
 from pte.methods import build_model
 from pte.prompts import few_shot_examples
 from pte.rewards import Grader, build_reward
+from pte.sft import sft_update, teacher_forced
 from pte.update import build_experience, generate_rollouts, policy_update
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,8 @@ def build_datamodule(cfg: Config, tokenizer) -> MathDataModule:
         d.source,
         tasks=list(d.tasks),
         size=d.size,
+        carry_steps=d.carry_steps,
+        carry_values=d.carry_values,
         name=d.hf_name,
         split=d.split,
         config=d.hf_config,
@@ -46,7 +49,7 @@ def build_datamodule(cfg: Config, tokenizer) -> MathDataModule:
         answer_field=d.answer_field,
         limit=d.limit,
         val_size=d.val_size,
-        prompts_per_step=cfg.rollout.prompts_per_step,
+        prompts_per_step=cfg.rollout.batch_size if cfg.objective == "sft" else cfg.rollout.prompts_per_step,
         seed=cfg.seed,
         template=d.template,
         system=d.system,
@@ -105,13 +108,15 @@ class GRPOModule(L.LightningModule):
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
+        if self.cfg.objective == "sft":
+            return self._sft_step(batch)
         cfg, n = self.cfg, self.cfg.rollout.group_size
         self.model.eval()  # no dropout anywhere: replay must reproduce the rollout exactly
         prompts = [p for p in batch["prompts"] for _ in range(n)]
         golds = [a for a in batch["answers"] for _ in range(n)]
 
         if self.generator is None:
-            self.generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
+            self.generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed + self.global_rank)
             if self._resumed_rng is not None:
                 self.generator.set_state(self._resumed_rng)
         self.memory.start("rollout")
@@ -130,10 +135,11 @@ class GRPOModule(L.LightningModule):
             opt.zero_grad()
             self.memory.start("replay")
             stats = policy_update(self.model, exp, cfg, self.manual_backward)
+            reduce_gradients(self.trainable_parameters())  # one all-reduce per step; a no-op in one process
             self.memory.stop("replay")
             self.memory.start("optimizer")
             grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), cfg.optim.grad_clip)
-            if not (math.isfinite(stats["loss"]) and math.isfinite(float(grad_norm))):
+            if not self._all_finite(stats["loss"], grad_norm):
                 self._skip_nonfinite(opt)
                 break
             if k == 0:  # from the first optimiser step on, a signal waits until the step is logged and saved
@@ -143,6 +149,7 @@ class GRPOModule(L.LightningModule):
         if not self.step_skipped:
             self._nonfinite_streak = 0
             self.lr_schedulers().step()
+        rewards, parts, stats = global_step_totals(rewards, parts, stats)
         self._log_step(rollouts, rewards, parts, stats, grad_norm, t_rollout, time.perf_counter() - t1)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
@@ -155,6 +162,11 @@ class GRPOModule(L.LightningModule):
                 f"{self._nonfinite_streak} consecutive steps had a non-finite loss or gradient "
                 f"(trainer.max_nonfinite={limit}); stopping. Lower optim.lr or check the data and rewards."
             )
+
+    def _all_finite(self, loss: float, grad_norm: torch.Tensor) -> bool:
+        """Loss and gradient norm finite on every process (one decision everywhere, so DDP ranks stay in step)."""
+        check = torch.tensor([loss, float(grad_norm)], dtype=torch.float64, device=self.device)
+        return bool(torch.isfinite(self.trainer.strategy.reduce(check, reduce_op="sum")).all())
 
     def _skip_nonfinite(self, opt) -> None:
         """Drop this step's gradients without an optimiser step, and count it."""
@@ -169,6 +181,41 @@ class GRPOModule(L.LightningModule):
             self.nonfinite_steps,
             self._nonfinite_streak,
         )
+
+    def _sft_step(self, batch: dict) -> None:
+        """One cache-aware SFT step on ``rollout.batch_size`` worked solutions (pte/sft.py)."""
+        if not all(batch["solutions"]):
+            raise ValueError("objective=sft needs worked solutions: use a source that has them (data.source=carry)")
+        self.model.eval()
+        mb, prompts, targets = self.cfg.rollout.micro_batch, batch["prompts"], batch["solutions"]
+        t0 = time.perf_counter()
+        rollouts = [
+            teacher_forced(
+                self.tokenizer, prompts[i : i + mb], targets[i : i + mb], self.cfg, self.policy_name, self.device
+            )
+            for i in range(0, len(prompts), mb)
+        ]
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.memory.start("replay")
+        stats = sft_update(self.model, rollouts, self.manual_backward)
+        self.memory.stop("replay")
+        reduce_gradients(self.trainable_parameters())
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.cfg.optim.grad_clip)
+        self.step_skipped = False
+        self._commit.enter_context(deferred_interrupts())  # a signal waits until the step is logged and saved
+        opt.step()
+        self.lr_schedulers().step()
+        logs = {
+            "loss": stats["loss"],
+            "entropy": stats["entropy"] / max(stats["tokens"], 1.0),
+            "response_length": stats["tokens"] / len(prompts),
+            "evictions_per_seq": sum(len(ro.evict_before) for ro in rollouts) / len(rollouts),
+            "grad_norm": float(grad_norm),
+            "lr": opt.param_groups[0]["lr"],
+            "time_update_s": time.perf_counter() - t0,
+        }
+        self._publish(logs)
 
     def _log_step(self, rollouts, rewards, parts, stats, grad_norm, t_rollout, t_update) -> None:
         tokens = sum(float(ro.response_mask.sum()) for ro in rollouts)
@@ -202,11 +249,19 @@ class GRPOModule(L.LightningModule):
         }
         logs.update({f"reward_{k}": v.mean() for k, v in parts.items()})
         logs["accuracy"] = parts["correctness"].mean() if "correctness" in parts else rewards.new_tensor(0.0)
-        # Written to the loggers by pte.progress.StepLog at the step this batch produced (the axis of val/ and
-        # memory/); self.log only feeds the progress bar and trainer.callback_metrics.
-        self.step_metrics = {f"train/{k}": float(v) for k, v in logs.items()}
+        self._publish(logs)
+
+    def _publish(self, logs: dict) -> None:
+        """Average the step's scalars over processes (one all-reduce; a no-op in one process) and keep them as
+        ``step_metrics`` for pte.progress.StepLog, which writes them at the step this batch produced (the axis of val/
+        and memory/). self.log only feeds the progress bar and ``trainer.callback_metrics``."""
+        keys = sorted(logs)
+        values = torch.tensor([float(logs[k]) for k in keys], dtype=torch.float64, device=self.device)
+        values = self.trainer.strategy.reduce(values, reduce_op="mean")
+        self.step_metrics = {f"train/{k}": float(v) for k, v in zip(keys, values.tolist())}
         self.log_dict(self.step_metrics, on_step=True, prog_bar=False, logger=False)
-        self.log("train/reward", rewards.mean(), prog_bar=True, logger=False)
+        if "train/reward_mean" in self.step_metrics:
+            self.log("train/reward", self.step_metrics["train/reward_mean"], prog_bar=True, logger=False)
 
     def configure_optimizers(self):
         o = self.cfg.optim
@@ -223,15 +278,15 @@ class GRPOModule(L.LightningModule):
         checkpoint["pte_nonfinite_steps"] = self.nonfinite_steps
         state = self.sampler_state()
         if state is not None:
-            checkpoint["pte_sampler_rng"] = state
+            checkpoint["pte_sampler_rng"] = gather_object(state)  # one state per process
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Resume sampling where it stopped, so a resumed run draws the samples an uninterrupted one would."""
-        self._resumed_rng = checkpoint.get("pte_sampler_rng")
+        self._resumed_rng = own_share(checkpoint.get("pte_sampler_rng"))
         self.nonfinite_steps = int(checkpoint.get("pte_nonfinite_steps", 0))
 
     def sampler_state(self) -> torch.Tensor | None:
-        """The sampling generator's state (None before the first draw of a fresh run: seeded from ``seed``)."""
+        """This process's sampling generator state (None before the first draw of a fresh run: seeded from ``seed``)."""
         return self.generator.get_state() if self.generator is not None else self._resumed_rng
 
     def restore_sampler(self, state: torch.Tensor | None) -> None:

@@ -50,6 +50,8 @@ class StepLog(L.Callback):
         self._t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if not trainer.is_global_zero:  # the metrics are already averaged over processes; one process writes them
+            return
         metrics = dict(getattr(pl_module, "step_metrics", {}))
         step = trainer.global_step
         if metrics and step % self.log_every == 0:

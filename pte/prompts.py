@@ -1,4 +1,4 @@
-"""Prompt formatting for the policy (method.md section 4): chat, DeepSeek-R1-Distill and plain templates.
+"""Prompt formatting for the policy (docs/method.md section 4): chat, DeepSeek-R1-Distill and plain templates.
 
 Few-shot examples matter for small models: SmolLM2-135M-Instruct writes ``\\boxed{}`` in 0-6 % of answers zero-shot
 and in 56-94 % after one worked example, so the default data config shows one.

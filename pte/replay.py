@@ -1,11 +1,14 @@
-"""Chunked teacher-forced replay of a rollout (method.md section 4, "memory claim").
+"""Chunked teacher-forced replay of a rollout (docs/method.md section 4, "memory claim").
 
 The replay rebuilds the rollout's conditioning exactly: same retained prompt, same window contents,
 same thought state, cut into chunks at the rollout's eviction points. Within a chunk nothing is
 evicted, so one parallel forward over the chunk equals the token-by-token rollout. Each chunk is
 yielded with its log-probs while its graph is alive: the caller backpropagates the chunk's loss before
 asking for the next one. The cache stores detached K/V and the state is detached between chunks, so
-activation memory is bounded by the window, not by the response length.
+activation memory is bounded by the window, not by the response length. With ``thought.state_grad: chain`` each
+chunk reads leaf copies of the states instead, and once the caller has backpropagated the last chunk the replay
+sends every chunk's dL/dS through the chain of state updates in one backward (exact state gradient; the evicted
+K/V enter as constants).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from dataclasses import dataclass, replace
 import torch
 from transformers import PreTrainedModel
 
-from pte.encoder import get_thought
+from pte.encoder import get_thought, start_thought
 from pte.forward import forward_tokens
 from pte.rollout import Rollout, new_cache, prompt_positions
 
@@ -52,14 +55,17 @@ def replay(model: PreTrainedModel, ro: Rollout, full_cache: bool = False) -> Ite
     """
     policy = replace(ro.policy, name="full", sink_tokens=0) if full_cache else ro.policy
     cuts = [] if full_cache else ro.evict_before
-    encoder = get_thought(model)
+    if policy.uses_thought and get_thought(model) is None:
+        raise ValueError(f"replay: this rollout used cache.policy={policy.name}, but the model has no thought encoder")
     b, p = ro.prompt_ids.shape
     t = ro.response_ids.shape[1]
     if t == 0:
         return
     cache = new_cache(model, policy, p, t)
-    if encoder is not None:
-        encoder.begin(b)
+    encoder = start_thought(model, policy.uses_thought, b)
+    chain = policy.uses_thought and encoder.cfg.state_grad == "chain" and torch.is_grad_enabled()
+    if chain:
+        encoder.link()
     lengths = ro.prompt_mask.sum(1)
     resp = ro.response_ids
     bounds = [0, *cuts, t - 1]
@@ -72,15 +78,21 @@ def replay(model: PreTrainedModel, ro: Rollout, full_cache: bool = False) -> Ite
             valid = torch.cat([ro.prompt_mask, valid], dim=1)
             logits = forward_tokens(model, cache, ids, pos, valid, logits_from=p - 1)
         else:
-            if encoder is not None:
+            if chain:
+                encoder.unlink()
+            elif policy.uses_thought:
                 encoder.detach_states()
-            evicted = cache.evict(policy.evict_tokens)
-            if policy.encodes_evicted:
-                encoder.absorb(*evicted)
+            for evicted in cache.evict_due():
+                if policy.encodes_evicted:
+                    encoder.absorb(*evicted)
+            if chain:
+                encoder.link()
             logits = forward_tokens(model, cache, resp[:, a:z], pos, valid)
         start = 0 if k == 0 else a + 1
         logp, ent = _chunk_stats(logits, resp[:, start : z + 1], ro.temperature)
         yield ReplayChunk(start=start, logprobs=logp, entropy=ent)
+    if chain:
+        encoder.backward_chain()
 
 
 def full_replay(model: PreTrainedModel, ro: Rollout) -> torch.Tensor:
@@ -90,7 +102,7 @@ def full_replay(model: PreTrainedModel, ro: Rollout) -> torch.Tensor:
 
 
 def reference_logprobs(model: PreTrainedModel, ro: Rollout) -> torch.Tensor:
-    """pi_ref: full cache, adapters off (method.md section 4). ``[B, T]``, no grad."""
+    """pi_ref: full cache, adapters off (docs/method.md section 4). ``[B, T]``, no grad."""
     encoder = get_thought(model)
     with torch.no_grad(), adapters_disabled(model):
         if encoder is not None:

@@ -1,6 +1,6 @@
 """Math-verify grading and composable rewards; answers are extracted by ``pte.answers``.
 
-Implements the reward s_i of method.md §4 (correctness of the final answer, plus an optional format
+Implements the reward s_i of docs/method.md §4 (correctness of the final answer, plus an optional format
 term) and the grader guards of §6: a gold answer that math-verify cannot parse raises instead of
 being scored (math-verify's string fallback would otherwise match an equally broken prediction), and
 math-verify's ``signal.alarm`` timeouts are switched off inside worker processes whose time is
@@ -30,7 +30,7 @@ from sympy import Basic, Derivative, Equality, Expr, MatrixBase
 from sympy.core.function import AppliedUndef
 from typing_extensions import Self
 
-from pte.answers import extract_answer, last_boxed
+from pte.answers import drop_math_dollars, extract_answer, last_boxed
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ _READY = "ready"
 
 
 class GoldAnswerError(ValueError):
-    """A gold answer that math-verify cannot parse; scoring it would be meaningless (method.md §6)."""
+    """A gold answer that math-verify cannot parse; scoring it would be meaningless (docs/method.md §6)."""
 
 
 def _as_math(text: str) -> str:
@@ -72,12 +72,16 @@ def _normalise(text: str) -> str:
 
 
 def _gold_text(gold: str | float, row: str | int) -> str:
-    """Render a gold value as text; floats are written positionally because ``1e-07`` parses as ``e - 7``."""
+    """Render a gold value as text; floats are written positionally because ``1e-07`` parses as ``e - 7``.
+
+    Inline math separators (``3$, $4``) are dropped (``pte.answers.drop_math_dollars``), so a gold parses the
+    same from training data, benchmark loaders and every reward path.
+    """
     if isinstance(gold, bool) or (isinstance(gold, float) and not math.isfinite(gold)):
         raise GoldAnswerError(f"row {row}: gold answer {gold!r} is not a number or a math string")
     if isinstance(gold, float):
         return format(decimal.Decimal(repr(gold)), "f")
-    return str(gold).strip()
+    return drop_math_dollars(str(gold))
 
 
 def _parse_gold(gold: str | float, row: str | int, timeout: int | None) -> list:

@@ -1,4 +1,4 @@
-"""Batched sampling under a bounded cache (method.md sections 2-4): the rollout of cache-aware GRPO.
+"""Batched sampling under a bounded cache (docs/method.md sections 2-4): the rollout of cache-aware GRPO.
 
 Notation: B rows (prompts x samples), P padded prompt length, T generated tokens, V vocabulary.
 Response token r_j is sampled from the logits of the forward of r_{j-1} (r_0 from the prompt). Evictions
@@ -14,7 +14,7 @@ import torch
 from transformers import PreTrainedModel
 
 from pte.cache import BoundedKVCache, CachePolicy
-from pte.encoder import decoder_layers, get_thought
+from pte.encoder import decoder_layers, start_thought
 from pte.forward import forward_tokens
 
 
@@ -115,18 +115,15 @@ def rollout(
 ) -> Rollout:
     """Generate up to ``max_new_tokens`` for each row under ``policy``; finished rows stop counting.
 
-    Every row generates one token per step, so evictions are synchronous across the batch.
+    Every row generates one token per step; each row evicts by its own positions (synchronously across the
+    batch when the prompt is retained), and ``evict_before`` lists every step at which some row evicted.
     """
-    encoder = get_thought(model)
-    if policy.encodes_evicted and encoder is None:
-        raise ValueError("cache.policy=pte needs a model with a thought encoder (method: pte)")
     prompt_mask = prompt_mask.bool()
     b, p = prompt_ids.shape
     device = prompt_ids.device
     t_max = sampling.max_new_tokens
     cache = new_cache(model, policy, p, t_max)
-    if encoder is not None:
-        encoder.begin(b)
+    encoder = start_thought(model, policy.uses_thought, b)
     lengths = prompt_mask.sum(1)  # [B]
     eos = torch.tensor(eos_ids, device=device)
     tokens = torch.full((b, t_max), pad_id, dtype=torch.long, device=device)
@@ -142,11 +139,11 @@ def rollout(
     steps = 0
     for j in range(t_max):
         if j > 0:
-            n = policy.to_evict(cache.used, p)
-            if n:
-                evicted = cache.evict(n)
+            evictions = cache.evict_due()
+            if evictions:
                 if policy.encodes_evicted:
-                    encoder.absorb(*evicted)
+                    for evicted in evictions:
+                        encoder.absorb(*evicted)
                 evict_before.append(j - 1)
             pos = (lengths + j - 1)[:, None]
             logits = forward_tokens(model, cache, tokens[:, j - 1 : j], pos, ones)[:, -1]

@@ -1,4 +1,4 @@
-"""The thought state and the dynamic low-rank update: every equation of method.md section 3.
+"""The thought state and the dynamic low-rank update: every equation of docs/method.md section 3.
 
 Notation for one decoder layer: G global tokens, r latent rank, m evicted tokens, B batch rows,
 H_q/H_kv query/kv heads, D head dim, d_model hidden size.
@@ -37,6 +37,9 @@ class ThoughtConfig:
         state_scale: ``mean`` (1/m) or ``mean_sqrt_rank`` (1/(m sqrt r)) on the state increments.
         evicted_keys: ``pre_rope`` (undo the rotary embedding of evicted keys) or ``post_rope`` (as cached).
         init_std: std of the global tokens; W^a and B use PyTorch's default Linear init; A is zero.
+        state_grad: ``detach`` (the paper's memory claim: the carried state is a constant in each replay chunk, so
+            h_g and W^a learn only from the newest eviction) or ``chain`` (exact gradient through every state
+            update; the evicted K/V stay constants, and the chain keeps them for the W^a gradient).
     """
 
     rank: int = 32
@@ -47,8 +50,11 @@ class ThoughtConfig:
     state_scale: str = "mean"
     evicted_keys: str = "pre_rope"
     init_std: float = 0.02
+    state_grad: str = "detach"
 
     def __post_init__(self) -> None:
+        if self.state_grad not in ("detach", "chain"):
+            raise ValueError(f"thought.state_grad={self.state_grad!r}: expected detach or chain")
         if self.normalize not in ("rms", "frobenius", "none"):
             raise ValueError(f"thought.normalize={self.normalize!r}: expected rms, frobenius or none")
         if self.state_scale not in ("mean", "mean_sqrt_rank"):

@@ -1,4 +1,4 @@
-"""One GRPO step's experience and its chunk-by-chunk policy update (method.md section 4).
+"""One GRPO step's experience and its chunk-by-chunk policy update (docs/method.md section 4).
 
 Rollouts run in micro-batches under the bounded cache with the current weights; the update replays each
 micro-batch chunk by chunk and backpropagates every chunk's share of the loss before the next chunk is
@@ -15,6 +15,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from pte.config import Config
+from pte.distributed import all_sum
 from pte.generate import encode_prompts, eos_ids
 from pte.grpo import AGGREGATIONS, group_advantages, k3_kl, token_loss
 from pte.replay import reference_logprobs, replay
@@ -52,7 +53,10 @@ def generate_rollouts(
 
 
 def build_experience(model: nn.Module, rollouts: list[Rollout], rewards: torch.Tensor, cfg: Config) -> Experience:
-    """Group advantages, loss weights over the whole batch and, if beta > 0, full-cache reference log-probs."""
+    """Group advantages, loss weights over the whole batch and, if beta > 0, full-cache reference log-probs.
+
+    Under multi-process training the batch is the global one: the weights' normaliser is summed over processes.
+    """
     g = cfg.grpo
     adv = group_advantages(rewards, cfg.rollout.group_size, g.std_norm, g.adv_eps)
     t_max = max(ro.response_ids.shape[1] for ro in rollouts)
@@ -61,7 +65,7 @@ def build_experience(model: nn.Module, rollouts: list[Rollout], rewards: torch.T
         for m, ro in zip(masks, rollouts):
             m[ro.truncated] = False
     padded = torch.cat([nn.functional.pad(m, (0, t_max - m.shape[1])) for m in masks])  # [N, T_max]
-    weights = AGGREGATIONS[g.loss_agg](padded, cfg.rollout.max_new_tokens)
+    weights = AGGREGATIONS[g.loss_agg](padded, cfg.rollout.max_new_tokens, all_sum)  # global normaliser
     sizes = [m.shape[0] for m in masks]
     w_split = [w[:, : m.shape[1]] for w, m in zip(weights.split(sizes), masks)]
     refs = [reference_logprobs(model, ro) if g.beta > 0 else None for ro in rollouts]
@@ -80,8 +84,9 @@ def policy_update(model: nn.Module, exp: Experience, cfg: Config, backward: Call
         for chunk in replay(model, ro):
             sl = slice(chunk.start, chunk.stop)
             ref_chunk = ref[:, sl] if ref is not None else None
+            weighted = w[:, sl] != 0
             loss_tok, clipped = token_loss(
-                chunk.logprobs, ro.logprobs[:, sl], adv, g.clip_low, g.clip_high, ref_chunk, g.beta
+                chunk.logprobs, ro.logprobs[:, sl], adv, g.clip_low, g.clip_high, ref_chunk, g.beta, weighted
             )
             loss = (loss_tok * w[:, sl]).sum()
             backward(loss)
@@ -91,5 +96,5 @@ def policy_update(model: nn.Module, exp: Experience, cfg: Config, backward: Call
             stats["tokens"] += float(mask.sum())
             stats["entropy"] += float((chunk.entropy * mask).sum())
             if ref_chunk is not None:
-                stats["kl"] += float((k3_kl(chunk.logprobs.detach(), ref_chunk) * mask).sum())
+                stats["kl"] += float((k3_kl(chunk.logprobs.detach(), ref_chunk, mask) * mask).sum())
     return stats

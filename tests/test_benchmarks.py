@@ -1,4 +1,4 @@
-"""Tests for pte/benchmarks.py: each benchmark's loader on rows in its own format (method.md §5 benchmarks)."""
+"""Tests for pte/benchmarks.py: each benchmark's loader on rows in its own format (docs/method.md §5 benchmarks)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for pte.data: prompt sources, prompt templates and the GRPO data module (method.md §4-6)."""
+"""Tests for pte.data: prompt sources, prompt templates and the GRPO data module (docs/method.md §4-6)."""
 
 from __future__ import annotations
 
@@ -230,7 +230,7 @@ def test_bad_format_config_names_the_key(tok, kwargs, match):
 def test_batches_hold_formatted_prompts_and_gold_answers(tok):
     dm = make_dm(tok)
     batch = take(dm, 1)[0]
-    assert set(batch) == {"ids", "questions", "prompts", "answers"}
+    assert set(batch) == {"ids", "questions", "prompts", "answers", "solutions"}
     assert all(len(values) == 3 and all(isinstance(v, str) for v in values) for values in batch.values())
     by_id = {e.id: e for e in dm.train_examples}
     for id_, question, prompt, answer in zip(*(batch[k] for k in ("ids", "questions", "prompts", "answers"))):

@@ -1,4 +1,4 @@
-"""eval.py and pte.evaluate (method.md §5 protocol): sweeps, metrics, gold errors, resumable records, reports."""
+"""eval.py and pte.evaluate (docs/method.md §5 protocol): sweeps, metrics, gold errors, resumable records, reports."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ from omegaconf import OmegaConf
 import eval as eval_cli
 import pte.evaluate
 from pte.config import as_dict, load_config
+from pte.errors import UserError
+from pte.evaluate import RecordStore
 from pte.methods import build_model, export_adapter
-from pte.plots import summarize
+from pte.plots import Point, accuracy_vs_budget, kv_memory_curves, summarize
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -59,7 +61,8 @@ def _count_rollouts(monkeypatch) -> list[int]:
 
 
 def test_eval_sweep_writes_results_and_resumes(pte_adapter, tmp_path, monkeypatch):
-    args = [f"ckpt={pte_adapter}", "windows=[4,8]", "n_samples=2", "k=[1,2]", "eval.batch_size=2", *FAST]
+    args = [f"ckpt={pte_adapter}", "policies=[pte]", "windows=[4,8]", "n_samples=2", "k=[1,2]", "eval.batch_size=2"]
+    args += FAST
     rows = _count_rollouts(monkeypatch)
     first = eval_cli.main([*args, "limit=3"])
     out = pte_adapter / "eval"  # default: next to the checkpoint
@@ -101,7 +104,7 @@ def test_eval_sweep_writes_results_and_resumes(pte_adapter, tmp_path, monkeypatc
 
 def test_changed_settings_are_not_reused(pte_adapter, tmp_path, monkeypatch):
     """A different generation length is a different fingerprint: its problems are generated, not read back."""
-    args = [f"ckpt={pte_adapter}", "limit=1", f"eval.out_dir={tmp_path}", *FAST]
+    args = [f"ckpt={pte_adapter}", "policies=[pte]", "limit=1", f"eval.out_dir={tmp_path}", *FAST]
     rows = _count_rollouts(monkeypatch)
     eval_cli.main(args)
     eval_cli.main([*args, "eval.max_new_tokens=6"])
@@ -149,7 +152,8 @@ def test_bad_arguments_name_the_key(args, key, capsys):
     with pytest.raises(SystemExit) as exc:
         eval_cli.main(args)
     assert exc.value.code == 2
-    assert f"config error: {key}:" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {key}:") and err.count("\n") == 1  # one line, no traceback
 
 
 def test_pte_policy_rejected_for_lora_checkpoint(tmp_path, capsys):
@@ -201,9 +205,70 @@ def test_summarize_metrics_and_gold_errors():
     s = summarize(records, [2, 4])
     assert (s["problems"], s["gold_errors"]) == (2, 1)
     assert s["pass@1"] == pytest.approx((1 / 4 + 1 / 2) / 2)
+    assert s["pass@1_se"] == pytest.approx((((1 / 4 - 3 / 8) ** 2 + (1 / 2 - 3 / 8) ** 2) / 2 / 2) ** 0.5)
     assert s["pass@2"] == pytest.approx((1 / 2 + 5 / 6) / 2)
     assert s["pass@4"] == pytest.approx(1.0)
     assert s["maj@4"] == pytest.approx(0.5)
     assert s["maj@2"] == pytest.approx(0.5)  # first two samples: "1" wins (tie, earliest) -> right; "3" -> wrong
     assert s["tokens_per_s"] == pytest.approx(120 / 3)
     assert summarize(records[2:], [1])["pass@1"] is None  # nothing scored: no number, not zero
+
+
+def test_default_sweep_of_pte_checkpoint_compares_window_and_full(pte_adapter):
+    """No eval.policies: the checkpoint's own policy against both baselines, without generating anything."""
+    cfg, _ = eval_cli.resolve(None, [f"ckpt={pte_adapter}", "windows=[4,8]"])
+    assert [s.name for s in pte.evaluate.sweep(cfg)] == ["pte-w4", "pte-w8", "window-w4", "window-w8", "full"]
+
+
+def test_failed_eval_keeps_the_config_of_existing_results(pte_adapter, tmp_path, capsys, monkeypatch):
+    args = [f"ckpt={pte_adapter}", "policies=[pte]", "limit=1", f"eval.out_dir={tmp_path}", *FAST]
+    eval_cli.main(args)
+    before = {name: (tmp_path / name).read_bytes() for name in ("config.yaml", "results.json", "results.md")}
+
+    def broken_load(*args, **kwargs):
+        raise UserError("model.name: cannot load it")
+
+    monkeypatch.setattr(eval_cli, "load_trained", broken_load)
+    with pytest.raises(SystemExit) as exc:
+        eval_cli.main([*args, "windows=[5]"])  # new work, so the model must load, and it fails
+    assert exc.value.code == 2 and "error: model.name: cannot load it" in capsys.readouterr().err
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+
+
+def test_never_evicting_setting_is_flagged(pte_adapter, tmp_path):
+    """A 64-token window with 10 new tokens never evicts: the row measured the full cache and says so."""
+    args = [f"ckpt={pte_adapter}", "policies=[window]", "windows=[64]", "limit=1", f"eval.out_dir={tmp_path}"]
+    results = eval_cli.main([*args, *FAST])
+    assert results["settings"][0]["benchmarks"]["math500"]["never_evicts"] is True
+    assert "window-w64 (never evicts)" in (tmp_path / "results.md").read_text()
+
+
+def test_truncated_last_record_is_dropped_once(tmp_path, caplog):
+    path = tmp_path / "records.jsonl"
+    good = json.dumps({"fingerprint": "f", "benchmark": "b", "id": "1"})
+    path.write_text(good + "\n" + good[:10])  # the second write was cut short
+    with caplog.at_level("WARNING"):
+        store = RecordStore(path)
+    assert store.get("f", "b", "1") is not None and "dropped 1 incomplete" in caplog.text
+    assert path.read_text() == good + "\n"
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        RecordStore(path)
+    assert caplog.text == ""
+
+
+def test_kv_plot_starts_at_zero_with_a_full_cache_line():
+    fig = kv_memory_curves({"pte-w4": [[1, 1000.0], [5, 5000.0], [6, 4000.0], [9, 7000.0]]})
+    ax = fig.axes[0]
+    assert ax.get_ylim()[0] == 0
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    full = lines["full cache (extrapolated)"]
+    assert list(full.get_xdata()) == [1, 9] and full.get_ydata()[-1] == pytest.approx(9000 / 2**20)
+
+
+def test_accuracy_plot_has_error_bars_and_marks_never_evicting_points():
+    points = {"pte": [Point(8, 0.5, 0.1), Point(64, 0.6, 0.1, never_evicts=True)], "full": [Point(None, 0.6, 0.1)]}
+    ax = accuracy_vs_budget(points, "math500: n = 10 problems x 1 sample(s)").axes[0]
+    assert any(type(c).__name__ == "ErrorbarContainer" for c in ax.containers)
+    assert "pte: never evicted (= full cache)" in [line.get_label() for line in ax.get_lines()]
+    assert ax.get_ylim()[0] == 0 and "n = 10" in ax.get_title()

@@ -179,6 +179,6 @@ def test_failing_resume_leaves_the_checkpoints_byte_identical(tmp_path, straight
 def test_reused_run_name_is_refused_in_one_line(tmp_path, straight):
     shutil.copytree(straight[0], tmp_path / "run")
     rc, _, err = run(args(tmp_path, "trainer.max_steps=1"))
-    assert rc == 1
+    assert rc == 2
     assert err.strip().splitlines()[-1].startswith("error: trainer.run_name: ")
     assert "Traceback" not in err

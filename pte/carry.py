@@ -1,0 +1,81 @@
+"""The carry-chain task: a seeded, offline, long-horizon problem family whose answer needs evicted thoughts.
+
+A problem gives a start digit and ``steps`` labelled digits; the solution walks a running sum mod 10, one short
+line per step, marks the running value after each of ``carry`` chosen steps, and ends with the sum (mod 10) of the
+marked values and the last one::
+
+    question:  3 a5b1c4d9e2f6g8h3i7j1 keep c
+    solution:  a:3+5=8 b:8+1=9 c:9+4=3 #3 d:3+9=2 ... j:4+1=5 ans 3+5=8 \\boxed{8}
+
+Each step costs 8 tokens under a character tokenizer, so the trace is several times longer than a tight thought
+window, and a marked value is gone from the cache long before the last line needs it. The prompt (always retained)
+holds only the operands: rebuilding a marked value from it would take the marked step's whole prefix of additions,
+which the solution format never does. Under a plain window the last line is a guess (about 1 in 10); a full cache
+or a state that carried the marked value answers it. Graded like everything else (``\\boxed{}`` + math-verify).
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+
+import numpy as np
+
+LABELS = string.ascii_lowercase
+
+
+@dataclass(frozen=True)
+class CarryProblem:
+    """One problem: its question, the worked solution (the SFT target) and the gold answer."""
+
+    question: str
+    solution: str
+    answer: str
+
+
+def carry_problem(rng: np.random.Generator, steps: int, carry: int) -> CarryProblem:
+    """Draw one problem: ``steps`` additions mod 10, ``carry`` marked steps in the first half of the chain.
+
+    Args:
+        rng: numpy generator (the caller seeds it).
+        steps: chain length (2 to 26 labelled steps); the trace is about 8 tokens per step.
+        carry: how many intermediate values the answer needs (1 to steps // 2).
+    """
+    if not 2 <= steps <= len(LABELS):
+        raise ValueError(f"data.carry.steps={steps}: must be between 2 and {len(LABELS)}")
+    if not 1 <= carry <= steps // 2:
+        raise ValueError(f"data.carry.values={carry}: must be between 1 and steps // 2 = {steps // 2}")
+    start = int(rng.integers(10))
+    digits = rng.integers(1, 10, size=steps).tolist()
+    marked = sorted(rng.choice(np.arange(1, steps // 2 + 1), size=carry, replace=False).tolist())  # 1-based steps
+    value, lines, kept = start, [], []
+    for i, d in enumerate(digits, start=1):
+        new = (value + d) % 10
+        lines.append(f"{LABELS[i - 1]}:{value}+{d}={new}")
+        value = new
+        if i in marked:
+            lines.append(f"#{value}")
+            kept.append(value)
+    answer = (sum(kept) + value) % 10
+    terms = "+".join(str(v) for v in [*kept, value])
+    operands = "".join(f"{LABELS[i]}{d}" for i, d in enumerate(digits))
+    keep = ",".join(LABELS[i - 1] for i in marked)
+    return CarryProblem(
+        question=f"{start} {operands} keep {keep}",
+        solution=" ".join(lines) + f" ans {terms}={answer} \\boxed{{{answer}}}",
+        answer=str(answer),
+    )
+
+
+def carry_problems(size: int, seed: int, steps: int = 12, carry: int = 1) -> list[CarryProblem]:
+    """``size`` distinct problems from ``seed`` (the same seed always gives the same list)."""
+    rng = np.random.default_rng([seed, 7])
+    out: dict[str, CarryProblem] = {}
+    for _ in range(size * 20):
+        if len(out) == size:
+            break
+        p = carry_problem(rng, steps, carry)
+        out.setdefault(p.question, p)
+    if len(out) < size:
+        raise ValueError(f"data.size={size}: only {len(out)} distinct carry problems with steps={steps}")
+    return list(out.values())

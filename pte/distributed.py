@@ -1,0 +1,118 @@
+"""Multi-process training through Lightning's DDP launcher, without DDP's per-backward gradient sync.
+
+The chunked replay (method.md section 4) calls backward once per chunk, and the number of chunks depends on each
+rank's response lengths. DDP's reducer all-reduces on every backward, so ranks with different chunk counts would
+wait on each other forever. Here the module is not wrapped for sync at all (:class:`ReplayDDPStrategy`): every
+chunk's backward is local, and :func:`reduce_gradients` sums the small trainable gradients once per optimiser step.
+Loss weights use batch-wide normalisers summed over ranks (:func:`all_sum`), so the summed gradient equals the
+single-process gradient of the same global batch.
+
+Every helper is the identity in a single process, so the one-device path runs unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies.strategy import Strategy
+
+from pte.config import TrainerCfg
+
+
+def rank_world() -> tuple[int, int]:
+    """(global rank, world size) of this process; (0, 1) outside a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_sum(value: torch.Tensor) -> torch.Tensor:
+    """``value`` summed over ranks (a new tensor; ``value`` itself is left alone)."""
+    if rank_world()[1] == 1:
+        return value
+    total = value.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total
+
+
+def gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` in a single process."""
+    world = rank_world()[1]
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def reduce_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Sum the gradients of ``params`` over ranks in one all-reduce (before clipping and the optimiser step).
+
+    A rank whose replay produced no gradient for a parameter (no response tokens) contributes zeros, so every rank
+    takes part in the same single collective whatever its chunk count was; a parameter without a gradient on every
+    rank keeps none, as in one process (the optimiser then skips it). The sum runs in float32.
+    """
+    if rank_world()[1] == 1 or not params:
+        return
+    has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
+    grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params]
+    flat = torch.cat([*grads, has_grad])  # [sum of numel + number of params]
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    *pieces, counts = flat.split([g.numel() for g in grads] + [len(params)])
+    for p, piece, count in zip(params, pieces, counts.tolist()):
+        p.grad = piece.view_as(p).to(p.dtype).clone() if count > 0 else None
+
+
+def global_step_totals(
+    rewards: torch.Tensor, parts: dict[str, torch.Tensor], stats: dict[str, float]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, float]]:
+    """A step's rewards ``[N_global]`` and reward parts over all processes (rank order), and its update sums.
+
+    Reward statistics (mean, std, uniform groups) and token ratios (KL, clip fraction) are then those of the global
+    batch, as in a single process; the update's loss is the sum of the processes' shares.
+    """
+    if rank_world()[1] == 1:
+        return rewards, parts, stats
+    rewards_all = torch.cat([r.to(rewards.device) for r in gather_object(rewards.detach().cpu())])
+    parts_all = {
+        k: torch.cat([v.to(rewards.device) for v in gather_object(p.detach().cpu())]) for k, p in parts.items()
+    }
+    keys = sorted(stats)
+    sums = all_sum(torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=rewards.device))
+    return rewards_all, parts_all, dict(zip(keys, sums.tolist()))
+
+
+def own_share(per_rank: Any) -> Any:
+    """This rank's entry of a per-rank list saved by :func:`gather_object` (a non-list is everyone's).
+
+    Returns None when the list was saved by fewer ranks than this run has (that rank starts afresh).
+    """
+    if not isinstance(per_rank, list):
+        return per_rank
+    rank = rank_world()[0]
+    return per_rank[rank] if rank < len(per_rank) else None
+
+
+class ReplayDDPStrategy(DDPStrategy):
+    """Lightning's DDP (launcher, process group, rank-aware logging and checkpointing) without the DDP wrapper.
+
+    Without the wrapper no reducer hooks the parameters, so the replay's per-chunk backward calls never synchronise;
+    the module reduces its trainable gradients itself (:func:`reduce_gradients`). The frozen base needs no sync: it is
+    built from the same weights on every rank. The trainable parameters are broadcast from rank 0 once, so every rank
+    starts from the same adapter even if initialisation drew different random numbers.
+    """
+
+    def configure_ddp(self) -> None:
+        for p in self.model.parameters():
+            if p.requires_grad:
+                dist.broadcast(p.data, src=0)
+
+
+def build_strategy(t: TrainerCfg) -> Strategy | str:
+    """The Lightning strategy for ``trainer.strategy``: ``ReplayDDPStrategy`` for ddp, or for auto with > 1 process."""
+    if t.strategy == "ddp" or t.devices != 1 or t.num_nodes > 1:
+        return ReplayDDPStrategy()
+    return t.strategy
