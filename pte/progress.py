@@ -25,14 +25,23 @@ def _bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
+# (label, train/ scalar, format) of the stdout step line; a quantity the objective does not log (e.g. the
+# reward under objective=sft) is left out.
+LINE_FIELDS = (
+    ("reward", "train/reward_mean", "{:.3f}"),
+    ("accuracy", "train/accuracy", "{:.3f}"),
+    ("loss", "train/loss", "{:.4g}"),
+    ("response_len", "train/response_length", "{:.1f}"),
+)
+
+
 def step_line(step: int, max_steps: int, m: dict[str, float], seconds: float) -> str:
-    """``step 3/8 reward 0.250 accuracy 0.250 response_len 23.5 kv_held 1.2 KiB/seq 4.12 s``."""
-    return (
-        f"step {step}/{max_steps} reward {m.get('train/reward_mean', float('nan')):.3f} "
-        f"accuracy {m.get('train/accuracy', float('nan')):.3f} "
-        f"response_len {m.get('train/response_length', float('nan')):.1f} "
-        f"kv_held {_bytes(m.get('train/kv_bytes_held_per_seq', float('nan')))}/seq {seconds:.2f} s"
-    )
+    """``step 3/8 reward 0.250 accuracy 0.250 loss 0.0123 response_len 23.5 kv_held 1.2 KiB/seq 4.12 s``."""
+    parts = [f"step {step}/{max_steps}"]
+    parts += [f"{label} {fmt.format(m[key])}" for label, key, fmt in LINE_FIELDS if key in m]
+    if "train/kv_bytes_held_per_seq" in m:
+        parts.append(f"kv_held {_bytes(m['train/kv_bytes_held_per_seq'])}/seq")
+    return " ".join([*parts, f"{seconds:.2f} s"])
 
 
 class StepLog(L.Callback):

@@ -27,18 +27,16 @@ def test_build_callbacks_evaluates_only_when_enabled():
 
 
 def test_step_line_names_each_quantity_with_its_unit():
-    line = step_line(
-        3,
-        8,
-        {
-            "train/reward_mean": 0.25,
-            "train/accuracy": 0.5,
-            "train/response_length": 23.5,
-            "train/kv_bytes_held_per_seq": 3 * 1024**2,
-        },
-        1.234,
-    )
-    assert line == "step 3/8 reward 0.250 accuracy 0.500 response_len 23.5 kv_held 3.0 MiB/seq 1.23 s"
+    metrics = {
+        "train/reward_mean": 0.25,
+        "train/accuracy": 0.5,
+        "train/loss": 0.0123,
+        "train/response_length": 23.5,
+        "train/kv_bytes_held_per_seq": 3 * 1024**2,
+    }
+    line = step_line(3, 8, metrics, 1.234)
+    assert line == "step 3/8 reward 0.250 accuracy 0.500 loss 0.0123 response_len 23.5 kv_held 3.0 MiB/seq 1.23 s"
+    assert step_line(1, 2, {"train/loss": 1.5}, 0.5) == "step 1/2 loss 1.5 0.50 s"  # objective=sft: no reward
 
 
 def test_figure_array_is_rgb():

@@ -102,7 +102,7 @@ def test_non_terminal_stdout_gets_one_line_per_step(straight):
     _, steps = straight
     assert sorted(steps) == list(range(1, STEPS + 1))
     assert all(
-        re.match(r"reward [\d.]+ accuracy [\d.]+ response_len [\d.]+ kv_held [\d.]+ \w?i?B/seq", v)
+        re.match(r"reward [\d.]+ accuracy [\d.]+ loss \S+ response_len [\d.]+ kv_held [\d.]+ \w?i?B/seq", v)
         for v in steps.values()
     )
 
