@@ -112,7 +112,7 @@ def train(cfg: Config, argv: list[str] | None = None) -> dict[str, float]:
     datamodule = build_datamodule(cfg, module.tokenizer)
     ckpt_dir = run_dir / "checkpoints"
     saver = SaveOnInterrupt(ckpt_dir)
-    bar = [StepProgressBar()] if sys.stderr.isatty() else []
+    bar = [StepProgressBar()] if sys.stdout.isatty() else []  # Lightning draws its bars on stdout
     callbacks = [saver, RunRecord(cfg, run_dir), StepLog(t.log_every), *bar, *build_callbacks(cfg, datamodule)]
     if t.ckpt_every:
         callbacks.append(
