@@ -168,22 +168,28 @@ def _read_jsonl(path: str, where: str) -> Iterable[tuple[int, Row]]:
 
 
 OFFLINE_SEED = 1_000_003  # far from any training seed, so these problems are held out from training streams
-OFFLINE = {"arithmetic": 200}  # procedural benchmarks generated locally: name -> default size
+OFFLINE = {"arithmetic": 200, "carry": 200}  # procedural benchmarks generated locally: name -> default size
 
 
 def _offline(name: str, limit: int | None) -> list[Problem]:
-    """reasoning-gym arithmetic at the training defaults: an offline held-out set for smoke tests and the demo."""
+    """Offline held-out sets: reasoning-gym arithmetic at the training defaults, and the default carry task."""
+    size = limit or OFFLINE[name]
+    if name == "carry":
+        from pte.carry import carry_problems
+
+        return [Problem(f"carry/{i}", p.question, p.answer) for i, p in enumerate(carry_problems(size, OFFLINE_SEED))]
     from pte.data import DEFAULT_TASK_CONFIGS, DEFAULT_TASKS, reasoning_gym_examples
 
-    examples = reasoning_gym_examples(DEFAULT_TASKS, limit or OFFLINE[name], OFFLINE_SEED, DEFAULT_TASK_CONFIGS)
-    return [Problem(f"{name}/{i}", e.question, e.answer) for i, e in enumerate(examples)]
+    examples = reasoning_gym_examples(DEFAULT_TASKS, max(size, len(DEFAULT_TASKS)), OFFLINE_SEED, DEFAULT_TASK_CONFIGS)
+    return [Problem(f"{name}/{i}", e.question, e.answer) for i, e in enumerate(examples[:size])]
 
 
 def load_benchmark(name: str, path: str | None = None, limit: int | None = None) -> list[Problem]:
     """Load a registered benchmark as Problems, from a local JSONL copy or from the Hugging Face Hub.
 
     Args:
-        name: a key of ``BENCHMARKS``, or ``arithmetic`` (generated offline by reasoning-gym, seed OFFLINE_SEED).
+        name: a key of ``BENCHMARKS``, ``arithmetic`` (generated offline by reasoning-gym, seed OFFLINE_SEED) or
+            ``carry`` (the default carry task of pte/carry.py, 10 steps, one carried value, seed OFFLINE_SEED).
         path: a JSONL file in that benchmark's own row format; None loads ``hf_id`` at ``revision`` from the Hub.
         limit: keep only the first ``limit`` problems.
 

@@ -1,13 +1,13 @@
 """The carry-chain task: a seeded, offline, long-horizon problem family whose answer needs evicted thoughts.
 
 A problem gives a start digit and ``steps`` labelled digits; the solution walks a running sum mod 10, one short
-line per step, marks the running value after each of ``carry`` chosen steps, and ends with the sum (mod 10) of the
-marked values and the last one::
+token group per step (label, operand, new value), marks the running value after each of ``carry`` chosen steps,
+and ends with the sum (mod 10) of the marked values and the last one::
 
     question:  3 a5b1c4d9e2f6g8h3i7j1 keep c
-    solution:  a:3+5=8 b:8+1=9 c:9+4=3 #3 d:3+9=2 ... j:4+1=5 ans 3+5=8 \\boxed{8}
+    solution:  3 a5=8 b1=9 c4=3 #3 d9=2 e2=4 f6=0 g8=8 h3=1 i7=8 j1=9 ans 3+9=2 \\boxed{2}
 
-Each step costs 8 tokens under a character tokenizer, so the trace is several times longer than a tight thought
+Each step costs 5 tokens under a character tokenizer, so the trace is several times longer than a tight thought
 window, and a marked value is gone from the cache long before the last line needs it. The prompt (always retained)
 holds only the operands: rebuilding a marked value from it would take the marked step's whole prefix of additions,
 which the solution format never does. Under a plain window the last line is a guess (about 1 in 10); a full cache
@@ -38,7 +38,7 @@ def carry_problem(rng: np.random.Generator, steps: int, carry: int) -> CarryProb
 
     Args:
         rng: numpy generator (the caller seeds it).
-        steps: chain length (2 to 26 labelled steps); the trace is about 8 tokens per step.
+        steps: chain length (2 to 26 labelled steps); the trace is about 5 tokens per step.
         carry: how many intermediate values the answer needs (1 to steps // 2).
     """
     if not 2 <= steps <= len(LABELS):
@@ -48,11 +48,10 @@ def carry_problem(rng: np.random.Generator, steps: int, carry: int) -> CarryProb
     start = int(rng.integers(10))
     digits = rng.integers(1, 10, size=steps).tolist()
     marked = sorted(rng.choice(np.arange(1, steps // 2 + 1), size=carry, replace=False).tolist())  # 1-based steps
-    value, lines, kept = start, [], []
+    value, lines, kept = start, [str(start)], []
     for i, d in enumerate(digits, start=1):
-        new = (value + d) % 10
-        lines.append(f"{LABELS[i - 1]}:{value}+{d}={new}")
-        value = new
+        value = (value + d) % 10
+        lines.append(f"{LABELS[i - 1]}{d}={value}")
         if i in marked:
             lines.append(f"#{value}")
             kept.append(value)
@@ -67,7 +66,7 @@ def carry_problem(rng: np.random.Generator, steps: int, carry: int) -> CarryProb
     )
 
 
-def carry_problems(size: int, seed: int, steps: int = 12, carry: int = 1) -> list[CarryProblem]:
+def carry_problems(size: int, seed: int, steps: int = 10, carry: int = 1) -> list[CarryProblem]:
     """``size`` distinct problems from ``seed`` (the same seed always gives the same list)."""
     rng = np.random.default_rng([seed, 7])
     out: dict[str, CarryProblem] = {}

@@ -122,7 +122,7 @@ class DataCfg:
     source: str = "reasoning_gym"
     tasks: list[str] = field(default_factory=lambda: ["basic_arithmetic"])
     size: int = 512
-    carry_steps: int = 12
+    carry_steps: int = 10
     carry_values: int = 1
     path: str | None = None
     hf_name: str | None = None

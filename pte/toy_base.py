@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 class ToySpec:
     """Architecture, task and training budget of the toy base (the defaults are what ``toy-carry`` builds)."""
 
-    steps: int = 12  # carry chain length (data.carry_steps)
+    steps: int = 10  # carry chain length (data.carry_steps)
     values: int = 1  # carried values (data.carry_values)
     hidden: int = 128
     layers: int = 4

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from pte.config import load_config
+
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 4
 ENV = {
@@ -87,6 +89,12 @@ def resume_from_report(err: str) -> list[str]:
     cmd = shlex.split(line.removeprefix("resume with: "))
     assert cmd[:2] == ["python", "train.py"]
     return cmd[2:]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_config_checkpoints_within_its_first_steps(path):
+    t = load_config(path).trainer
+    assert 0 < t.ckpt_every <= min(t.max_steps, 10) and t.keep_last >= 1
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,273 @@
+"""The paper's table at toy scale, on a CPU: ``python -m pte.experiments.toy_table`` (``make repro``).
+
+Every arm starts from the same toy base (``model.name: toy-carry``, pte/toy_base.py) on the long-horizon carry task
+(pte/carry.py), with the same number of optimiser steps and the same seeds:
+
+    base             the untrained base model (evaluation only)
+    lora             peft LoRA trained by GRPO under the full cache
+    lora_c           LoRA trained by GRPO under the tight window (the paper's LoRA_c)
+    lora_c_sft_grpo  LoRA_c trained by cache-aware SFT, then GRPO (the same recipe as PTE's, for fairness)
+    pte_grpo         PTE trained by cache-aware GRPO (the paper)
+    pte_sft_grpo     PTE trained by cache-aware SFT (exact state-chain gradient), then GRPO
+
+Each trained arm is evaluated greedily on held-out problems under a tight window, a medium window and the full
+cache (for PTE arms "full" means the PTE policy with a window the response never fills: nothing is evicted).
+``--ablations`` adds PTE variants (global tokens, training eviction ratio, Normalize, detach vs chain) and
+inference eviction ratios. Writes ``results.json``, ``results.md`` (mean and spread over seeds) and
+``accuracy_vs_budget.png``; every stage keeps its own run directory with TensorBoard logs. An interrupted run
+resumes arm by arm: finished stages and evaluations are read back, not recomputed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from pte.carry import carry_problems
+from pte.config import Config, load_config
+from pte.evaluate import sample_batch
+from pte.methods import load_base, load_trained
+from pte.rewards import Grader
+from pte.rollout import SamplingConfig
+
+log = logging.getLogger("toy_table")
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
+
+
+@dataclass(frozen=True)
+class Arm:
+    """A training recipe: its method, its stages (objective and share of the step budget) and config overrides."""
+
+    method: str
+    stages: tuple[str, ...] = ()
+    overrides: tuple[str, ...] = ()
+    eval_ratios: tuple[float, ...] = field(default=())
+
+
+ARMS = {
+    "base": Arm("base"),
+    "lora": Arm("lora", ("grpo",)),
+    "lora_c": Arm("lora_c", ("grpo",)),
+    "lora_c_sft_grpo": Arm("lora_c", ("sft", "grpo")),
+    "pte_grpo": Arm("pte", ("grpo",)),
+    "pte_sft_grpo": Arm("pte", ("sft", "grpo"), eval_ratios=(0.05, 0.15)),
+}
+ABLATIONS = {
+    **{f"pte_G{g}": Arm("pte", ("sft", "grpo"), (f"thought.global_tokens={g}",)) for g in (1, 16, 32)},
+    **{f"pte_train_evict{r}": Arm("pte", ("sft", "grpo"), (f"cache.evict_ratio={r}",)) for r in (0.05, 0.15)},
+    **{f"pte_norm_{n}": Arm("pte", ("sft", "grpo"), (f"thought.normalize={n}",)) for n in ("frobenius", "none")},
+    "pte_detach": Arm("pte", ("sft", "grpo"), ("thought.state_grad=detach",)),
+}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What is held fixed across arms."""
+
+    steps: int  # optimiser steps per trained arm (split evenly between SFT and GRPO in two-stage arms)
+    tight: int  # thought window of the tight budget
+    medium: int  # thought window of the medium budget
+    problems: int  # held-out problems per evaluation
+    seeds: tuple[int, ...]
+
+
+def stage_steps(arm: Arm, budget: Budget) -> list[int]:
+    """Optimiser steps of each stage: the budget split evenly, the remainder to the last stage."""
+    n = len(arm.stages)
+    share = budget.steps // n
+    return [share] * (n - 1) + [budget.steps - share * (n - 1)]
+
+
+def run_stage(config: Path, overrides: list[str], out: Path) -> Path:
+    """Train one stage unless its adapter export exists; return the adapter directory."""
+    from train import train
+
+    adapter = out / "adapter"
+    if (adapter / "config.yaml").exists():
+        return adapter
+    cfg = load_config(config, [*overrides, f"trainer.out_dir={out.parent}", f"trainer.run_name={out.name}"])
+    train(cfg)
+    return adapter
+
+
+def train_arm(
+    name: str, arm: Arm, seed: int, budget: Budget, config: Path, out: Path, common: list[str]
+) -> Path | None:
+    """Run the arm's stages in order (each starts from the previous stage's adapter); None for ``base``."""
+    adapter = None
+    for stage, steps in zip(arm.stages, stage_steps(arm, budget)):
+        overrides = [
+            *common,
+            f"method={arm.method}",
+            f"objective={stage}",
+            f"seed={seed}",
+            f"trainer.max_steps={steps}",
+            f"cache.window={budget.tight}",
+            *arm.overrides,
+        ]
+        if adapter is not None:
+            overrides.append(f"model.adapter={adapter}")
+        adapter = run_stage(config, overrides, out / name / f"seed{seed}" / stage)
+    return adapter
+
+
+def settings(arm: Arm, budget: Budget, max_new: int) -> list[tuple[str, str, int, float | None]]:
+    """(column, policy, window, eval eviction ratio or None for the config's) for the arm's evaluations."""
+    bounded = "pte" if arm.method == "pte" else "window"
+    out = [("tight", bounded, budget.tight, None), ("medium", bounded, budget.medium, None)]
+    out.append(("full", "pte", max_new + 1, None) if arm.method == "pte" else ("full", "full", 0, None))
+    out += [(f"tight@evict{r}", bounded, budget.tight, r) for r in arm.eval_ratios]
+    return out
+
+
+def evaluate_arm(model, tok, cfg: Config, arm: Arm, budget: Budget, problems, grader: Grader) -> dict[str, float]:
+    """Greedy accuracy of one trained model under each of the arm's cache settings."""
+    max_new = cfg.rollout.max_new_tokens
+    sampling = SamplingConfig(temperature=0.0, max_new_tokens=max_new)
+    prompts = [cfg_prompt(tok, cfg, p.question) for p in problems]
+    golds = [p.answer for p in problems]
+    scores = {}
+    for column, policy, window, ratio in settings(arm, budget, max_new):
+        cache = cfg.cache if policy == "full" else _cache(cfg, window, ratio)
+        answers: list[str | None] = []
+        for i in range(0, len(prompts), cfg.eval.batch_size):
+            answers += sample_batch(model, tok, prompts[i : i + cfg.eval.batch_size], cache, policy, sampling).answers
+        scores[column] = sum(grader.grade(answers, golds)) / len(golds)
+    return scores
+
+
+def _cache(cfg: Config, window: int, ratio: float | None):
+    from dataclasses import replace
+
+    return replace(cfg.cache, window=window, evict_ratio=cfg.cache.evict_ratio if ratio is None else ratio)
+
+
+def cfg_prompt(tok, cfg: Config, question: str) -> str:
+    from pte.prompts import few_shot_examples, format_prompt
+
+    d = cfg.data
+    return format_prompt(tok, question, d.template, d.system, few_shot_examples(d), d.instruction)
+
+
+def load_arm_model(config: Path, adapter: Path | None, common: list[str]):
+    """The trained policy (adapter export) or, for ``base``, the base model with the run's config."""
+    if adapter is not None:
+        return load_trained(adapter)
+    cfg = load_config(config, [*common, "method=base"])
+    model, tok = load_base(cfg)
+    return model, tok, cfg
+
+
+def summarise(results: dict, arms: list[str]) -> tuple[str, dict]:
+    """Mean and spread (sample std over seeds) per arm and column; a Markdown table."""
+    columns = sorted({c for arm in arms for s in results[arm].values() for c in s}, key=_column_order)
+    table: dict[str, dict[str, list[float]]] = {}
+    lines = ["| arm | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for arm in arms:
+        row = {}
+        for c in columns:
+            vals = [100 * s[c] for s in results[arm].values() if c in s]
+            row[c] = [statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0, len(vals)]
+        table[arm] = row
+        cells = [f"{m:.1f} ± {sd:.1f}" if n else "-" for m, sd, n in row.values()]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n", table
+
+
+def _column_order(c: str) -> tuple[int, str]:
+    return ({"tight": 0, "medium": 1, "full": 2}.get(c, 3), c)
+
+
+def plot(table: dict, budget: Budget, max_new: int, path: Path) -> None:
+    """Accuracy against thought window per arm (the full cache drawn at the response limit), with spread bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    xs = {"tight": budget.tight, "medium": budget.medium, "full": max_new}
+    for arm, row in table.items():
+        cols = [c for c in ("tight", "medium", "full") if c in row]
+        ax.errorbar(
+            [xs[c] for c in cols],
+            [row[c][0] for c in cols],
+            yerr=[row[c][1] for c in cols],
+            marker="o",
+            capsize=3,
+            label=arm,
+        )
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(xs.values()), [f"W={budget.tight}", f"W={budget.medium}", "full"])
+    ax.set_ylim(0, 100)
+    ax.set_ylabel(f"accuracy % (greedy, {budget.problems} problems, mean ± sd over {len(budget.seeds)} seeds)")
+    ax.set_xlabel("thought window")
+    ax.set_title("carry task: accuracy against cache budget")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="base config of every arm")
+    parser.add_argument("--out", type=Path, default=Path("runs/toy_table"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=40, help="optimiser steps per trained arm")
+    parser.add_argument("--tight", type=int, default=12, help="tight thought window W")
+    parser.add_argument("--medium", type=int, default=32, help="medium thought window W")
+    parser.add_argument("--problems", type=int, default=200, help="held-out problems per evaluation")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=[*ARMS, *ABLATIONS])
+    parser.add_argument("--ablations", action="store_true", help="add every ablation arm")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides for every arm (e.g. rollout.batch_size=16)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    budget = Budget(args.steps, args.tight, args.medium, args.problems, tuple(args.seeds))
+    arms = {**ARMS, **ABLATIONS}
+    names = [*args.arms, *(n for n in ABLATIONS if args.ablations and n not in args.arms)]
+    args.out.mkdir(parents=True, exist_ok=True)
+    store = args.out / "results.json"
+    saved = json.loads(store.read_text()) if store.exists() else {}
+    results: dict = saved.get("results", {})
+    base_cfg = load_config(args.config, args.overrides)
+    problems = carry_problems(
+        budget.problems, seed=20_000, steps=base_cfg.data.carry_steps, carry=base_cfg.data.carry_values
+    )
+    t0 = time.perf_counter()
+    with Grader(timeout_s=5.0, workers=1) as grader:
+        jobs = [(n, s) for n in names for s in budget.seeds]
+        for name, seed in tqdm(jobs, desc="arms x seeds"):
+            if str(seed) in results.get(name, {}):
+                continue
+            arm = arms[name]
+            adapter = train_arm(name, arm, seed, budget, args.config, args.out, list(args.overrides))
+            model, tok, cfg = load_arm_model(args.config, adapter, list(args.overrides))
+            scores = evaluate_arm(model, tok, cfg, arm, budget, problems, grader)
+            log.info("%s seed %d: %s", name, seed, {k: round(100 * v, 1) for k, v in scores.items()})
+            results.setdefault(name, {})[str(seed)] = scores
+            store.write_text(
+                json.dumps(
+                    {"budget": vars(args) | {"out": str(args.out), "config": str(args.config)}, "results": results},
+                    indent=2,
+                    default=str,
+                )
+            )
+            del model
+    markdown, table = summarise(results, [n for n in names if n in results])
+    (args.out / "results.md").write_text(markdown)
+    plot(table, budget, base_cfg.rollout.max_new_tokens, args.out / "accuracy_vs_budget.png")
+    print(markdown)
+    log.info("wall time this call: %.0f s; results in %s", time.perf_counter() - t0, args.out)
+    return table
+
+
+if __name__ == "__main__":
+    main()
