@@ -28,7 +28,7 @@ test-full: $(STAMP)  ## everything, including tests marked slow
 	$(PY) -m pytest -q -m "slow or not slow"
 
 demo: $(STAMP)  ## python train.py on the embedded default (SmolLM2-135M, CPU, offline)
-	$(PY) train.py
+	$(PY) train.py trainer.overwrite=true
 
 eval: $(STAMP)  ## evaluate the demo run's checkpoint
 	$(PY) eval.py ckpt=runs/default/adapter

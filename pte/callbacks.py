@@ -1,16 +1,16 @@
-"""Training callbacks: checkpoint on interrupt, periodic fixed-budget evaluation and memory curves.
+"""Training callbacks: periodic fixed-budget evaluation and memory curves.
 
 The periodic evaluation is the docs/method.md §5 protocol in miniature: greedy decoding of held-out prompts under the
 run's own cache policy and window, graded like the benchmarks. The memory curves are the two views behind the
 paper's memory claims: KV bytes held against generated position (flat once the window is full) and the peak memory
-of each training phase (rollout, replay, optimizer) tracked by ``GRPOModule.memory``.
+of each training phase (rollout, replay, optimizer) tracked by ``GRPOModule.memory`` (on CUDA; on CPU only the process's resident-set peak,
+see pte/memory.py).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from pathlib import Path
 
 import lightning as L
 import torch
@@ -26,16 +26,6 @@ from pte.rollout import SamplingConfig
 log = logging.getLogger(__name__)
 
 VAL_KEYS = ("response_length", "truncated_frac", "evictions", "tokens_per_s", "gold_errors")
-
-
-class SaveOnInterrupt(L.Callback):
-    """Write a resumable checkpoint when training stops on an exception (Ctrl-C included)."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        trainer.save_checkpoint(self.path)
 
 
 def log_scalars(trainer: L.Trainer, metrics: Mapping[str, float], step: int) -> None:
@@ -60,8 +50,8 @@ def _due(step: int, last: int, every: int) -> bool:
 
 class EvalCallback(L.Callback):
     """Every ``every`` optimiser steps, greedy evaluation on the held-out prompts under the run's cache policy and
-    window; logs ``val/accuracy``, ``val/response_length`` etc. and the KV bytes held against generated position
-    (``memory/kv_bytes_*`` scalars and a ``memory/kv_curve`` image).
+    window; logs ``val/accuracy``, ``val/response_length``, ``val/kv_bytes_{held,peak}_per_seq`` etc. and the KV
+    bytes held per sequence against generated position (a ``memory/kv_curve`` image).
 
     Args:
         cfg: the run config (cache window, micro-batch size, generation length ``rollout.max_new_tokens``).
@@ -124,8 +114,8 @@ class EvalCallback(L.Callback):
         records = [r for part in gather_object(records) for r in part]
         summary = summarize(records, [1])
         metrics = {"val/accuracy": summary["pass@1"], **{f"val/{k}": summary[k] for k in VAL_KEYS}}
-        metrics["memory/kv_bytes_held"] = summary["kv_bytes_held"]
-        metrics["memory/kv_bytes_peak"] = summary["kv_bytes_peak"]
+        metrics["val/kv_bytes_held_per_seq"] = summary["kv_bytes_held"]
+        metrics["val/kv_bytes_peak_per_seq"] = summary["kv_bytes_peak"]
         curves = [r["kv_curve"] for r in records if r.get("kv_curve")]
         return {k: float(v) for k, v in metrics.items() if v is not None}, max(
             curves, key=lambda c: c[-1][0], default=[]
@@ -138,11 +128,12 @@ class EvalCallback(L.Callback):
 
 
 class MemoryCurveCallback(L.Callback):
-    """Per-phase peak memory (rollout, replay, optimizer, process) from ``pl_module.memory.peaks()``: scalars
-    ``memory/peak_<phase>_mib`` every step and a ``memory/phases`` plot of their history every ``plot_every`` steps.
+    """Peak memory from ``pl_module.memory.peaks()``, in MiB: ``memory/peak_allocated_<phase>_mib`` (rollout, replay,
+    optimizer, process) on CUDA, ``memory/peak_rss_process_mib`` on CPU, every step, and a ``memory/phases`` plot of
+    their history every ``plot_every`` steps.
 
     Args:
-        plot_every: optimiser steps between plots.
+        plot_every: optimiser steps between plots (0 = never).
     """
 
     def __init__(self, plot_every: int) -> None:
@@ -159,14 +150,14 @@ class MemoryCurveCallback(L.Callback):
         for phase, value in peaks.items():
             self.history.setdefault(phase, []).append((step, float(value)))
         log_scalars(trainer, {f"memory/peak_{phase}_mib": value / MIB for phase, value in peaks.items()}, step)
-        if _due(step, self.last_plot, self.plot_every):
+        if self.plot_every > 0 and _due(step, self.last_plot, self.plot_every):
             self.last_plot = step
             log_figure(trainer, "memory/phases", memory_phases(self.history), step)
 
 
 def build_callbacks(cfg: Config, datamodule) -> list[L.Callback]:
-    """The periodic evaluation and memory-curve callbacks when ``trainer.val_every`` > 0, else none."""
+    """Peak-memory scalars always; the periodic evaluation and the plots when ``trainer.val_every`` > 0."""
     t = cfg.trainer
     if t.val_every <= 0:
-        return []
+        return [MemoryCurveCallback(0)]
     return [EvalCallback(cfg, datamodule, t.val_every, t.val_limit), MemoryCurveCallback(t.val_every)]

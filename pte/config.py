@@ -229,10 +229,19 @@ STRATEGIES = ("auto", "ddp")
 
 @dataclass
 class TrainerCfg:
-    """Lightning Trainer settings. ``strategy``: ``auto`` (one process unless devices x num_nodes > 1) or ``ddp``
-    (pte.distributed.ReplayDDPStrategy: one process per device, gradients summed once per step); ``devices`` is
-    per node (-1 = all), ``num_nodes`` the number of machines. ``rollout.batch_size`` is the global batch over all
-    processes. FSDP is not supported yet (README "Running at scale").
+    """Lightning Trainer settings and where a run lives (``out_dir/run_name``). ``strategy``: ``auto`` (one process
+    unless devices x num_nodes > 1) or ``ddp`` (pte.distributed.ReplayDDPStrategy: one process per device, gradients
+    summed once per step); ``devices`` is per node (-1 = all), ``num_nodes`` the number of machines.
+    ``rollout.batch_size`` is the global batch over all processes. FSDP is not supported yet (README "Running at
+    scale").
+
+    ckpt_every: optimiser steps between periodic checkpoints ``checkpoints/step-<N>.ckpt`` (+ ``last.ckpt``), written
+        atomically; 0 = only at the end and on interrupts (a SIGKILL then loses the run).
+    keep_last: periodic checkpoints kept (the newest ones).
+    overwrite: start afresh in a run directory that already holds a run (its checkpoints, TensorBoard logs, configs
+        and adapter are deleted); without it such a directory is refused unless ``ckpt_path`` resumes it.
+    max_nonfinite: consecutive steps with a NaN/inf loss or gradient (each skipped, no optimiser step) after which
+        the run saves and stops; 0 = never stop.
     """
 
     max_steps: int = 10
@@ -246,9 +255,15 @@ class TrainerCfg:
     log_every: int = 1
     val_every: int = 0
     val_limit: int = 8
-    ckpt_every: int = 0
+    ckpt_every: int = 10
+    keep_last: int = 2
+    overwrite: bool = False
+    max_nonfinite: int = 3
 
     def __post_init__(self) -> None:
+        require(self.ckpt_every >= 0, "trainer.ckpt_every", "must be >= 0 (0 = only at the end)")
+        require(self.keep_last >= 1, "trainer.keep_last", "must be >= 1")
+        require(self.max_nonfinite >= 0, "trainer.max_nonfinite", "must be >= 0 (0 = never stop)")
         fsdp = " (FSDP is not supported yet: see README 'Running at scale')" if "fsdp" in self.strategy else ""
         require(
             self.strategy in STRATEGIES,

@@ -1,7 +1,8 @@
-"""Peak memory per training phase (rollout, replay, optimiser): max allocated on CUDA, resident set on CPU.
+"""Peak memory per training phase (rollout, replay, optimiser) on CUDA; the process's resident-set peak on CPU.
 
-On CPU there is no resettable allocator peak, so a phase's figure is the larger of the resident set at its
-start and end, and the process-wide high-water mark is reported separately.
+CUDA has a resettable allocator peak, so each phase gets its own figure (``torch.cuda.max_memory_allocated`` since
+the phase started). A CPU has no such counter: the resident set only grows to its high-water mark, so per-phase
+figures would all show the same curve. On CPU only the process-wide peak is reported, under a name that says so.
 """
 
 from __future__ import annotations
@@ -9,12 +10,7 @@ from __future__ import annotations
 import resource
 import sys
 
-import psutil
 import torch
-
-
-def rss_bytes() -> int:
-    return psutil.Process().memory_info().rss
 
 
 def max_rss_bytes() -> int:
@@ -24,24 +20,27 @@ def max_rss_bytes() -> int:
 
 
 class MemoryTracker:
-    """Start/stop named phases; ``peaks()`` returns the last peak of each phase in bytes."""
+    """Start/stop named phases; ``peaks()`` maps a metric name (what was measured, where) to bytes.
+
+    Names: ``allocated_<phase>`` and ``allocated_process`` on CUDA; ``rss_process`` on CPU.
+    """
 
     def __init__(self) -> None:
+        self.cuda = torch.cuda.is_available()
         self._peaks: dict[str, int] = {}
-        self._start: dict[str, int] = {}
+        self._process = 0  # the allocator peak is reset per phase, so the run's peak is the max of the phases
 
     def start(self, phase: str) -> None:
-        if torch.cuda.is_available():
+        if self.cuda:
             torch.cuda.reset_peak_memory_stats()
-        self._start[phase] = rss_bytes()
 
     def stop(self, phase: str) -> None:
-        if torch.cuda.is_available():
-            self._peaks[phase] = torch.cuda.max_memory_allocated()
-        else:
-            self._peaks[phase] = max(self._start.pop(phase, 0), rss_bytes())
+        if self.cuda:
+            peak = torch.cuda.max_memory_allocated()
+            self._peaks[f"allocated_{phase}"] = peak
+            self._process = max(self._process, peak)
 
     def peaks(self) -> dict[str, int]:
-        out = dict(self._peaks)
-        out["process"] = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else max_rss_bytes()
-        return out
+        if not self.cuda:
+            return {"rss_process": max_rss_bytes()}
+        return {**self._peaks, "allocated_process": self._process}

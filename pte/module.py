@@ -6,6 +6,8 @@ method lives in rollout.py, replay.py, thought.py and grpo.py.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
 from dataclasses import asdict
 
@@ -13,6 +15,7 @@ import lightning as L
 import torch
 from omegaconf import OmegaConf
 
+from pte.checkpoints import deferred_interrupts
 from pte.config import METHOD_POLICY, Config, as_dict, load_config
 from pte.data import MathDataModule
 from pte.distributed import gather_object, global_step_totals, own_share, reduce_gradients
@@ -24,6 +27,8 @@ from pte.prompts import few_shot_examples
 from pte.rewards import Grader, build_reward
 from pte.sft import sft_update, teacher_forced
 from pte.update import build_experience, generate_rollouts, policy_update
+
+log = logging.getLogger(__name__)
 
 
 def build_datamodule(cfg: Config, tokenizer) -> MathDataModule:
@@ -53,6 +58,10 @@ def build_datamodule(cfg: Config, tokenizer) -> MathDataModule:
     )
 
 
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a NaN/inf loss or gradient (``trainer.max_nonfinite``)."""
+
+
 class GRPOModule(L.LightningModule):
     """Holds the policy (base model + method adapter), the reward and the cache-aware GRPO step.
 
@@ -74,6 +83,11 @@ class GRPOModule(L.LightningModule):
         self.memory = MemoryTracker()
         self.generator: torch.Generator | None = None  # made on the model's device at the first step
         self._resumed_rng: torch.Tensor | None = None
+        self.nonfinite_steps = 0  # skipped steps over the whole run (checkpointed)
+        self._nonfinite_streak = 0
+        self.step_skipped = False  # the last step had a non-finite loss or gradient and was not applied
+        self._commit = contextlib.ExitStack()  # holds signals from the optimiser step to the end of the batch
+        self.step_metrics: dict[str, float] = {}  # the last step's scalars; pte.progress.StepLog writes them
 
     @classmethod
     def from_config(cls, cfg: Config) -> GRPOModule:
@@ -116,7 +130,8 @@ class GRPOModule(L.LightningModule):
 
         opt = self.optimizers()
         t1 = time.perf_counter()
-        for _ in range(cfg.grpo.updates_per_batch):
+        self.step_skipped = False
+        for k in range(cfg.grpo.updates_per_batch):
             opt.zero_grad()
             self.memory.start("replay")
             stats = policy_update(self.model, exp, cfg, self.manual_backward)
@@ -124,11 +139,48 @@ class GRPOModule(L.LightningModule):
             self.memory.stop("replay")
             self.memory.start("optimizer")
             grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), cfg.optim.grad_clip)
+            if not self._all_finite(stats["loss"], grad_norm):
+                self._skip_nonfinite(opt)
+                break
+            if k == 0:  # from the first optimiser step on, a signal waits until the step is logged and saved
+                self._commit.enter_context(deferred_interrupts())
             opt.step()
             self.memory.stop("optimizer")
-        self.lr_schedulers().step()
+        if not self.step_skipped:
+            self._nonfinite_streak = 0
+            self.lr_schedulers().step()
         rewards, parts, stats = global_step_totals(rewards, parts, stats)
         self._log_step(rollouts, rewards, parts, stats, grad_norm, t_rollout, time.perf_counter() - t1)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        """After the callbacks logged and checkpointed the step: act on a signal held during the optimiser step, and
+        stop (the failure checkpoint follows) after ``trainer.max_nonfinite`` skipped steps in a row."""
+        self._commit.close()
+        limit = self.cfg.trainer.max_nonfinite
+        if limit and self._nonfinite_streak >= limit:
+            raise NonFiniteError(
+                f"{self._nonfinite_streak} consecutive steps had a non-finite loss or gradient "
+                f"(trainer.max_nonfinite={limit}); stopping. Lower optim.lr or check the data and rewards."
+            )
+
+    def _all_finite(self, loss: float, grad_norm: torch.Tensor) -> bool:
+        """Loss and gradient norm finite on every process (one decision everywhere, so DDP ranks stay in step)."""
+        check = torch.tensor([loss, float(grad_norm)], dtype=torch.float64, device=self.device)
+        return bool(torch.isfinite(self.trainer.strategy.reduce(check, reduce_op="sum")).all())
+
+    def _skip_nonfinite(self, opt) -> None:
+        """Drop this step's gradients without an optimiser step, and count it."""
+        opt.zero_grad()
+        self.memory.stop("optimizer")
+        self.nonfinite_steps += 1
+        self.step_skipped = True
+        self._nonfinite_streak += 1
+        log.warning(
+            "step %d: non-finite loss or gradient, optimiser step skipped (%d so far, %d in a row)",
+            self.global_step + 1,
+            self.nonfinite_steps,
+            self._nonfinite_streak,
+        )
 
     def _sft_step(self, batch: dict) -> None:
         """One cache-aware SFT step on ``rollout.batch_size`` worked solutions (pte/sft.py)."""
@@ -150,6 +202,8 @@ class GRPOModule(L.LightningModule):
         self.memory.stop("replay")
         reduce_gradients(self.trainable_parameters())
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.cfg.optim.grad_clip)
+        self.step_skipped = False
+        self._commit.enter_context(deferred_interrupts())  # a signal waits until the step is logged and saved
         opt.step()
         self.lr_schedulers().step()
         logs = {
@@ -161,11 +215,12 @@ class GRPOModule(L.LightningModule):
             "lr": opt.param_groups[0]["lr"],
             "time_update_s": time.perf_counter() - t0,
         }
-        self.log_dict({f"train/{k}": float(v) for k, v in logs.items()}, on_step=True, prog_bar=False)
+        self._publish(logs)
 
     def _log_step(self, rollouts, rewards, parts, stats, grad_norm, t_rollout, t_update) -> None:
         tokens = sum(float(ro.response_mask.sum()) for ro in rollouts)
         ro_stats = [ro.stats() for ro in rollouts]
+        rows = sum(ro.response_ids.shape[0] for ro in rollouts)  # rollout KV bytes are summed over a micro-batch
 
         def mean(key: str) -> float:
             return sum(s[key] for s in ro_stats) / len(ro_stats)
@@ -177,8 +232,10 @@ class GRPOModule(L.LightningModule):
             "response_length": mean("response_length"),
             "truncated_frac": mean("truncated_frac"),
             "evictions_per_seq": mean("evictions"),
-            "kv_bytes_held": mean("kv_bytes_held"),
-            "kv_bytes_peak": max(s["kv_bytes_peak"] for s in ro_stats),
+            "kv_bytes_held_per_seq": sum(s["kv_bytes_held"] for s in ro_stats) / rows,
+            "kv_bytes_peak_per_seq": max(
+                s["kv_bytes_peak"] / ro.response_ids.shape[0] for s, ro in zip(ro_stats, rollouts)
+            ),
             "loss": stats["loss"],
             "kl": stats["kl"] / max(stats["tokens"], 1.0),
             "clip_frac": stats["clipped"] / max(stats["tokens"], 1.0),
@@ -188,13 +245,23 @@ class GRPOModule(L.LightningModule):
             "time_rollout_s": t_rollout,
             "time_update_s": t_update,
             "tokens_per_s": tokens / max(t_rollout, 1e-9),
+            "nonfinite_steps": self.nonfinite_steps,
         }
         logs.update({f"reward_{k}": v.mean() for k, v in parts.items()})
         logs["accuracy"] = parts["correctness"].mean() if "correctness" in parts else rewards.new_tensor(0.0)
-        logs.update({f"mem_peak_{k}_bytes": v for k, v in self.memory.peaks().items()})
-        # sync_dist averages the per-process values (rollout statistics, timings, memory) over processes
-        self.log_dict({f"train/{k}": float(v) for k, v in logs.items()}, on_step=True, prog_bar=False, sync_dist=True)
-        self.log("train/reward", rewards.mean(), prog_bar=True, sync_dist=True)
+        self._publish(logs)
+
+    def _publish(self, logs: dict) -> None:
+        """Average the step's scalars over processes (one all-reduce; a no-op in one process) and keep them as
+        ``step_metrics`` for pte.progress.StepLog, which writes them at the step this batch produced (the axis of val/
+        and memory/). self.log only feeds the progress bar and ``trainer.callback_metrics``."""
+        keys = sorted(logs)
+        values = torch.tensor([float(logs[k]) for k in keys], dtype=torch.float64, device=self.device)
+        values = self.trainer.strategy.reduce(values, reduce_op="mean")
+        self.step_metrics = {f"train/{k}": float(v) for k, v in zip(keys, values.tolist())}
+        self.log_dict(self.step_metrics, on_step=True, prog_bar=False, logger=False)
+        if "train/reward_mean" in self.step_metrics:
+            self.log("train/reward", self.step_metrics["train/reward_mean"], prog_bar=True, logger=False)
 
     def configure_optimizers(self):
         o = self.cfg.optim
@@ -208,9 +275,23 @@ class GRPOModule(L.LightningModule):
         keep = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["pte_config"] = asdict(self.cfg)
-        if self.generator is not None:
-            checkpoint["pte_sampler_rng"] = gather_object(self.generator.get_state())  # one state per process
+        checkpoint["pte_nonfinite_steps"] = self.nonfinite_steps
+        state = self.sampler_state()
+        if state is not None:
+            checkpoint["pte_sampler_rng"] = gather_object(state)  # one state per process
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Resume sampling where it stopped, so a resumed run draws the samples an uninterrupted one would."""
         self._resumed_rng = own_share(checkpoint.get("pte_sampler_rng"))
+        self.nonfinite_steps = int(checkpoint.get("pte_nonfinite_steps", 0))
+
+    def sampler_state(self) -> torch.Tensor | None:
+        """This process's sampling generator state (None before the first draw of a fresh run: seeded from ``seed``)."""
+        return self.generator.get_state() if self.generator is not None else self._resumed_rng
+
+    def restore_sampler(self, state: torch.Tensor | None) -> None:
+        """Put the sampler back to ``state`` (from ``sampler_state``), e.g. to repeat an interrupted batch."""
+        if self.generator is not None and state is not None:
+            self.generator.set_state(state)
+        else:
+            self.generator, self._resumed_rng = None, state

@@ -2,26 +2,41 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train
-from pte.callbacks import EvalCallback, MemoryCurveCallback, SaveOnInterrupt, build_callbacks
+from pte.callbacks import EvalCallback, MemoryCurveCallback, build_callbacks
 from pte.config import load_config
 from pte.plots import figure_array, memory_phases
+from pte.progress import StepProgressBar, step_line
 
 TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml")
-PHASES = ("rollout", "replay", "optimizer", "process")
 
 
-def test_build_callbacks_only_when_enabled():
-    assert build_callbacks(load_config(TINY, ["trainer.val_every=0"]), None) == []
+def test_build_callbacks_evaluates_only_when_enabled():
+    (memory,) = build_callbacks(load_config(TINY, ["trainer.val_every=0"]), None)
+    assert isinstance(memory, MemoryCurveCallback) and memory.plot_every == 0
     callbacks = build_callbacks(load_config(TINY, ["trainer.val_every=3", "trainer.val_limit=2"]), None)
     assert [type(c) for c in callbacks] == [EvalCallback, MemoryCurveCallback]
     assert (callbacks[0].every, callbacks[0].limit, callbacks[1].plot_every) == (3, 2, 3)
-    assert SaveOnInterrupt("x.ckpt").path == Path("x.ckpt")
+
+
+def test_step_line_names_each_quantity_with_its_unit():
+    metrics = {
+        "train/reward_mean": 0.25,
+        "train/accuracy": 0.5,
+        "train/loss": 0.0123,
+        "train/response_length": 23.5,
+        "train/kv_bytes_held_per_seq": 3 * 1024**2,
+    }
+    line = step_line(3, 8, metrics, 1.234)
+    assert line == "step 3/8 reward 0.250 accuracy 0.500 loss 0.0123 response_len 23.5 kv_held 3.0 MiB/seq 1.23 s"
+    assert step_line(1, 2, {"train/loss": 1.5}, 0.5) == "step 1/2 loss 1.5 0.50 s"  # objective=sft: no reward
 
 
 def test_figure_array_is_rgb():
@@ -51,10 +66,30 @@ def test_training_logs_validation_and_memory_curves(tmp_path):
     assert [step for step, _ in accuracy] == [2] and 0.0 <= accuracy[0][1] <= 1.0
     assert 0 < scalars["val/response_length"][0][1] <= 6
     assert scalars["val/gold_errors"] == [(2, 0.0)]
-    assert scalars["memory/kv_bytes_peak"][0][1] >= scalars["memory/kv_bytes_held"][0][1] > 0
-    for phase in PHASES:
-        steps, values = zip(*scalars[f"memory/peak_{phase}_mib"])
-        assert steps == (1, 2) and min(values) > 0, phase
+    assert scalars["val/kv_bytes_peak_per_seq"][0][1] >= scalars["val/kv_bytes_held_per_seq"][0][1] > 0
+    assert [step for step, _ in scalars["train/reward_mean"]] == [1, 2]  # one step axis for train/, val/, memory/
+    # CPU: one curve, the process's resident-set peak (per-phase figures would all be that same curve)
+    assert [tag for tag in scalars if tag.startswith("memory/")] == ["memory/peak_rss_process_mib"]
+    steps, values = zip(*scalars["memory/peak_rss_process_mib"])
+    assert steps == (1, 2) and min(values) > 0
+    assert not any(re.search(r"kv_bytes_(held|peak)$", tag) for tag in scalars), "a kv_bytes name without its unit"
     for tag in ("memory/kv_curve", "memory/phases"):
         images = events.Images(tag)
         assert [i.step for i in images] == [2] and images[0].width > 100 and images[0].height > 100, tag
+
+
+def test_progress_bar_counts_optimiser_steps_from_the_resumed_step():
+    """After a resume at step 3 of 8 the bar reads 3/8, then 4/8 (not batches of an endless epoch, not 30/19)."""
+    bar = StepProgressBar()
+    trainer = SimpleNamespace(
+        global_step=3, max_steps=8, current_epoch=0, max_epochs=-1, num_training_batches=float("inf")
+    )
+    bar._trainer = trainer
+    bar._train_progress_bar = bar.init_train_tqdm()
+    bar.on_train_epoch_start(trainer)
+    assert (bar.train_progress_bar.n, bar.train_progress_bar.total) == (3, 8)
+    trainer.global_step = 4
+    bar.get_metrics = lambda *_: {}
+    bar.on_train_batch_end(trainer, None, None, None, 0)
+    assert bar.train_progress_bar.n == 4 and "step" in str(bar.train_progress_bar)
+    bar.train_progress_bar.close()

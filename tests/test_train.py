@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import pte.module
 import train
+from pte.checkpoints import AtomicCheckpointIO, newest_checkpoint, resolve_ckpt_path
+from pte.config import ConfigError, load_config
+from pte.errors import UserError
 from pte.methods import load_trained
-from pte.rewards import CombinedReward
+from pte.module import NonFiniteError
+from tests import digit_train
 
 LOGGED = {
     "train/reward_mean",
@@ -23,28 +28,20 @@ LOGGED = {
     "train/grad_norm",
     "train/lr",
     "train/evictions_per_seq",
-    "train/kv_bytes_held",
+    "train/kv_bytes_held_per_seq",
+    "train/kv_bytes_peak_per_seq",
     "train/response_length",
     "train/truncated_frac",
     "train/time_rollout_s",
     "train/tokens_per_s",
-    "train/mem_peak_rollout_bytes",
-    "train/mem_peak_replay_bytes",
+    "train/nonfinite_steps",
+    "memory/peak_rss_process_mib",  # CPU: the process's resident-set peak, not per phase
 }
-
-
-class DigitReward:
-    """A reward a random character-level model can learn: the fraction of digits in its response."""
-
-    name = "digits"
-
-    def __call__(self, responses: list[str], golds: list[str]) -> torch.Tensor:
-        return torch.tensor([sum(c.isdigit() for c in r) / max(len(r), 1) for r in responses])
 
 
 @pytest.fixture
 def digit_reward(monkeypatch):
-    monkeypatch.setattr(pte.module, "build_reward", lambda spec, grader: CombinedReward([DigitReward()], [1.0]))
+    monkeypatch.setattr(pte.module, "build_reward", digit_train.digit_reward)
 
 
 def _train(tmp_path: Path, *overrides: str) -> Path:
@@ -98,6 +95,80 @@ def test_resume_continues_step_count(tmp_path):
     assert second["global_step"] == 2
     assert "MathDataModule" in second, "the prompt stream position must be checkpointed"
     assert set(second["state_dict"]) == set(first["state_dict"])
+
+
+def test_train_and_memory_scalars_share_the_step_axis(tmp_path):
+    acc = EventAccumulator(str(_train(tmp_path, "trainer.max_steps=2") / "tb"))
+    acc.Reload()
+    for tag in ("train/reward_mean", "train/kv_bytes_held_per_seq", "memory/peak_rss_process_mib"):
+        assert [e.step for e in acc.Scalars(tag)] == [1, 2], tag
+
+
+def test_nonfinite_steps_are_skipped_then_stop_the_run_after_saving(tmp_path, monkeypatch):
+    """Step 1 is finite; from then on every loss is NaN: two skipped steps (max_nonfinite=2) stop the run, and the
+    step-1 state is saved (ckpt_every=0, so the failure checkpoint is the only one)."""
+    real, calls = pte.module.policy_update, []
+
+    def nan_after_first(*args, **kwargs):
+        stats = real(*args, **kwargs)
+        calls.append(1)
+        return {**stats, "loss": float("nan")} if len(calls) > 1 else stats
+
+    monkeypatch.setattr(pte.module, "policy_update", nan_after_first)
+    with pytest.raises(NonFiniteError, match="trainer.max_nonfinite=2"):
+        _train(tmp_path, "trainer.max_steps=5", "trainer.ckpt_every=0", "trainer.max_nonfinite=2")
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "interrupted.ckpt", weights_only=False)
+    assert (ckpt["global_step"], ckpt["pte_nonfinite_steps"], len(calls)) == (1, 2, 3)
+    acc = EventAccumulator(str(tmp_path / "run" / "tb"))
+    acc.Reload()
+    assert [e.value for e in acc.Scalars("train/nonfinite_steps")][-1] == 2
+    assert math.isnan([e.value for e in acc.Scalars("train/loss")][-1])
+
+
+def test_resume_refuses_a_checkpoint_of_another_adapter_shape(tmp_path):
+    run_dir = _train(tmp_path, "trainer.max_steps=1")
+    before = (run_dir / "checkpoints" / "last.ckpt").read_bytes()
+    cfg = load_config("configs/tiny.yaml", [f"trainer.out_dir={tmp_path}", "trainer.run_name=run", "ckpt_path=last"])
+    cfg.thought.rank = 8
+    with pytest.raises(ConfigError, match=r"^thought.rank: checkpoint .* thought.rank=4, this run has 8$"):
+        train.train(cfg)
+    assert (run_dir / "checkpoints" / "last.ckpt").read_bytes() == before
+
+
+def test_resume_refuses_a_corrupt_checkpoint_in_one_line(tmp_path):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"half a checkpoint")
+    cfg = load_config("configs/tiny.yaml", [f"trainer.out_dir={tmp_path}", f"ckpt_path={bad}"])
+    with pytest.raises(UserError, match=r"bad.ckpt cannot be read"):
+        train.prepare_run_dir(cfg, tmp_path / "tiny")
+
+
+def test_overwrite_replaces_an_earlier_run(tmp_path):
+    run_dir = _train(tmp_path, "trainer.max_steps=2")
+    cfg = load_config("configs/tiny.yaml", [f"trainer.out_dir={tmp_path}", "trainer.run_name=run"])
+    with pytest.raises(ConfigError, match="^trainer.run_name: .* already holds a run"):
+        train.prepare_run_dir(cfg, run_dir)
+    cfg.trainer.overwrite = True
+    assert train.prepare_run_dir(cfg, run_dir) is None
+    assert sorted(p.name for p in run_dir.iterdir()) == []
+
+
+def test_ckpt_path_last_is_the_newest_readable_checkpoint(tmp_path):
+    run_dir = _train(tmp_path, "trainer.max_steps=2")
+    ckpt_dir = run_dir / "checkpoints"
+    (ckpt_dir / "interrupted.ckpt").write_bytes(b"truncated by a kill")
+    assert newest_checkpoint(ckpt_dir) == (ckpt_dir / "last.ckpt", 2)
+    assert resolve_ckpt_path("last", ckpt_dir) == ckpt_dir / "last.ckpt"
+    assert resolve_ckpt_path(str(run_dir), ckpt_dir) == ckpt_dir / "last.ckpt"
+
+
+def test_atomic_save_keeps_the_old_file_when_a_save_fails(tmp_path):
+    path = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"global_step": 1}, path)
+    before = path.read_bytes()
+    with pytest.raises(AttributeError, match="pickle"):
+        AtomicCheckpointIO().save_checkpoint({"global_step": 2, "bad": lambda: 0}, path)  # unpicklable mid-save
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
 def test_base_method_is_rejected(tmp_path):
