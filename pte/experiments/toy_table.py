@@ -94,7 +94,10 @@ def run_stage(config: Path, overrides: list[str], out: Path) -> Path:
     adapter = out / "adapter"
     if (adapter / "config.yaml").exists():
         return adapter
-    cfg = load_config(config, [*overrides, f"trainer.out_dir={out.parent}", f"trainer.run_name={out.name}"])
+    resume = []  # an interrupted stage continues from its newest checkpoint, or restarts if it saved none
+    if out.exists():
+        resume = ["ckpt_path=last"] if any(out.glob("checkpoints/*.ckpt")) else ["trainer.overwrite=true"]
+    cfg = load_config(config, [*overrides, *resume, f"trainer.out_dir={out.parent}", f"trainer.run_name={out.name}"])
     train(cfg)
     return adapter
 
