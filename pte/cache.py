@@ -65,8 +65,11 @@ class CachePolicy:
 
     @property
     def evict_tokens(self) -> int:
-        """e: tokens evicted at once, at least one."""
-        return max(1, math.floor(self.evict_ratio * self.window))
+        """e: tokens evicted at once, at least one.
+
+        The product is rounded to 9 decimals before flooring: ``0.29 * 100`` is 28.999999999999996 in binary.
+        """
+        return max(1, math.floor(round(self.evict_ratio * self.window, 9)))
 
     def keep(self, prompt_len: int) -> int:
         """Slots [0, keep) that are never evicted."""
