@@ -138,6 +138,7 @@ class GRPOModule(L.LightningModule):
             "evictions_per_seq": mean("evictions"),
             "kv_bytes_held": mean("kv_bytes_held"),
             "kv_bytes_peak": max(s["kv_bytes_peak"] for s in ro_stats),
+            "attn_tflops": sum(s["attn_tflops"] for s in ro_stats),
             "loss": stats["loss"],
             "kl": stats["kl"] / max(stats["tokens"], 1.0),
             "clip_frac": stats["clipped"] / max(stats["tokens"], 1.0),
