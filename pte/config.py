@@ -136,6 +136,8 @@ class RolloutCfg:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    # Decode steps through torch.compile(mode="reduce-overhead") on a fixed-shape cache (CUDA graphs); CUDA only.
+    compile_decode: bool = False
 
     def __post_init__(self) -> None:
         require(self.group_size >= 2, "rollout.group_size", "must be >= 2 (advantages compare samples of a prompt)")

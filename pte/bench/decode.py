@@ -29,8 +29,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, nargs="+", default=[8])
     p.add_argument("--window", type=int, default=256)
     p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=["generate", "window", "pte"], choices=METHODS)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=16, help="tokens of the untimed warm-up run (0: the full length)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--compile", action="store_true", help="engine decode steps through torch.compile (CUDA)")
 
@@ -61,12 +62,14 @@ def run(args: argparse.Namespace) -> dict:
     attach_thought(pte_model, ThoughtConfig())
     pte_model.to(device=common.device(), dtype=getattr(torch, args.dtype))
     rows = []
+    result = {"benchmark": "decode", "model": args.model, "dtype": args.dtype, "window": args.window, "rows": rows}
     for b in args.batch:
         ids, mask = common.prompts(b, args.prompt_len, vocab)
         for n in args.lengths:
             fns = {m: _runner(m, base, pte_model, ids, mask, n, args.window, args.compile) for m in args.methods}
-            warm_n = n if torch.cuda.is_available() else 16  # CUDA: a full run absorbs compilation per shape
             for m in args.methods:
+                # generate's static cache compiles per cache length on CUDA: warm it up at the timed length
+                warm_n = n if m == "generate-static" or not args.warmup else min(args.warmup, n)
                 _runner(m, base, pte_model, ids, mask, warm_n, args.window, args.compile)()
             times = common.interleaved(fns, args.repeats)
             ref = common.median(times["generate"]) if "generate" in times else None
@@ -84,4 +87,5 @@ def run(args: argparse.Namespace) -> dict:
                     }
                 )
             print(common.table(rows[-len(times) :], ["method", "batch", "tokens", "tokens_per_s", "vs_generate"]))
-    return {"benchmark": "decode", "model": args.model, "window": args.window, "rows": rows}
+            common.write(result, args.json)  # partial results survive a time limit
+    return result

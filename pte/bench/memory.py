@@ -53,6 +53,7 @@ def child(s: dict) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     rows = []
+    result = {"benchmark": "rollout-memory", "model": args.model, "dtype": args.dtype, "rows": rows}
     for policy in args.policies:
         first = None
         for n in sorted(args.lengths):
@@ -65,4 +66,5 @@ def run(args: argparse.Namespace) -> dict:
             r["kv_mib"], r["peak_mib"] = r["kv_bytes_held"] / 2**20, r["peak_bytes"] / 2**20
             rows.append(r)
             print(common.table([r], ["policy", "length", "kv_mib", "kv_ratio", "peak_mib", "peak_ratio", "seconds"]))
-    return {"benchmark": "rollout-memory", "model": args.model, "rows": rows}
+            common.write(result, args.json)
+    return result

@@ -121,6 +121,7 @@ def run(args: argparse.Namespace) -> dict:
             r["peak_mib"] = r["peak_bytes"] / 2**20
             r["update_mib"] = (r["peak_bytes"] - r["before_bytes"]) / 2**20
             rows.append(r)
+            common.write({"benchmark": "train-memory", "model": args.model, "rows": rows}, args.json)
     by = {(r["method"], r["length"]): r for r in rows}
     shortest = min(args.lengths)
     for r in rows:
@@ -128,4 +129,4 @@ def run(args: argparse.Namespace) -> dict:
         if ("lora", r["length"]) in by:
             r["vs_lora"] = r["peak_bytes"] / by[("lora", r["length"])]["peak_bytes"]
     print(common.table(rows, ["method", "length", "peak_mib", "update_mib", "vs_shortest", "vs_lora", "seconds"]))
-    return {"benchmark": "train-memory", "model": args.model, "rows": rows}
+    return {"benchmark": "train-memory", "model": args.model, "dtype": args.dtype, "rows": rows}
