@@ -8,5 +8,5 @@ THREADS=${THREADS:-1}
 mkdir -p "$OUT"
 for name in decode rollout-memory train-memory flops step-time; do
     echo "== $name"
-    "$PY" -m pte.bench "$name" --threads "$THREADS" --json "$OUT/$name.json"
+    "$PY" -m pte.bench "$name" --threads "$THREADS" --json "$OUT/$name.json" --plot "$OUT/$name.png"
 done

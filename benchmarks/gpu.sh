@@ -10,7 +10,7 @@ mkdir -p "$OUT"
 run() {  # run SECONDS NAME JSON ARGS...
     limit=$1; name=$2; json=$3; shift 3
     echo "== $name ($json, at most ${limit}s)"
-    timeout "$limit" "$PY" -m pte.bench "$name" --json "$OUT/$json.json" "$@" || echo "   $name stopped (rc $?)"
+    timeout "$limit" "$PY" -m pte.bench "$name" --json "$OUT/$json.json" --plot "$OUT/$json.png" "$@" || echo "   $name stopped (rc $?)"
 }
 start=$(date +%s)
 run 180 decode decode --model mid-llama --dtype bfloat16 --batch 8 --lengths 512 2048 8192 --repeats 1 --warmup 64

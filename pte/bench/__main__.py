@@ -6,6 +6,7 @@ import argparse
 import json
 
 from pte.bench import common, decode, flops, memory, step_time, train_memory
+from pte.bench.plot import plot_result
 
 BENCHMARKS = {
     "decode": decode,
@@ -23,6 +24,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         p = sub.add_parser(name, help=(bench.__doc__ or "").strip().splitlines()[0])
         bench.add_args(p)
         p.add_argument("--json", help="write the result here")
+        p.add_argument("--plot", help="write a PNG of the result here")
         p.add_argument("--threads", type=int, help="torch CPU threads (1 avoids spin-waits on a busy machine)")
         p.add_argument("--child", help=argparse.SUPPRESS)  # internal: one setting, JSON on stdout
     args = parser.parse_args(argv)
@@ -34,6 +36,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         return None
     result = {**bench.run(args), "conditions": common.conditions()}
     common.write(result, args.json)
+    if args.plot:
+        plot_result(result, args.plot)
     return result
 
 
