@@ -14,9 +14,9 @@ run() {  # run SECONDS NAME JSON ARGS...
 }
 start=$(date +%s)
 run 180 decode decode --model mid-llama --dtype bfloat16 --batch 8 --lengths 512 2048 8192 --repeats 1 --warmup 64
-run 40 decode decode_static --model mid-llama --dtype bfloat16 --batch 8 --lengths 2048 --repeats 1 \
+run 60 decode decode_static --model mid-llama --dtype bfloat16 --batch 8 --lengths 2048 --repeats 1 \
     --methods generate generate-static window
-run 100 rollout-memory rollout_memory --model mid-llama --dtype bfloat16 --batch 4 --lengths 1024 16384
+run 90 rollout-memory rollout_memory --model mid-llama --dtype bfloat16 --batch 4 --lengths 1024 16384
 run 60 train-memory train_memory --model mid-llama --dtype bfloat16 --lengths 512 1024 2048 4096
 run 20 flops flops --model tiny-llama --lengths 1024 4096
 run 60 step-time step_time --model tiny-llama rollout.batch_size=8 rollout.group_size=4 \
