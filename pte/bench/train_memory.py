@@ -107,7 +107,7 @@ def child(s: dict) -> dict:
         "peak_bytes": common.peak_bytes(),
         "before_bytes": before,
         "seconds": secs,
-        "chunks": len(ro.evict_before) + 1,
+        "chunks": len(ro.evict_before) + 1 if s["method"] == "pte" else 1,
     }
 
 
