@@ -149,12 +149,11 @@ class BoundedKVCache:
             self.keys[layer_idx] = key_states.new_zeros((b, h, self.capacity, d))
             self.values[layer_idx] = value_states.new_zeros((b, h, self.capacity, d))
         k_buf, v_buf = self.keys[layer_idx], self.values[layer_idx]
-        if self._live:
-            stored_k, stored_v = k_buf[:, :, : self.span].clone(), v_buf[:, :, : self.span].clone()
         self._store(k_buf, key_states.detach())
         self._store(v_buf, value_states.detach())
-        if self._live:
-            return torch.cat([stored_k, key_states], dim=2), torch.cat([stored_v, value_states], dim=2)
+        if self._live:  # cat copies: the pending slots' stored copies are in the span but masked out
+            k_span, v_span = k_buf[:, :, : self.span], v_buf[:, :, : self.span]
+            return torch.cat([k_span, key_states], dim=2), torch.cat([v_span, value_states], dim=2)
         return k_buf[:, :, : self.span], v_buf[:, :, : self.span]
 
     def _store(self, buf: torch.Tensor, new: torch.Tensor) -> None:
