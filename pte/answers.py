@@ -10,6 +10,8 @@ import re
 
 _BOX_RE = re.compile(r"\\(?:boxed|fbox|framebox)(?![A-Za-z])")
 _BARE_ARG_RE = re.compile(r"[^\s${}]+")
+_SPACE_RE = re.compile(r"\s*")
+_BRACE_TOKEN_RE = re.compile(r"\\.|[{}]", re.DOTALL)
 _ANSWER_RE = re.compile(r"\banswer\**\s*(?:is\b\s*:?|:)\**\s*(?P<ans>[^\n]+)", re.IGNORECASE)
 # GSM8K's own final line, "#### 2,125". Only a number may follow, so a markdown heading ("#### Step 1") never matches.
 _HASHES_RE = re.compile(r"(?<!#)####[ \t]*\\?\$?[ \t]*(?P<ans>-?\d[\d,]*(?:\.\d+)?)[ \t]*\.?[ \t]*$", re.MULTILINE)
@@ -20,26 +22,30 @@ _WRAPPED_NUMBER_RE = re.compile(_TEXT_CMD + r"\{\s*\(?\s*(?P<number>-?\d[\d,]*(?
 _CHOICE_LABEL_RE = re.compile(_TEXT_CMD + r"\{\s*\([A-E]\)\s*\}(?:\s|~|\\[ ,;:!]|\\q?quad)*")
 
 
-def _braced(text: str, start: int) -> str | None:
-    """Return the content of the brace group opening at ``text[start]``, or None if it never closes.
+def drop_math_dollars(text: str) -> str:
+    """Remove unescaped ``$`` delimiters from a gold answer, which is bare LaTeX.
 
-    Escaped characters (``\\{``, ``\\}``, ``\\\\``) are skipped so set braces do not unbalance the group.
+    Sources write multi-part golds with inline math separators (OlympiadBench ``69$, $84``, ``$69$,$84$``) or
+    split one expression across ``$ $``; read as delimited math, only one part would be graded. A dollar sign as
+    currency is written ``\\$`` and is kept. The one rule for golds from every source (benchmarks, training data).
     """
-    depth = 0
-    i = start
-    while i < len(text):
-        char = text[i]
-        if char == "\\":
-            i += 2
-            continue
-        if char == "{":
-            depth += 1
-        elif char == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start + 1 : i]
-        i += 1
-    return None
+    return _MATH_DOLLAR_RE.sub("", text).strip()
+
+
+def _closing_braces(text: str) -> dict[int, int]:
+    """Map the index of every ``{`` that closes to the index of its ``}``, in one pass over ``text``.
+
+    Escaped characters (``\\{``, ``\\}``, ``\\\\``) are skipped so set braces do not unbalance a group. One pass
+    keeps extraction linear in the response, however many unclosed or nested boxes it holds.
+    """
+    pairs, stack = {}, []
+    for match in _BRACE_TOKEN_RE.finditer(text):
+        token = match.group()
+        if token == "{":
+            stack.append(match.start())
+        elif token == "}" and stack:
+            pairs[stack.pop()] = match.start()
+    return pairs
 
 
 def last_boxed(text: str) -> str | None:
@@ -48,10 +54,16 @@ def last_boxed(text: str) -> str | None:
     A box cut off by the generation budget (no closing brace) is skipped, so an earlier finished box counts. Braces
     are balanced (Minerva golds such as ``\\frac{\\pi}{2}`` live only inside reference solutions).
     """
+    pairs = None  # brace pairs of the whole text, found once and only if a box takes a brace group
     for match in reversed(list(_BOX_RE.finditer(text))):
-        rest = text[match.end() :].lstrip()  # the argument: a brace group (\boxed{5}) or a bare token (\boxed 5)
-        bare = _BARE_ARG_RE.match(rest)
-        content = _braced(rest, 0) if rest.startswith("{") else (bare.group() if bare else None)
+        start = _SPACE_RE.match(text, match.end()).end()  # the argument: a brace group (\boxed{5}) or a bare token
+        if text.startswith("{", start):
+            pairs = _closing_braces(text) if pairs is None else pairs
+            end = pairs.get(start)
+            content = text[start + 1 : end] if end is not None else None
+        else:
+            bare = _BARE_ARG_RE.match(text, start)
+            content = bare.group() if bare else None
         if content and content.strip():
             return content.strip()
     return None

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pte.answers import last_boxed
+from pte.answers import drop_math_dollars, last_boxed
 
 Row = Mapping[str, Any]
 
@@ -52,12 +52,6 @@ def _number_to_str(value: Any) -> str:
     return str(value).strip()
 
 
-def _drop_math_dollars(text: str) -> str:
-    """Remove unescaped ``$`` delimiters: golds are bare LaTeX, yet sources write ``$69$,$84$`` or split a boxed
-    expression across ``$ $``. No gold in these sets uses ``$`` as a currency sign (that would be ``\\$``)."""
-    return re.sub(r"(?<!\\)\$", "", text).strip()
-
-
 def _gsm8k_answer(row: Row) -> str:
     """GSM8K: the text after ``#### `` in the worked answer, with thousands separators removed (1,000 -> 1000)."""
     text = str(_field(row, "answer"))
@@ -74,7 +68,7 @@ def _minerva_answer(row: Row) -> str:
     boxed = last_boxed(str(_field(row, "solution")))
     if boxed is None:
         raise KeyError("no complete \\boxed{} in 'solution'")
-    return _drop_math_dollars(boxed)
+    return drop_math_dollars(boxed)
 
 
 def _olympiad_answer(row: Row) -> str:
@@ -85,7 +79,7 @@ def _olympiad_answer(row: Row) -> str:
     items = _field(row, "final_answer")
     if isinstance(items, str):
         items = [items]
-    parts = [_drop_math_dollars(str(item)) for item in items]
+    parts = [drop_math_dollars(str(item)) for item in items]
     return ", ".join(part for part in parts if part)
 
 

@@ -1,42 +1,55 @@
 """Cache policy D (method.md section 2): a preallocated KV store with a retained region and a thought window.
 
-Notation: B batch rows, H kv heads, D head dim, P padded prompt length, W thought window, e tokens
-evicted per eviction, L decoder layers.
+Notation: B batch rows, H kv heads, D head dim, P padded prompt length, W window, e tokens evicted per
+eviction, L decoder layers, L_b the real prompt length of row b, s ``sink_tokens``.
 
-Index-based layout: every layer's buffer ``[B, H, capacity, D]`` holds tokens in slots that are handed
-out from a free list and given back on eviction; nothing is ever moved. ``order`` lists the occupied slots
-in arrival order (shared by all rows, host side, so no device sync): its first ``keep`` entries (the
-retained prompt, then the ``sink`` tokens) are never evicted, ``evict(n)`` frees the n oldest of the rest
-(``evict_slots`` frees arbitrary ones, for importance-aware policies). Keys are stored after rotary
-embedding, so every token keeps its absolute position; the slot order does not matter to attention, only
-the mask built from ``pos``/``valid`` does. Single-token decode reads a preallocated additive mask
-``[B, 1, 1, capacity]`` that eviction and appends keep current in place, so a decode step allocates no
-mask. The object is passed to Hugging Face models as their cache (``update``/``get_seq_length``), so the
+Which tokens a row keeps is defined on that row's own absolute positions, never on slots, so a row's
+outputs do not depend on its batch-mates or on its left padding:
+    kept       positions [0, K_b): K_b = L_b + s with ``retain_prompt`` (the prompt and the first s generated
+               tokens), K_b = s without it (the first s real tokens, prompt or not); never evicted
+    stream     positions K_b + u, u = 0, 1, ...: the evictable tokens, in order. Before stream token u is
+               appended, ``evicted_before(u)`` of them are gone: none until W are held, then the oldest e
+               at once each time the window would overflow
+Pads are no token of the row: never attended, never kept, never in the stream, never evicted. With
+``retain_prompt`` every row's stream starts at its first generated token, so all rows evict at the same
+steps (the paper's synchronous eviction); without it, each row's window runs over its own prompt and
+thoughts, and rows evict at their own steps (the engine cuts replay chunks at every row's evictions).
+
+Storage: every layer's buffer ``[B, H, capacity, D]`` has one slot column per appended column (the left
+padded prompt, then one generated token per step for every row); a column is dropped once no row keeps
+it, so ``used`` is the held size. Keys are stored after rotary embedding, so every token keeps its absolute
+position; the slot order does not matter to attention, only the mask built from positions does.
+The object is passed to Hugging Face models as their cache (``update``/``get_seq_length``), so the
 models run unpatched.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
-from collections import deque
 from dataclasses import dataclass
 
 import torch
 
-POLICIES = ("full", "window", "sink", "pte")
+POLICIES = ("full", "window", "sink", "pte", "global_only")
 
 
 @dataclass(frozen=True)
 class CachePolicy:
     """When and what to evict. ``pte`` evicts like ``window`` and hands the evicted K/V to the thought encoder.
 
+    On a model with a thought encoder, ``full``, ``window`` and ``sink`` run the base model (the update is
+    off); ``global_only`` evicts like ``window`` and applies the update with the initial state S_g only, never
+    absorbing evictions (the paper's Global-Only ablation).
+
     Args:
-        name: one of ``full``, ``window``, ``sink``, ``pte``.
+        name: one of ``full``, ``window``, ``sink``, ``pte``, ``global_only``.
         window: W, thought tokens kept in the sliding window (ignored by ``full``).
         evict_ratio: fraction of W evicted in one chunk (paper: 0.25 training, 0.15 inference); 0 = one token.
         sink_tokens: first generated tokens that are never evicted (``sink`` only).
-        retain_prompt: keep the prompt outside the window (paper). False puts the prompt inside the window,
-            which reproduces a plain per-token sliding window.
+        retain_prompt: keep the prompt outside the window (paper). False puts the prompt inside the window:
+            each row's window runs over its own prompt and thoughts (a prompt may be longer than W), which
+            with ``evict_ratio=0`` is a plain per-token sliding window.
     """
 
     name: str = "pte"
@@ -64,6 +77,11 @@ class CachePolicy:
         return self.name == "pte"
 
     @property
+    def uses_thought(self) -> bool:
+        """The thought encoder's update is applied (``pte``, ``global_only``); other policies run the base model."""
+        return self.name in ("pte", "global_only")
+
+    @property
     def evict_tokens(self) -> int:
         """e: tokens evicted at once, at least one.
 
@@ -71,193 +89,210 @@ class CachePolicy:
         """
         return max(1, math.floor(round(self.evict_ratio * self.window, 9)))
 
-    def keep(self, prompt_len: int) -> int:
-        """Slots [0, keep) that are never evicted."""
-        return (prompt_len if self.retain_prompt else 0) + self.sink_tokens
+    def evicted_before(self, u: int | torch.Tensor) -> int | torch.Tensor:
+        """Stream tokens evicted before stream token ``u`` is appended (ints or a long tensor; 0 where u < W)."""
+        w, e = self.window, self.evict_tokens
+        if isinstance(u, torch.Tensor):
+            return torch.where(u < w, 0, e * (torch.div(u - w, e, rounding_mode="floor") + 1))
+        return 0 if u < w else e * ((u - w) // e + 1)
 
     def capacity(self, prompt_len: int, max_new_tokens: int) -> int:
         """Slots to preallocate for a batch with padded prompt length ``prompt_len``."""
         if not self.bounded:
             return prompt_len + max_new_tokens
-        return self.keep(prompt_len) + self.window
+        return prompt_len + self.sink_tokens + self.window
 
-    def to_evict(self, used: int, prompt_len: int, incoming: int = 1) -> int:
-        """Tokens to evict before ``incoming`` more are appended to ``used`` occupied slots."""
-        if not self.bounded or used + incoming <= self.capacity(prompt_len, 0):
-            return 0
-        return self.evict_tokens
+
+Eviction = tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]
 
 
 class BoundedKVCache:
-    """Preallocated per-layer K/V buffers with per-row positions and validity, addressed by slot index.
+    """Preallocated per-layer K/V buffers with per-row positions and validity.
+
+    Host-side bookkeeping (``_cols``, per-row pads and evicted counts) decides every eviction without
+    reading the device, so decoding never synchronises on the cache.
 
     Args:
         num_layers: decoder layers of the model.
         policy: the eviction policy.
         prompt_len: P, the padded prompt length of this batch.
         capacity: slots to allocate per layer (``policy.capacity``).
-        static: attend all ``capacity`` slots and index writes with a device tensor, so every decode step
-            has the same shapes and no Python-int dependence (for ``torch.compile`` / CUDA graphs).
     """
 
-    def __init__(
-        self, num_layers: int, policy: CachePolicy, prompt_len: int, capacity: int, static: bool = False
-    ) -> None:
-        self.policy, self.prompt_len, self.capacity, self.static = policy, prompt_len, capacity, static
+    def __init__(self, num_layers: int, policy: CachePolicy, prompt_len: int, capacity: int) -> None:
+        self.policy, self.prompt_len, self.capacity = policy, prompt_len, capacity
         self.keys: list[torch.Tensor | None] = [None] * num_layers  # each [B, H, capacity, D]
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.pos: torch.Tensor | None = None  # [B, capacity] absolute rotary position, -1 where empty
         self.valid: torch.Tensor | None = None  # [B, capacity] slot may be attended
-        self.bias: torch.Tensor | None = None  # [B, 1, 1, capacity] additive mask of a one-token query
+        self.keep_pos: torch.Tensor | None = None  # [B] K_b, positions below it are never evicted
         self.reset()
 
     def reset(self) -> None:
         """Forget every token but keep the allocated storage."""
-        self.order: list[int] = []  # occupied slots, oldest first
-        self.free: deque[int] = deque(range(self.capacity))
-        self.high = 0  # slots [0, high) have been written at least once: the attended span
-        self.n_evictions = self.evicted_tokens = 0
-        self._write: list[int] = []  # slots of the pending forward's tokens
-        self._write_idx: torch.Tensor | None = None  # the same as a device tensor (static or scattered)
-        self._live = False  # pending forward returns live K/V (grad) after the stored span
+        self.used = self.n_evictions = self.evicted_tokens = 0
+        self.appended = 0  # columns ever appended; column g holds position g - pad_b in row b
+        self._cols: list[int] = []  # appended column of each occupied slot, increasing
+        self._pads: list[int] = []  # P - L_b per row
+        self._keep: list[int] = []  # K_b per row
+        self._done: list[int] = []  # stream tokens evicted per row
+        self.keep_pos = None
         if self.valid is not None:
             self.valid.zero_()
             self.pos.fill_(-1)
-            self.bias.fill_(torch.finfo(self.bias.dtype).min)
-
-    @property
-    def used(self) -> int:
-        """Occupied slots."""
-        return len(self.order)
-
-    @property
-    def span(self) -> int:
-        """Slots a forward attends: everything ever written (all of them in static mode)."""
-        return self.capacity if self.static else self.high
 
     # -- Hugging Face cache interface -------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        """Store the new K/V ``[B, H, q, D]`` in the slots ``mask`` chose and return the K/V to attend.
+        """Store the new K/V ``[B, H, q, D]`` after the kept slots and return all kept K/V for attention.
 
-        Without grad the stored span itself is returned (views, no copy). With grad (replay) the stored
-        copy is detached and the live tensors are appended after a copy of the stored span, so a later
-        chunk never backpropagates into an earlier one, and no saved tensor aliases a buffer that a later
-        eviction or write changes.
+        With grad enabled (replay) the stored copy is detached, so a later chunk never backpropagates
+        into an earlier one, while this forward still sees the live tensors. The returned K/V are then a new
+        tensor, never a view of the buffer: attention may save them for a backward deferred past later
+        chunks, which overwrite the buffer in place. Without grad (rollout) the view is returned, no copy.
         """
+        q = key_states.shape[2]
+        if self.used + q > self.capacity:
+            raise RuntimeError(f"cache overflow: {self.used} + {q} tokens > capacity {self.capacity}")
         if self.keys[layer_idx] is None:
             b, h, _, d = key_states.shape
-            self.keys[layer_idx] = key_states.new_zeros((b, h, self.capacity, d))
-            self.values[layer_idx] = value_states.new_zeros((b, h, self.capacity, d))
+            shape = (b, h, self.capacity, d)
+            self.keys[layer_idx] = key_states.new_zeros(shape)
+            self.values[layer_idx] = value_states.new_zeros(shape)
         k_buf, v_buf = self.keys[layer_idx], self.values[layer_idx]
-        self._store(k_buf, key_states.detach())
-        self._store(v_buf, value_states.detach())
-        if self._live:  # cat copies: the pending slots' stored copies are in the span but masked out
-            k_span, v_span = k_buf[:, :, : self.span], v_buf[:, :, : self.span]
-            return torch.cat([k_span, key_states], dim=2), torch.cat([v_span, value_states], dim=2)
-        return k_buf[:, :, : self.span], v_buf[:, :, : self.span]
-
-    def _store(self, buf: torch.Tensor, new: torch.Tensor) -> None:
-        if self._write_idx is not None:
-            buf.index_copy_(2, self._write_idx, new)
-        else:
-            buf[:, :, self._write[0] : self._write[0] + len(self._write)] = new
-
-    def _set(self, meta: torch.Tensor, value: torch.Tensor | float) -> None:
-        """Write ``value`` into the pending slots of a ``[B, capacity]`` or ``[B, 1, 1, capacity]`` tensor."""
-        if self._write_idx is not None:
-            meta[..., self._write_idx] = value
-        else:
-            meta[..., self._write[0] : self._write[0] + len(self._write)] = value
+        end = self.used + q
+        k_buf[:, :, self.used : end] = key_states.detach()
+        v_buf[:, :, self.used : end] = value_states.detach()
+        if torch.is_grad_enabled():
+            return (
+                torch.cat([k_buf[:, :, : self.used], key_states], dim=2),
+                torch.cat([v_buf[:, :, : self.used], value_states], dim=2),
+            )
+        return k_buf[:, :, :end], v_buf[:, :, :end]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.used
 
     # -- bookkeeping driven by the engine -----------------------------------------------------------
     def mask(self, q_pos: torch.Tensor, q_valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Choose slots for ``q`` queries about to be appended and return their additive attention mask.
+        """Additive attention mask ``[B, 1, q, used + q]`` for queries about to be appended.
 
-        The mask is ``[B, 1, q, span]`` over the slots (plus ``q`` trailing columns for the live K/V when
-        grad is enabled). A query sees valid stored slots and valid new tokens at positions <= its own, and
-        always itself, so a pad query never produces NaN (its output is never read). A lone query without
-        grad gets a view of the maintained bias: every stored token precedes it.
+        A query sees valid slots and valid new tokens at positions <= its own that its row's window still
+        holds at that query (so a forward over many tokens, e.g. a prompt longer than the window, is a
+        per-token sliding window). Each query also sees itself, so a pad query attends to something and
+        never produces NaN (its output is never read).
         """
         b, q = q_pos.shape
-        self._alloc_meta(b, q_pos.device, dtype)
-        if q > len(self.free):
-            raise RuntimeError(f"cache overflow: {self.used} + {q} tokens > capacity {self.capacity}")
-        self._write = [self.free.popleft() for _ in range(q)]
-        self.high = max(self.high, max(self._write) + 1)
-        self._live = torch.is_grad_enabled()
-        self._write_idx = None
-        if self.static and q == 1:
-            self._write_idx = self._slot.fill_(self._write[0])
-        elif self.static or self._write[-1] - self._write[0] != q - 1:  # static, or free slots wrap around
-            self._write_idx = torch.tensor(self._write, device=q_pos.device)
-        if q == 1 and not self._live:
-            self.bias[:, 0, 0, self._write[0]] = 0.0
-            return self.bias[..., : self.span]
-        k_pos, k_valid = self.columns(q_pos, q_valid)
-        allowed = k_valid[:, None, :] & (k_pos[:, None, :] <= q_pos[:, :, None])  # [B, q, columns]
-        own = torch.tensor(self._write, device=q_pos.device)
-        if self._live:
-            own = torch.arange(self.span, self.span + q, device=q_pos.device)
-        allowed[:, torch.arange(q, device=q_pos.device), own] = True
+        self._alloc_meta(b, q_pos.device)
+        if self.keep_pos is None:
+            self._init_rows(q_valid)
+        k_pos = torch.cat([self.pos[:, : self.used], q_pos], dim=1)  # [B, used + q]
+        k_valid = torch.cat([self.valid[:, : self.used], q_valid], dim=1)
+        allowed = k_valid[:, None, :] & (k_pos[:, None, :] <= q_pos[:, :, None])  # [B, q, used + q]
+        if self.policy.bounded and q > 1:  # one query: ``evict_due`` already left exactly its window valid
+            keep = self.keep_pos[:, None]
+            k_u, q_u = k_pos - keep, q_pos - keep  # stream indices, < 0 for kept tokens
+            allowed &= (k_u < 0)[:, None, :] | (k_u[:, None, :] >= self.policy.evicted_before(q_u)[:, :, None])
+        eye = torch.eye(q, dtype=torch.bool, device=q_pos.device)
+        allowed[:, :, self.used :] |= eye
         out = torch.zeros(allowed.shape, dtype=dtype, device=q_pos.device)
         return out.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
-    def columns(self, q_pos: torch.Tensor, q_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Positions and validity ``[B, columns]`` of the keys the pending forward attends, in mask order."""
-        k_pos, k_valid = self.pos[:, : self.span].clone(), self.valid[:, : self.span].clone()
-        if self._live:
-            return torch.cat([k_pos, q_pos], dim=1), torch.cat([k_valid, q_valid], dim=1)
-        self._set(k_pos, q_pos)
-        self._set(k_valid, q_valid)
-        return k_pos, k_valid
+    def _init_rows(self, q_valid: torch.Tensor) -> None:
+        """Learn each row's prompt length from the first forward, which starts with the padded prompt."""
+        lengths = q_valid[:, : self.prompt_len].sum(1)  # [B]
+        sinks = self.policy.sink_tokens
+        self.keep_pos = lengths + sinks if self.policy.retain_prompt else torch.full_like(lengths, sinks)
+        self._pads = [self.prompt_len - n for n in lengths.tolist()]  # the one device read per batch
+        self._keep = self.keep_pos.tolist()
+        self._done = [0] * len(self._pads)
 
-    def _alloc_meta(self, batch: int, device: torch.device, dtype: torch.dtype) -> None:
+    def _alloc_meta(self, batch: int, device: torch.device) -> None:
         if self.pos is None:
             self.pos = torch.full((batch, self.capacity), -1, dtype=torch.long, device=device)
             self.valid = torch.zeros((batch, self.capacity), dtype=torch.bool, device=device)
-            self.bias = torch.full((batch, 1, 1, self.capacity), torch.finfo(dtype).min, dtype=dtype, device=device)
-            self._slot = torch.zeros(1, dtype=torch.long, device=device)  # static mode's one-token write index
 
     def advance(self, q_pos: torch.Tensor, q_valid: torch.Tensor) -> None:
         """Record positions/validity of the ``q`` tokens the last forward stored."""
-        self._set(self.pos, q_pos)
-        self._set(self.valid, q_valid)
-        self._set(self.bias[:, 0, 0], torch.where(q_valid, 0.0, torch.finfo(self.bias.dtype).min).to(self.bias.dtype))
-        self.order.extend(self._write)
-        self._write, self._write_idx, self._live = [], None, False
+        q = q_pos.shape[1]
+        self._alloc_meta(q_pos.shape[0], q_pos.device)
+        self.pos[:, self.used : self.used + q] = q_pos
+        self.valid[:, self.used : self.used + q] = q_valid
+        self._cols.extend(range(self.appended, self.appended + q))
+        self.used += q
+        self.appended += q
 
-    def evict(self, n: int) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
-        """Free the ``n`` oldest evictable tokens (FIFO, the paper's policy); see ``evict_slots``."""
-        keep = self.policy.keep(self.prompt_len)
-        if keep + n > self.used:
-            raise RuntimeError(f"cannot evict {n} tokens: only {self.used - keep} evictable")
-        return self.evict_slots(self.order[keep : keep + n])
-
-    def evict_slots(self, slots: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
-        """Free the given occupied slots (same for every row); nothing else moves.
+    def evict_due(self) -> list[Eviction]:
+        """Evict what each row's window must drop before the next column is appended, oldest first.
 
         Returns:
-            Per-layer evicted keys and values ``[B, H, n, D]`` and positions ``[B, n]``, in arrival order.
+            One entry per eviction round: per-layer evicted keys and values ``[B, H, e, D]``, their positions
+            ``[B, e]`` and the rows that evicted ``[B]`` (bool; other rows' entries are filler to ignore).
+            A row may need several rounds at once (a prompt longer than the window); the thought encoder
+            folds them in one at a time. Empty when nothing is due.
         """
-        gone = set(slots)
-        slots = [s for s in self.order if s in gone]
-        if len(slots) != len(gone):
-            raise RuntimeError(f"cannot evict slots {sorted(gone - set(slots))}: not occupied")
-        idx = torch.tensor(slots, device=self.pos.device)
-        ev_k = [k.index_select(2, idx) for k in self.keys]
-        ev_v = [v.index_select(2, idx) for v in self.values]
-        ev_pos = self.pos.index_select(1, idx)
-        self.pos[:, idx] = -1
-        self.valid[:, idx] = False
-        self.bias[:, 0, 0, idx] = torch.finfo(self.bias.dtype).min
-        self.order = [s for s in self.order if s not in gone]
-        self.free.extend(slots)
+        if not self.policy.bounded or not self._pads:
+            return []
+        e = self.policy.evict_tokens
+        due = [
+            self.policy.evicted_before(self.appended - pad - keep) - done
+            for pad, keep, done in zip(self._pads, self._keep, self._done, strict=True)
+        ]
+        out = []
+        while any(due):
+            rows = [d > 0 for d in due]
+            out.append(self._evict_round(rows, e))
+            due = [d - e if r else d for d, r in zip(due, rows, strict=True)]
+        if out:
+            self._compact()
+        return out
+
+    def _evict_round(self, rows: list[bool], e: int) -> Eviction:
+        """Take the oldest ``e`` stream tokens of every row in ``rows``; mark them invalid."""
+        device = self.pos.device
+        starts = []  # first slot of each row's evicted run (contiguous: every column between is held)
+        for b, (pad, keep, done) in enumerate(zip(self._pads, self._keep, self._done, strict=True)):
+            starts.append(bisect.bisect_left(self._cols, pad + keep + done) if rows[b] else 0)
+            if rows[b]:
+                self._done[b] += e
+        mask = torch.tensor(rows, device=device)
+        if all(rows) and len(set(starts)) == 1:  # synchronous eviction: one slice for every row
+            s0 = starts[0]
+            ev_k = [k[:, :, s0 : s0 + e].clone() for k in self.keys]
+            ev_v = [v[:, :, s0 : s0 + e].clone() for v in self.values]
+            ev_pos = self.pos[:, s0 : s0 + e].clone()
+            self.valid[:, s0 : s0 + e] = False
+        else:
+            idx = torch.tensor(starts, device=device)[:, None] + torch.arange(e, device=device)  # [B, e]
+            gather = idx[:, None, :, None]
+            ev_k = [k.gather(2, gather.expand(-1, k.shape[1], -1, k.shape[3])) for k in self.keys]
+            ev_v = [v.gather(2, gather.expand(-1, v.shape[1], -1, v.shape[3])) for v in self.values]
+            ev_pos = self.pos.gather(1, idx)
+            self.valid.scatter_(1, idx, self.valid.gather(1, idx) & ~mask[:, None])
         self.n_evictions += 1
-        self.evicted_tokens += len(slots)
-        return ev_k, ev_v, ev_pos
+        self.evicted_tokens += e * sum(rows)
+        return ev_k, ev_v, ev_pos, mask
+
+    def _compact(self) -> None:
+        """Drop the slots no row holds any more (kept or still in its window), keeping the order."""
+        rows = list(zip(self._pads, self._keep, self._done, strict=True))
+        spans = {(pad, pad + keep) for pad, keep, _ in rows if keep > 0}  # kept columns of each row
+        spans.add((min(pad + keep + done for pad, keep, done in rows), self.appended))  # every row's window
+        live: list[int] = []
+        for a, z in sorted(spans):  # slots of the union of spans, in order (self._cols is increasing)
+            lo = max(bisect.bisect_left(self._cols, a), live[-1] + 1 if live else 0)
+            live.extend(range(lo, bisect.bisect_left(self._cols, z)))
+        n = len(live)
+        if n == self.used:
+            return
+        idx = torch.tensor(live, device=self.pos.device)
+        for buf in (*self.keys, *self.values):
+            buf[:, :, :n] = buf[:, :, idx]
+        for meta in (self.pos, self.valid):
+            meta[:, :n] = meta[:, idx]
+        self.pos[:, n : self.used] = -1
+        self.valid[:, n : self.used] = False
+        self._cols = [self._cols[i] for i in live]
+        self.used = n
 
     def bytes_held(self) -> int:
         """Bytes of K/V in occupied slots (all layers, keys and values)."""

@@ -47,7 +47,9 @@ class ModelCfg:
 @dataclass
 class CacheCfg:
     """Cache policy D. Training always uses the method's own policy (``METHOD_POLICY``); ``policy`` overrides
-    it for eval.py (None = the method's own). The thought window W comes from ``window`` if > 0, else ``budget`` minus the longest
+    it for eval.py (None = the method's own). On a PTE checkpoint ``full``/``window``/``sink`` run the base
+    model exactly (update off) and ``global_only`` is the paper's Global-Only ablation (update with S_g, no
+    absorption). ``retain_prompt`` false puts each row's own prompt inside its window (prompts may exceed W). The thought window W comes from ``window`` if > 0, else ``budget`` minus the longest
     prompt of the micro-batch if set, else the paper's training rule W = longest prompt of the micro-batch.
     """
 
@@ -136,8 +138,6 @@ class RolloutCfg:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
-    # Decode steps through torch.compile(mode="reduce-overhead") on a fixed-shape cache (CUDA graphs); CUDA only.
-    compile_decode: bool = False
 
     def __post_init__(self) -> None:
         require(self.group_size >= 2, "rollout.group_size", "must be >= 2 (advantages compare samples of a prompt)")

@@ -68,21 +68,44 @@ class ThoughtEncoder(nn.Module):
         """Cut the graph between replay chunks: the carried state is a constant for the next chunk."""
         self.store.states = [s.detach() for s in self.store.states]
 
-    def absorb(self, keys: list[torch.Tensor], values: list[torch.Tensor], positions: torch.Tensor) -> None:
+    def pre_rope_keys(self, keys: list[torch.Tensor], positions: torch.Tensor) -> list[torch.Tensor]:
+        """Undo the rotary embedding of cached keys ``[B, H_kv, m, D]`` at ``positions [B, m]`` (float32 out).
+
+        Cached keys are ``a R(theta) k``: Hugging Face folds the rotary ``attention_scaling`` a (YaRN,
+        longrope) into cos/sin, so the inverse is ``R(-theta) / a``. theta comes from the rotary module's
+        current frequencies, computed here rather than through its forward, whose dynamic-NTK update would
+        otherwise change the model's frequencies as a side effect. Exact for every rope type whose
+        frequencies are fixed (default, linear, yarn, llama3), and for dynamic and longrope while positions
+        stay within the model's original context; past it Hugging Face switches frequencies per forward
+        and keys cached before the switch keep the old rotation.
+        """
+        rotary = self._rotary[0]
+        freqs = positions[..., None].float() * rotary.inv_freq.float().to(positions.device)  # [B, m, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, m, D]
+        cos, sin, scale = emb.cos(), emb.sin(), float(rotary.attention_scaling)
+        return [(k.float() * cos - _rotate_half(k.float()) * sin) / scale for k in keys]
+
+    def absorb(
+        self,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+        positions: torch.Tensor,
+        rows: torch.Tensor | None = None,
+    ) -> None:
         """Fold one eviction into every layer's state.
 
         Args:
             keys, values: per-layer evicted ``[B, H_kv, m, D]`` (keys as cached, i.e. rotated).
             positions: ``[B, m]`` absolute positions of the evicted tokens.
+            rows: ``[B]`` bool, the rows that evicted (None = all); the other rows keep their state.
         """
         if self.cfg.evicted_keys == "pre_rope":
-            cos, sin = self._rotary[0](values[0], positions)  # [B, m, D]
-            cos, sin = cos[:, None].to(keys[0].dtype), sin[:, None].to(keys[0].dtype)
-            keys = [k * cos - _rotate_half(k) * sin for k in keys]  # rotate back by -theta
+            keys = self.pre_rope_keys(keys, positions)
         for i, (lt, k, v) in enumerate(zip(self.layers, keys, values)):
             flat_k = k.transpose(1, 2).flatten(2)  # [B, m, H_kv*D]
             flat_v = v.transpose(1, 2).flatten(2)
-            self.store.states[i] = lt.update(self.store.states[i], self._proj[i][0], flat_k, flat_v)
+            new = lt.update(self.store.states[i], self._proj[i][0], flat_k, flat_v)
+            self.store.states[i] = new if rows is None else torch.where(rows[:, None, None], new, self.store.states[i])
 
 
 def attach_thought(model: PreTrainedModel, cfg: ThoughtConfig) -> ThoughtEncoder:
@@ -106,6 +129,23 @@ def attach_thought(model: PreTrainedModel, cfg: ThoughtConfig) -> ThoughtEncoder
 
 def get_thought(model: nn.Module) -> ThoughtEncoder | None:
     return getattr(model, ATTR, None)
+
+
+def start_thought(model: nn.Module, uses_thought: bool, batch: int) -> ThoughtEncoder | None:
+    """Prepare the encoder (if any) for a new batch: states reset to S_g, or the update switched off.
+
+    A cache policy that does not use the thought state (``full``, ``window``, ``sink``) then runs exactly the
+    base model, and a PTE policy on a model without an encoder is refused with a message.
+    """
+    encoder = get_thought(model)
+    if encoder is None:
+        if uses_thought:
+            raise ValueError("cache.policy pte/global_only needs a model with a thought encoder (method: pte)")
+        return None
+    encoder.store.enabled = uses_thought
+    if uses_thought:
+        encoder.begin(batch)
+    return encoder
 
 
 def thought_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -78,9 +78,9 @@ def sweep(cfg: Config) -> list[Setting]:
     for policy in policies:
         require(policy in POLICIES, "eval.policies", f"unknown policy {policy!r}; expected one of {POLICIES}")
         require(
-            policy != "pte" or cfg.method == "pte",
+            policy not in ("pte", "global_only") or cfg.method == "pte",
             "eval.policies",
-            f"policy 'pte' needs a PTE checkpoint (thought encoder); this model is method={cfg.method}",
+            f"policy {policy!r} needs a PTE checkpoint (thought encoder); this model is method={cfg.method}",
         )
     if e.temperature == 0 and e.n_samples > 1:
         log.warning("eval.temperature=0 (greedy) with eval.n_samples=%d: all samples will be identical", e.n_samples)

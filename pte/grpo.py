@@ -51,12 +51,24 @@ def dr_grpo_weights(mask: torch.Tensor, max_len: int) -> torch.Tensor:
 AGGREGATIONS = {"grpo": grpo_weights, "dapo": dapo_weights, "dr_grpo": dr_grpo_weights}
 
 
-def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+def masked_gap(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``a - b``, set to 0 where ``mask`` is False before anything is exponentiated.
+
+    Positions after EOS or with zero weight may hold any log-prob gap; exp of a large one is inf, and
+    inf (or NaN) times a zero weight is NaN, in the loss and in its gradient. Masking the gap first keeps
+    every masked term finite and its gradient exactly zero.
+    """
+    d = a - b
+    return d if mask is None else d.masked_fill(~mask, 0.0)
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """k3 estimator of KL(pi_theta || pi_ref) per token: exp(d) - d - 1 with d = log pi_ref - log pi_theta.
 
     Unlike k1 (= -d), its gradient on on-policy samples is not zero in expectation (method.md section 6).
+    ``mask`` (bool, like ``logp``): positions outside it give exactly 0.
     """
-    d = ref_logp - logp
+    d = masked_gap(ref_logp, logp, mask)
     return torch.exp(d) - d - 1
 
 
@@ -68,6 +80,7 @@ def token_loss(
     clip_high: float,
     ref_logp: torch.Tensor | None = None,
     beta: float = 0.0,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token clipped surrogate plus beta * k3 KL.
 
@@ -76,15 +89,18 @@ def token_loss(
         advantages: ``[N]`` group advantages, broadcast over tokens.
         clip_low, clip_high: ratio clipped to [1 - clip_low, 1 + clip_high] (DAPO's clip-higher when unequal).
         ref_logp: ``[N, t]`` full-cache reference log-probs (needed when beta > 0).
+        mask: ``[N, t]`` bool, tokens that carry weight; elsewhere the loss is exactly 0 (never NaN).
 
     Returns:
         ``(loss [N, t], clipped [N, t] bool)``.
     """
-    ratio = torch.exp(logp - old_logp)
+    ratio = torch.exp(masked_gap(logp, old_logp, mask))
     adv = advantages[:, None]
     unclipped = ratio * adv
     clipped_obj = ratio.clamp(1 - clip_low, 1 + clip_high) * adv
     loss = -torch.minimum(unclipped, clipped_obj)
     if beta > 0:
-        loss = loss + beta * k3_kl(logp, ref_logp)
+        loss = loss + beta * k3_kl(logp, ref_logp, mask)
+    if mask is not None:
+        loss = loss.masked_fill(~mask, 0.0)  # a non-finite advantage or log-prob at a masked token stays out
     return loss, (clipped_obj < unclipped).detach()

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 from transformers import PreTrainedModel
 
-from pte.encoder import get_thought
+from pte.encoder import get_thought, start_thought
 from pte.forward import forward_tokens
 from pte.rollout import Rollout, new_cache, prompt_positions
 
@@ -52,14 +52,14 @@ def replay(model: PreTrainedModel, ro: Rollout, full_cache: bool = False) -> Ite
     """
     policy = replace(ro.policy, name="full", sink_tokens=0) if full_cache else ro.policy
     cuts = [] if full_cache else ro.evict_before
-    encoder = get_thought(model)
+    if policy.uses_thought and get_thought(model) is None:
+        raise ValueError(f"replay: this rollout used cache.policy={policy.name}, but the model has no thought encoder")
     b, p = ro.prompt_ids.shape
     t = ro.response_ids.shape[1]
     if t == 0:
         return
     cache = new_cache(model, policy, p, t)
-    if encoder is not None:
-        encoder.begin(b)
+    encoder = start_thought(model, policy.uses_thought, b)
     lengths = ro.prompt_mask.sum(1)
     resp = ro.response_ids
     bounds = [0, *cuts, t - 1]
@@ -72,11 +72,11 @@ def replay(model: PreTrainedModel, ro: Rollout, full_cache: bool = False) -> Ite
             valid = torch.cat([ro.prompt_mask, valid], dim=1)
             logits = forward_tokens(model, cache, ids, pos, valid, logits_from=p - 1)
         else:
-            if encoder is not None:
+            if policy.uses_thought:
                 encoder.detach_states()
-            evicted = cache.evict(policy.evict_tokens)
-            if policy.encodes_evicted:
-                encoder.absorb(*evicted)
+            for evicted in cache.evict_due():
+                if policy.encodes_evicted:
+                    encoder.absorb(*evicted)
             logits = forward_tokens(model, cache, resp[:, a:z], pos, valid)
         start = 0 if k == 0 else a + 1
         logp, ent = _chunk_stats(logits, resp[:, start : z + 1], ro.temperature)

@@ -30,7 +30,7 @@ from sympy import Basic, Derivative, Equality, Expr, MatrixBase
 from sympy.core.function import AppliedUndef
 from typing_extensions import Self
 
-from pte.answers import extract_answer, last_boxed
+from pte.answers import drop_math_dollars, extract_answer, last_boxed
 
 logger = logging.getLogger(__name__)
 
@@ -72,12 +72,16 @@ def _normalise(text: str) -> str:
 
 
 def _gold_text(gold: str | float, row: str | int) -> str:
-    """Render a gold value as text; floats are written positionally because ``1e-07`` parses as ``e - 7``."""
+    """Render a gold value as text; floats are written positionally because ``1e-07`` parses as ``e - 7``.
+
+    Inline math separators (``3$, $4``) are dropped (``pte.answers.drop_math_dollars``), so a gold parses the
+    same from training data, benchmark loaders and every reward path.
+    """
     if isinstance(gold, bool) or (isinstance(gold, float) and not math.isfinite(gold)):
         raise GoldAnswerError(f"row {row}: gold answer {gold!r} is not a number or a math string")
     if isinstance(gold, float):
         return format(decimal.Decimal(repr(gold)), "f")
-    return str(gold).strip()
+    return drop_math_dollars(str(gold))
 
 
 def _parse_gold(gold: str | float, row: str | int, timeout: int | None) -> list:

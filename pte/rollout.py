@@ -14,7 +14,7 @@ import torch
 from transformers import PreTrainedModel
 
 from pte.cache import BoundedKVCache, CachePolicy
-from pte.encoder import decoder_layers, get_thought, unwrap
+from pte.encoder import decoder_layers, start_thought, unwrap
 from pte.forward import forward_tokens
 
 
@@ -26,8 +26,6 @@ class SamplingConfig:
     top_k: keep the k most likely tokens (0 = off).
     max_new_tokens: generation limit (paper 3072).
     stop_check_every: steps between checks that every row has finished (each check syncs the device).
-    compile: run decode steps through ``torch.compile(mode="reduce-overhead")`` on a static-shape cache
-        (CUDA graphs on GPU); off by default, untested on CPU-only machines.
     """
 
     temperature: float = 1.0
@@ -35,7 +33,6 @@ class SamplingConfig:
     top_k: int = 0
     max_new_tokens: int = 256
     stop_check_every: int = 8
-    compile: bool = False
 
 
 @dataclass
@@ -120,11 +117,8 @@ def sample(
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
 
-def new_cache(
-    model: PreTrainedModel, policy: CachePolicy, prompt_len: int, max_new: int, static: bool = False
-) -> BoundedKVCache:
-    capacity = policy.capacity(prompt_len, max_new)
-    return BoundedKVCache(len(decoder_layers(model)), policy, prompt_len, capacity, static)
+def new_cache(model: PreTrainedModel, policy: CachePolicy, prompt_len: int, max_new: int) -> BoundedKVCache:
+    return BoundedKVCache(len(decoder_layers(model)), policy, prompt_len, policy.capacity(prompt_len, max_new))
 
 
 def attn_flops_per_key(model: PreTrainedModel) -> int:
@@ -132,17 +126,6 @@ def attn_flops_per_key(model: PreTrainedModel) -> int:
     c = unwrap(model).config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     return 4 * c.num_attention_heads * head_dim * c.num_hidden_layers
-
-
-def decode_model(model: PreTrainedModel, compile_step: bool) -> PreTrainedModel:
-    """The module that runs one-token decode steps: ``model``, or its compiled twin (built once, kept on it)."""
-    if not compile_step:
-        return model
-    compiled = model.__dict__.get("_pte_compiled")
-    if compiled is None:
-        compiled = torch.compile(model, mode="reduce-overhead", dynamic=False)
-        model.__dict__["_pte_compiled"] = compiled
-    return compiled
 
 
 @torch.no_grad()
@@ -159,19 +142,15 @@ def rollout(
 ) -> Rollout:
     """Generate up to ``max_new_tokens`` for each row under ``policy``; finished rows stop counting.
 
-    Every row generates one token per step, so evictions are synchronous across the batch.
+    Every row generates one token per step; each row evicts by its own positions (synchronously across the
+    batch when the prompt is retained), and ``evict_before`` lists every step at which some row evicted.
     """
-    encoder = get_thought(model)
-    if policy.encodes_evicted and encoder is None:
-        raise ValueError("cache.policy=pte needs a model with a thought encoder (method: pte)")
     prompt_mask = prompt_mask.bool()
     b, p = prompt_ids.shape
     device = prompt_ids.device
     t_max = sampling.max_new_tokens
-    cache = new_cache(model, policy, p, t_max, static=sampling.compile)
-    step_model = decode_model(model, sampling.compile)
-    if encoder is not None:
-        encoder.begin(b)
+    cache = new_cache(model, policy, p, t_max)
+    encoder = start_thought(model, policy.uses_thought, b)
     eos = torch.tensor(eos_ids, device=device)
     tokens = torch.full((b, t_max), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(b, t_max, device=device)
@@ -188,14 +167,14 @@ def rollout(
     steps = 0
     for j in range(t_max):
         if j > 0:
-            n = policy.to_evict(cache.used, p)
-            if n:
-                evicted = cache.evict(n)
+            evictions = cache.evict_due()
+            if evictions:
                 if policy.encodes_evicted:
-                    encoder.absorb(*evicted)
+                    for evicted in evictions:
+                        encoder.absorb(*evicted)
                 evict_before.append(j - 1)
             pos.add_(1)
-            logits = forward_tokens(step_model, cache, last, pos, ones)[:, -1]
+            logits = forward_tokens(model, cache, last, pos, ones)[:, -1]
         if keep_logits:
             kept.append(logits)
         tok, logp = sample(logits, sampling, generator)

@@ -42,7 +42,7 @@ def generate_rollouts(
     """Sample ``prompts`` (already formatted, one row per sequence) in micro-batches under the cache config."""
     device = next(model.parameters()).device
     r = cfg.rollout
-    sampling = SamplingConfig(r.temperature, r.top_p, r.top_k, r.max_new_tokens, compile=r.compile_decode)
+    sampling = SamplingConfig(r.temperature, r.top_p, r.top_k, r.max_new_tokens)
     out = []
     for i in range(0, len(prompts), r.micro_batch):
         ids, mask = encode_prompts(tok, prompts[i : i + r.micro_batch], chat=False, device=device)
@@ -80,8 +80,9 @@ def policy_update(model: nn.Module, exp: Experience, cfg: Config, backward: Call
         for chunk in replay(model, ro):
             sl = slice(chunk.start, chunk.stop)
             ref_chunk = ref[:, sl] if ref is not None else None
+            weighted = w[:, sl] != 0
             loss_tok, clipped = token_loss(
-                chunk.logprobs, ro.logprobs[:, sl], adv, g.clip_low, g.clip_high, ref_chunk, g.beta
+                chunk.logprobs, ro.logprobs[:, sl], adv, g.clip_low, g.clip_high, ref_chunk, g.beta, weighted
             )
             loss = (loss_tok * w[:, sl]).sum()
             backward(loss)
@@ -91,5 +92,5 @@ def policy_update(model: nn.Module, exp: Experience, cfg: Config, backward: Call
             stats["tokens"] += float(mask.sum())
             stats["entropy"] += float((chunk.entropy * mask).sum())
             if ref_chunk is not None:
-                stats["kl"] += float((k3_kl(chunk.logprobs.detach(), ref_chunk) * mask).sum())
+                stats["kl"] += float((k3_kl(chunk.logprobs.detach(), ref_chunk, mask) * mask).sum())
     return stats

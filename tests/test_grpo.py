@@ -80,3 +80,20 @@ def test_chunked_loss_sums_to_full_loss(agg):
     full = (loss * w).sum()
     chunks = sum((loss[:, a:b] * w[:, a:b]).sum() for a, b in [(0, 4), (4, 7), (7, 10)])
     torch.testing.assert_close(chunks, full)
+
+
+def test_masked_positions_never_make_the_loss_or_gradient_nan():
+    """Pad positions after EOS with huge log-prob gaps (exp overflows) and zero weight change nothing."""
+    logp = torch.tensor([[-1.0, -2.0, 0.0, 0.0]], requires_grad=True)
+    old = torch.tensor([[-1.1, -2.0, -500.0, 300.0]])  # gaps 500 and -300 at the pads
+    ref = torch.tensor([[-1.2, -1.9, 400.0, -400.0]])
+    mask = torch.tensor([[True, True, False, False]])
+    w = mask.float() / 2
+    loss_tok, _ = token_loss(logp, old, torch.tensor([1.0]), 0.2, 0.2, ref, beta=0.1, mask=mask)
+    loss = (loss_tok * w).sum()
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logp.grad).all()
+    assert (loss_tok[~mask] == 0).all() and (logp.grad[~mask] == 0).all()
+    real, _ = token_loss(logp[:, :2], old[:, :2], torch.tensor([1.0]), 0.2, 0.2, ref[:, :2], beta=0.1)
+    torch.testing.assert_close(loss, (real * w[:, :2]).sum())
+    assert torch.isfinite(k3_kl(logp.detach(), ref, mask)).all()

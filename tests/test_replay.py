@@ -76,3 +76,22 @@ def test_adapter_roundtrip(tmp_path):
     assert get_thought(fresh).cfg == get_thought(model).cfg
     policy = CachePolicy("pte", window=8)
     assert torch.equal(run(fresh, tok, PROMPTS, policy, 20).logprobs, run(model, tok, PROMPTS, policy, 20).logprobs)
+
+
+@pytest.mark.parametrize("kind", ["pte", "sink"])
+def test_replay_equals_rollout_without_retained_prompt(kind):
+    """Rows evict at their own steps (prompts of 21, 42 and 31 tokens, window 8): replay cuts at all of them."""
+    model, tok = tiny_pte()
+    policy = CachePolicy(kind, window=8, evict_ratio=0.25, sink_tokens=2 if kind == "sink" else 0, retain_prompt=False)
+    ro = run(model, tok, PROMPTS, policy, 40, eos=EOS, temperature=1.0, seed=0)
+    assert len(ro.evict_before) >= 6
+    replayed = full_replay(model, ro)
+    torch.testing.assert_close(replayed[ro.response_mask], ro.logprobs[ro.response_mask], atol=1e-4, rtol=0)
+
+
+def test_replay_of_pte_rollout_without_encoder_says_so():
+    model, tok = tiny_pte()
+    ro = run(model, tok, PROMPTS, CachePolicy("pte", window=8), 20)
+    base, _ = tiny()
+    with pytest.raises(ValueError, match="no thought encoder"):
+        full_replay(base, ro)

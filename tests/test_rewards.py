@@ -312,3 +312,20 @@ def test_build_reward_rejects_unknown_name(grader: Grader) -> None:
         build_reward({"correctness": 1.0, "corectness": 1.0}, grader)
     with pytest.raises(ValueError, match="empty"):
         build_reward({}, grader)
+
+
+SEPARATED = ["3$, $4", "$3$, $4$", "$3$,$4$", " 3 $,$ 4 "]  # OlympiadBench multi-part golds
+
+
+@pytest.mark.parametrize("gold", SEPARATED)
+def test_inline_math_separators_in_gold_parse_as_every_part(gold: str) -> None:
+    assert parse_gold(gold)[0] == parse_gold("3, 4")[0] == {3, 4}
+    assert verify_answer("3, 4", gold)
+    assert not verify_answer("4", gold) and not verify_answer("3", gold)
+
+
+def test_inline_math_separators_in_every_reward_path(grader: Grader) -> None:
+    responses = [r"\boxed{3, 4}", r"\boxed{4}", "The answer is 3, 4", r"\boxed{3}"]
+    golds = ["3$, $4"] * len(responses)
+    assert grader.grade([extract_answer(r) for r in responses], golds) == [True, False, True, False]
+    assert CorrectnessReward(grader)(responses, golds).tolist() == [1.0, 0.0, 1.0, 0.0]

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 import pte.forward
 from pte.cache import CachePolicy
+from pte.encoder import get_thought
 from pte.generate import encode_prompts
 from tests.helpers import PROMPTS, run, tiny, tiny_pte
 
@@ -49,9 +52,9 @@ def test_per_token_window_matches_qwen2_native_sliding_window():
     torch.testing.assert_close(ours.logits, torch.stack(hf.logits, 1).float(), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("kind", ["window", "pte", "sink"])
+@pytest.mark.parametrize("kind", ["window", "pte", "sink", "global_only"])
 def test_batch_invariance_through_evictions(kind):
-    model, tok = tiny_pte() if kind == "pte" else tiny()
+    model, tok = tiny_pte() if kind in ("pte", "global_only") else tiny()
     policy = CachePolicy(kind, window=8, evict_ratio=0.25, sink_tokens=2 if kind == "sink" else 0)
     batch = run(model, tok, PROMPTS, policy, 30)
     assert len(batch.evict_before) >= 3
@@ -65,23 +68,24 @@ def test_positions_masks_and_retained_prompt(monkeypatch):
     """Record every forward: positions rise per row, no query sees a later key or a pad, prompts stay."""
     model, tok = tiny_pte()
     calls = []
-    real_mask, real_evict = pte.cache.BoundedKVCache.mask, pte.cache.BoundedKVCache.evict
+    real_mask, real_evict = pte.cache.BoundedKVCache.mask, pte.cache.BoundedKVCache.evict_due
 
     def spy_mask(self, q_pos, q_valid, dtype):
         out = real_mask(self, q_pos, q_valid, dtype)
-        k_pos, k_valid = self.columns(q_pos, q_valid)  # the keys this forward attends, in mask order
+        k_pos = torch.cat([self.pos[:, : self.used], q_pos], 1)
+        k_valid = torch.cat([self.valid[:, : self.used], q_valid], 1)
         calls.append((q_pos.clone(), q_valid.clone(), k_pos.clone(), k_valid.clone(), out[:, 0] == 0))
         return out
 
     evicted = []
 
-    def spy_evict(self, n):
-        out = real_evict(self, n)
-        evicted.append(out[2].clone())
+    def spy_evict(self):
+        out = real_evict(self)
+        evicted.extend(pos.clone() for _k, _v, pos, _rows in out)
         return out
 
     monkeypatch.setattr(pte.cache.BoundedKVCache, "mask", spy_mask)
-    monkeypatch.setattr(pte.cache.BoundedKVCache, "evict", spy_evict)
+    monkeypatch.setattr(pte.cache.BoundedKVCache, "evict_due", spy_evict)
     ro = run(model, tok, PROMPTS, CachePolicy("pte", window=8, evict_ratio=0.25), 30)
     lengths = ro.prompt_mask.sum(1)
     last = torch.full((len(PROMPTS),), -1)
@@ -139,3 +143,90 @@ def test_kv_bytes_flat_under_bounded_policies(kind):
         assert held.max() == held.min() + (ro.policy.evict_tokens - 1) * ro.slot_bytes
         assert held[-64:].max() == held[64:128].max()
         assert held.max() < kv.new_tensor(2048 * ro.slot_bytes) / 10
+
+
+@pytest.mark.parametrize("kind", ["window", "pte", "sink", "global_only"])
+def test_batch_invariance_without_retained_prompt(kind):
+    """Prompts of 21, 42 and 31 tokens under an 8-token window: each row's window runs over its own tokens."""
+    model, tok = tiny_pte() if kind in ("pte", "global_only") else tiny()
+    sinks = 2 if kind == "sink" else 0
+    policy = CachePolicy(kind, window=8, evict_ratio=0.25, sink_tokens=sinks, retain_prompt=False)
+    batch = run(model, tok, PROMPTS, policy, 30)
+    assert len(batch.evict_before) >= 3
+    for i, prompt in enumerate(PROMPTS):
+        alone = run(model, tok, [prompt], policy, 30)
+        assert torch.equal(batch.response_ids[i], alone.response_ids[0])
+        torch.testing.assert_close(batch.logprobs[i], alone.logprobs[0], atol=1e-4, rtol=0)
+
+
+def test_prompt_longer_than_window_matches_qwen2_native_sliding_window():
+    w = 6
+    model, tok = tiny("qwen2", use_sliding_window=True, sliding_window=w, max_window_layers=0)
+    prompt = [PROMPTS[1]]
+    ids, _mask = encode_prompts(tok, prompt)
+    assert ids.shape[1] > 3 * w
+    hf = hf_greedy(model, ids, 30)
+    policy = CachePolicy("window", window=w, evict_ratio=0.0, retain_prompt=False)
+    ours = run(model, tok, prompt, policy, 30, keep_logits=True)
+    assert torch.equal(ours.response_ids, hf.sequences[:, ids.shape[1] :])
+    torch.testing.assert_close(ours.logits, torch.stack(hf.logits, 1).float(), atol=1e-4, rtol=0)
+
+
+def test_pads_never_enter_window_state_or_sinks(monkeypatch):
+    """Every evicted entry of an evicting row is a real token of that row, and sinks are never evicted."""
+    model, tok = tiny_pte()
+    evicted = []
+    real_evict = pte.cache.BoundedKVCache.evict_due
+
+    def spy_evict(self):
+        out = real_evict(self)
+        evicted.extend((pos.clone(), rows.clone()) for _k, _v, pos, rows in out)
+        return out
+
+    monkeypatch.setattr(pte.cache.BoundedKVCache, "evict_due", spy_evict)
+    policy = CachePolicy("sink", window=8, evict_ratio=0.25, sink_tokens=2, retain_prompt=False)
+    run(model, tok, PROMPTS, policy, 30)
+    seen = [[] for _ in PROMPTS]
+    for pos, rows in evicted:
+        for b in rows.nonzero().flatten().tolist():
+            seen[b].extend(pos[b].tolist())
+    for b, got in enumerate(seen):
+        assert got == list(range(2, 2 + len(got))), f"row {b} evicted {got}: pads, sinks or out of order"
+
+
+@pytest.mark.parametrize("kind", ["full", "window", "sink"])
+def test_pte_checkpoint_under_plain_policies_is_the_base_model(kind):
+    model, tok = tiny_pte(random_a=True)
+    base, _ = tiny()
+    policy = CachePolicy(kind, window=8, evict_ratio=0.25, sink_tokens=2 if kind == "sink" else 0)
+    ours = run(model, tok, PROMPTS, policy, 30)
+    ref = run(base, tok, PROMPTS, policy, 30)
+    assert torch.equal(ours.response_ids, ref.response_ids)
+    assert torch.equal(ours.logprobs, ref.logprobs)
+
+
+def test_global_only_applies_initial_state_and_never_absorbs(monkeypatch):
+    model, tok = tiny_pte(random_a=True)
+    wide = CachePolicy("pte", window=64)  # no eviction: pte runs on S_g only, as global_only always does
+    assert torch.equal(
+        run(model, tok, PROMPTS, wide, 30).logprobs,
+        run(model, tok, PROMPTS, replace(wide, name="global_only"), 30).logprobs,
+    )
+    calls = []
+    monkeypatch.setattr(type(get_thought(model)), "absorb", lambda self, *a: calls.append(a))
+    ablation = run(model, tok, PROMPTS, CachePolicy("global_only", window=8), 30)
+    window = run(model, tok, PROMPTS, CachePolicy("window", window=8), 30)
+    assert len(ablation.evict_before) >= 3 and not calls
+    assert not torch.equal(ablation.logprobs, window.logprobs), "S_g must modulate the weights"
+
+
+@pytest.mark.parametrize("window", [8, 24])
+def test_sink_batch_invariance_when_windows_and_sinks_interleave(window):
+    """With W=24 the 42-token row's window still covers the columns where shorter rows keep their sinks."""
+    model, tok = tiny_pte()
+    policy = CachePolicy("sink", window=window, evict_ratio=0.25, sink_tokens=2, retain_prompt=False)
+    batch = run(model, tok, PROMPTS, policy, 30)
+    for i, prompt in enumerate(PROMPTS):
+        alone = run(model, tok, [prompt], policy, 30)
+        assert torch.equal(batch.response_ids[i], alone.response_ids[0])
+        torch.testing.assert_close(batch.logprobs[i], alone.logprobs[0], atol=1e-4, rtol=0)

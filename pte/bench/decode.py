@@ -33,10 +33,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--warmup", type=int, default=16, help="tokens of the untimed warm-up run (0: the full length)")
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--compile", action="store_true", help="engine decode steps through torch.compile (CUDA)")
 
 
-def _runner(method: str, base, pte_model, ids, mask, n: int, window: int, compile_step: bool):
+def _runner(method: str, base, pte_model, ids, mask, n: int, window: int):
     """A zero-argument function that generates ``n`` tokens per row with ``method``."""
     if method.startswith("generate"):
         extra = {"cache_implementation": "static"} if method == "generate-static" else {}
@@ -52,7 +51,7 @@ def _runner(method: str, base, pte_model, ids, mask, n: int, window: int, compil
         return run_hf
     model = pte_model if method == "pte" else base
     policy = CachePolicy(method, window=window, evict_ratio=0.25)
-    sampling = SamplingConfig(temperature=1.0, max_new_tokens=n, stop_check_every=n, compile=compile_step)
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=n, stop_check_every=n)
     return lambda: rollout(model, ids, mask, policy, sampling, [], 0, torch.Generator(ids.device).manual_seed(0))
 
 
@@ -66,11 +65,11 @@ def run(args: argparse.Namespace) -> dict:
     for b in args.batch:
         ids, mask = common.prompts(b, args.prompt_len, vocab)
         for n in args.lengths:
-            fns = {m: _runner(m, base, pte_model, ids, mask, n, args.window, args.compile) for m in args.methods}
+            fns = {m: _runner(m, base, pte_model, ids, mask, n, args.window) for m in args.methods}
             for m in args.methods:
                 # generate's static cache compiles per cache length on CUDA: warm it up at the timed length
                 warm_n = n if m == "generate-static" or not args.warmup else min(args.warmup, n)
-                _runner(m, base, pte_model, ids, mask, warm_n, args.window, args.compile)()
+                _runner(m, base, pte_model, ids, mask, warm_n, args.window)()
             times = common.interleaved(fns, args.repeats)
             ref = common.median(times["generate"]) if "generate" in times else None
             for m, secs in times.items():

@@ -34,20 +34,16 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32")
 
 
-def evict_schedule(policy: CachePolicy, prompt_len: int, t: int) -> list[int]:
-    """The ``evict_before`` a rollout of ``t`` tokens records under ``policy`` (same counter as ``rollout``)."""
-    used, cuts = prompt_len, []
-    for j in range(1, t):
-        n = policy.to_evict(used, prompt_len)
-        if n:
-            used -= n
-            cuts.append(j - 1)
-        used += 1
-    return [i for i in cuts if i < t - 1]
+def evict_schedule(policy: CachePolicy, t: int) -> list[int]:
+    """The ``evict_before`` of a ``t``-token rollout under ``policy`` with the prompt retained.
+
+    Response token r_i is stream token i: the first eviction comes before r_W is appended, then one every e.
+    """
+    return list(range(policy.window, t - 1, policy.evict_tokens))
 
 
 def synthetic_rollout(ids: torch.Tensor, mask: torch.Tensor, t: int, vocab: int, window: int) -> Rollout:
-    b, p = ids.shape
+    b = ids.shape[0]
     policy = CachePolicy("pte", window=window, evict_ratio=0.25)
     gen = torch.Generator().manual_seed(1)
     resp = torch.randint(4, vocab, (b, t), generator=gen).to(ids.device)
@@ -60,7 +56,7 @@ def synthetic_rollout(ids: torch.Tensor, mask: torch.Tensor, t: int, vocab: int,
         truncated=torch.zeros(b, dtype=torch.bool, device=ids.device),
         policy=policy,
         temperature=1.0,
-        evict_before=evict_schedule(policy, p, t),
+        evict_before=evict_schedule(policy, t),
     )
 
 
