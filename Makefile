@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help install test test-full demo eval bench lint clean
+.PHONY: help install test test-full demo eval bench bench-gpu lint clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -33,11 +33,14 @@ demo: $(STAMP)  ## python train.py on the embedded default (SmolLM2-135M, CPU, o
 eval: $(STAMP)  ## evaluate the demo run's checkpoint
 	$(PY) eval.py ckpt=runs/default/adapter
 
-bench: $(STAMP)  ## decode speed and KV memory against HF generate() (tiny model; see benchmarks/)
-	$(PY) benchmarks/decode.py
+bench: $(STAMP)  ## performance suite on CPU, quick defaults (python -m pte.bench; results in runs/bench/cpu)
+	sh benchmarks/cpu.sh $(PY) runs/bench/cpu
+
+bench-gpu: $(STAMP)  ## whole suite on one CUDA GPU in < 8 min, bf16 (results in runs/bench/gpu)
+	sh benchmarks/gpu.sh $(PY) runs/bench/gpu
 
 lint: $(STAMP)  ## ruff
-	$(PY) -m ruff check pte tests benchmarks train.py eval.py
+	$(PY) -m ruff check pte tests train.py eval.py
 
 clean:  ## remove runs and caches (keeps .venv)
 	rm -rf runs .pytest_cache .ruff_cache

@@ -236,6 +236,7 @@ class GRPOModule(L.LightningModule):
             "kv_bytes_peak_per_seq": max(
                 s["kv_bytes_peak"] / ro.response_ids.shape[0] for s, ro in zip(ro_stats, rollouts)
             ),
+            "attn_tflops": sum(s["attn_tflops"] for s in ro_stats),
             "loss": stats["loss"],
             "kl": stats["kl"] / max(stats["tokens"], 1.0),
             "clip_frac": stats["clipped"] / max(stats["tokens"], 1.0),

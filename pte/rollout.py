@@ -14,7 +14,7 @@ import torch
 from transformers import PreTrainedModel
 
 from pte.cache import BoundedKVCache, CachePolicy
-from pte.encoder import decoder_layers, start_thought
+from pte.encoder import decoder_layers, start_thought, unwrap
 from pte.forward import forward_tokens
 
 
@@ -50,6 +50,7 @@ class Rollout:
     evict_before: list[int] = field(default_factory=list)
     used_slots: list[int] = field(default_factory=list)  # occupied cache slots after each step
     slot_bytes: int = 0  # K/V bytes per occupied slot (all layers, whole batch)
+    attn_flops_per_key: int = 0  # attention FLOPs of one query against one cached key, all layers
     logits: torch.Tensor | None = None  # [B, T, V] raw logits, only with keep_logits (debugging, parity tests)
 
     @property
@@ -67,7 +68,21 @@ class Rollout:
             "kv_bytes_peak": float(kv.max()) if len(kv) else 0.0,
             "response_length": float(lengths.mean()),
             "truncated_frac": float(self.truncated.float().mean()),
+            "attn_tflops": self.attn_flops() / 1e12,
         }
+
+    def attn_flops(self) -> float:
+        """Attention FLOPs of the rollout counted from the cache sizes actually attended (paper, Table 1).
+
+        QK^T and AV cost ``attn_flops_per_key`` per (query, cached key) pair. The prompt's prefill is causal
+        over each row's real tokens; response token j's forward (j >= 1) attended ``used_slots[j]`` keys,
+        counted for rows still generating.
+        """
+        lengths = self.prompt_mask.sum(1).double()
+        prefill = float((lengths * (lengths + 1) / 2).sum())
+        alive = self.response_mask[:, 1:].sum(0).double().cpu()  # rows that ran each decode forward
+        decode = float((alive * torch.tensor(self.used_slots[1:], dtype=torch.float64)).sum())
+        return (prefill + decode) * self.attn_flops_per_key
 
 
 def prompt_positions(prompt_mask: torch.Tensor) -> torch.Tensor:
@@ -75,30 +90,42 @@ def prompt_positions(prompt_mask: torch.Tensor) -> torch.Tensor:
     return (prompt_mask.long().cumsum(1) - 1).clamp(min=0)
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log pi(token) under the sampling temperature. ``logits [..., V]``, ``tokens [...]``."""
-    logp = torch.log_softmax(logits / temperature if temperature > 0 else logits, dim=-1)
-    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+def sample(
+    logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per row from ``logits [B, V]`` with temperature / top-k / top-p.
 
-
-def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
-    """Draw one token per row from ``logits [B, V]`` with temperature / top-k / top-p."""
+    One log-softmax feeds both the draw and the returned log-prob ``[B]`` of the drawn token, which is
+    taken under the temperature alone (top-k/top-p only restrict the draw). Greedy (temperature 0)
+    scores at temperature 1.
+    """
     if cfg.temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits / cfg.temperature
-    if cfg.top_k > 0:
-        kth = logits.topk(min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if cfg.top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > cfg.top_p  # keep the smallest prefix with mass >= top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+        logp = torch.log_softmax(logits, dim=-1)
+        tok = logits.argmax(-1)
+    else:
+        logp = torch.log_softmax(logits / cfg.temperature, dim=-1)
+        allowed = logp
+        if cfg.top_k > 0:
+            kth = allowed.topk(min(cfg.top_k, allowed.shape[-1]), dim=-1).values[:, -1:]
+            allowed = allowed.masked_fill(allowed < kth, float("-inf"))
+        if cfg.top_p < 1.0:
+            sorted_logp, order = allowed.sort(dim=-1, descending=True)
+            probs = sorted_logp.softmax(-1)
+            drop = probs.cumsum(-1) - probs > cfg.top_p  # keep the smallest prefix with mass >= top_p
+            allowed = allowed.scatter(-1, order, sorted_logp.masked_fill(drop, float("-inf")))
+        tok = torch.multinomial(allowed.exp(), 1, generator=generator).squeeze(-1)
+    return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
 
 def new_cache(model: PreTrainedModel, policy: CachePolicy, prompt_len: int, max_new: int) -> BoundedKVCache:
     return BoundedKVCache(len(decoder_layers(model)), policy, prompt_len, policy.capacity(prompt_len, max_new))
+
+
+def attn_flops_per_key(model: PreTrainedModel) -> int:
+    """FLOPs of QK^T plus AV for one query and one key over all layers: 2 matmuls x 2 x heads x head dim."""
+    c = unwrap(model).config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return 4 * c.num_attention_heads * head_dim * c.num_hidden_layers
 
 
 @torch.no_grad()
@@ -124,13 +151,14 @@ def rollout(
     t_max = sampling.max_new_tokens
     cache = new_cache(model, policy, p, t_max)
     encoder = start_thought(model, policy.uses_thought, b)
-    lengths = prompt_mask.sum(1)  # [B]
     eos = torch.tensor(eos_ids, device=device)
     tokens = torch.full((b, t_max), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(b, t_max, device=device)
     alive = torch.ones(b, dtype=torch.bool, device=device)
     mask = torch.zeros(b, t_max, dtype=torch.bool, device=device)
     ones = torch.ones(b, 1, dtype=torch.bool, device=device)
+    pos = prompt_mask.sum(1, keepdim=True) - 1  # [B, 1] position of the last forwarded token, bumped in place
+    last = torch.empty(b, 1, dtype=torch.long, device=device)  # the token fed to the next decode step
     evict_before: list[int] = []
     used: list[int] = []
     kept: list[torch.Tensor] = []
@@ -145,13 +173,15 @@ def rollout(
                     for evicted in evictions:
                         encoder.absorb(*evicted)
                 evict_before.append(j - 1)
-            pos = (lengths + j - 1)[:, None]
-            logits = forward_tokens(model, cache, tokens[:, j - 1 : j], pos, ones)[:, -1]
+            pos.add_(1)
+            logits = forward_tokens(model, cache, last, pos, ones)[:, -1]
         if keep_logits:
             kept.append(logits)
-        tok = torch.where(alive, sample(logits, sampling, generator), pad_id)
+        tok, logp = sample(logits, sampling, generator)
+        tok = tok.masked_fill_(~alive, pad_id)
+        last.copy_(tok[:, None])
         tokens[:, j] = tok
-        logprobs[:, j] = torch.where(alive, token_logprobs(logits, tok, sampling.temperature), 0.0)
+        logprobs[:, j] = logp.masked_fill_(~alive, 0.0)
         mask[:, j] = alive
         alive &= ~torch.isin(tok, eos)
         used.append(cache.used)
@@ -174,4 +204,5 @@ def rollout(
         used_slots=used[:t],
         logits=torch.stack(kept, dim=1)[:, :t] if keep_logits else None,
         slot_bytes=2 * len(cache.keys) * k0.shape[0] * k0.shape[1] * k0.shape[3] * k0.element_size(),
+        attn_flops_per_key=attn_flops_per_key(model),
     )

@@ -1,0 +1,96 @@
+"""``step-time``: one GRPO step of the real training code, split into rollout, reward, replay/backward, optimiser.
+
+Runs ``generate_rollouts``, the reward, ``build_experience`` + ``policy_update`` and the AdamW step exactly as
+``GRPOModule.training_step`` does (same config schema, ``key=value`` overrides), on short arithmetic prompts,
+and reports per-phase medians over the steps after a warm-up step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+
+import torch
+
+from pte.bench import common
+from pte.config import METHOD_POLICY, load_config
+from pte.generate import decode_responses
+from pte.methods import build_model
+from pte.prompts import few_shot_examples, format_prompt
+from pte.rewards import Grader, build_reward
+from pte.update import build_experience, generate_rollouts, policy_update
+
+PHASES = ("rollout", "reward", "replay_backward", "optimizer")
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2", help="model.name (smollm2, tiny-llama, tiny-qwen2, a hub id)")
+    p.add_argument("--methods", nargs="+", default=["pte", "lora_c"], help="methods to time (pte, lora, lora_c)")
+    p.add_argument("--steps", type=int, default=3, help="steps per method; the first is a warm-up")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        default=["rollout.batch_size=8", "rollout.group_size=4", "rollout.max_new_tokens=128", "cache.window=64"],
+        help="config key=value overrides",
+    )
+
+
+def _prompts(n: int, seed: int) -> tuple[list[str], list[str]]:
+    rng = random.Random(seed)
+    pairs = [(rng.randint(10, 99), rng.randint(10, 99)) for _ in range(n)]
+    return [f"What is {a} + {b}?" for a, b in pairs], [str(a + b) for a, b in pairs]
+
+
+def _update(model, rollouts, rewards, cfg) -> dict:
+    exp = build_experience(model, rollouts, rewards.to(common.device()), cfg)
+    return policy_update(model, exp, cfg, lambda loss: loss.backward())
+
+
+def _optimizer_step(params: list[torch.nn.Parameter], opt: torch.optim.Optimizer, clip: float) -> None:
+    torch.nn.utils.clip_grad_norm_(params, clip)
+    opt.step()
+
+
+def time_method(method: str, args: argparse.Namespace) -> dict:
+    cfg = load_config(None, [f"model.name={args.model}", f"method={method}", *args.overrides])
+    model, tok = build_model(cfg)
+    model.to(common.device())
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.optim.lr)
+    grader = Grader(cfg.reward.timeout_s, cfg.reward.workers)
+    reward = build_reward({"correctness": 1.0}, grader)
+    gen = torch.Generator(common.device()).manual_seed(cfg.seed)
+    per_step: list[dict[str, float]] = []
+    try:
+        for step in range(args.steps):
+            questions, golds = _prompts(cfg.rollout.batch_size // cfg.rollout.group_size, step)
+            prompts = [
+                format_prompt(tok, q, cfg.data.template, cfg.data.system, few_shot_examples(cfg.data))
+                for q in questions
+                for _ in range(cfg.rollout.group_size)
+            ]
+            golds = [g for g in golds for _ in range(cfg.rollout.group_size)]
+            t = {}
+            t["rollout"], rollouts = common.timed(
+                generate_rollouts, model, tok, prompts, cfg, METHOD_POLICY[method], gen
+            )
+            texts = [x for ro in rollouts for x in decode_responses(tok, ro)]
+            t["reward"], (rewards, _) = common.timed(reward, texts, golds)
+            opt.zero_grad()
+            t["replay_backward"], _ = common.timed(_update, model, rollouts, rewards, cfg)
+            t["optimizer"], _ = common.timed(_optimizer_step, params, opt, cfg.optim.grad_clip)
+            t["tokens"] = float(sum(ro.response_mask.sum() for ro in rollouts))
+            per_step.append(t)
+    finally:
+        grader.close()
+    timed = per_step[1:] or per_step
+    row = {"method": method, "model": args.model, "steps": len(timed)}
+    row |= {k: common.median([s[k] for s in timed]) for k in (*PHASES, "tokens")}
+    row["total"] = sum(row[k] for k in PHASES)
+    return row
+
+
+def run(args: argparse.Namespace) -> dict:
+    rows = [time_method(m, args) for m in args.methods]
+    print(common.table(rows, ["method", "tokens", *PHASES, "total"]))
+    return {"benchmark": "step-time", "overrides": args.overrides, "rows": rows}

@@ -1,0 +1,68 @@
+"""The performance suite and the engine pieces it measures: eviction schedule, FLOP count, CLI."""
+
+from __future__ import annotations
+
+import json
+
+from pte.bench import memory, train_memory
+from pte.bench.__main__ import main
+from pte.cache import CachePolicy
+from pte.rollout import attn_flops_per_key
+from tests.helpers import PROMPTS, run, tiny, tiny_pte
+
+
+def test_evict_schedule_matches_a_real_rollout():
+    model, tok = tiny_pte(random_a=False)
+    policy = CachePolicy("pte", window=8, evict_ratio=0.25)
+    ro = run(model, tok, PROMPTS, policy, 30)
+    assert len(ro.evict_before) >= 3
+    assert train_memory.evict_schedule(policy, 30) == ro.evict_before
+
+
+def test_attn_flops_count_full_cache_in_closed_form():
+    model, tok = tiny()
+    ro = run(model, tok, ["Count: 1 2 3"], CachePolicy("full"), 20)
+    p = ro.prompt_ids.shape[1]
+    keys = p * (p + 1) / 2 + sum(p + j for j in range(1, 20))  # prefill, then token j attends P + j slots
+    assert attn_flops_per_key(model) == 4 * 4 * 16 * 2  # heads x head_dim x layers of the tiny model
+    assert ro.attn_flops() == keys * attn_flops_per_key(model)
+    assert ro.stats()["attn_tflops"] == ro.attn_flops() / 1e12
+
+
+def test_bounded_policies_attend_fewer_keys():
+    model, tok = tiny_pte(random_a=False)
+    full, window = (run(model, tok, PROMPTS, CachePolicy(k, window=8), 40) for k in ("full", "pte"))
+    assert window.attn_flops() < 0.9 * full.attn_flops()  # prompts of ~40 tokens, window 8, 40 new tokens
+
+
+def test_rollout_memory_child_reports_flat_kv_under_window():
+    setting = {"model": "tiny-llama", "dtype": "float32", "policy": "window", "batch": 2, "window": 8}
+    setting |= {"prompt_len": 8}
+    short, long = (memory.child({**setting, "length": n}) for n in (32, 96))
+    assert short["kv_bytes_peak"] == long["kv_bytes_peak"] > 0
+    assert long["peak_bytes"] > 0
+
+
+def test_train_memory_child_runs_both_methods():
+    setting = {"model": "tiny-llama", "dtype": "float32", "batch": 1, "window": 8, "prompt_len": 8, "length": 40}
+    pte, lora = (train_memory.child({**setting, "method": m}) for m in ("pte", "lora"))
+    assert pte["chunks"] > 3 and pte["peak_bytes"] > 0 and lora["peak_bytes"] > 0
+
+
+def test_cli_writes_json(tmp_path):
+    out = tmp_path / "flops.json"
+    main(
+        ["flops", "--model", "tiny-llama", "--lengths", "24", "--window", "8", "--prompt-len", "8", "--json", str(out)]
+    )
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["policy"] for r in rows] == ["full", "window", "pte"]
+    assert rows[1]["vs_full"] < 1.0 == rows[0]["vs_full"]
+
+
+def test_decode_reports_ratios_against_generate(tmp_path):
+    out = tmp_path / "decode.json"
+    args = ["decode", "--model", "tiny-llama", "--lengths", "12", "--batch", "2", "--repeats", "1", "--window", "8"]
+    main([*args, "--methods", "generate", "window", "--prompt-len", "8", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["method"] for r in rows} == {"generate", "window"}
+    assert all(r["tokens_per_s"] > 0 for r in rows) and rows[0]["vs_generate"] == 1.0
