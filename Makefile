@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help install test test-full demo eval bench bench-gpu lint clean
+.PHONY: help install test test-full demo eval repro toy-base bench bench-gpu lint clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -27,11 +27,17 @@ test: $(STAMP)  ## fast suite (what CI runs)
 test-full: $(STAMP)  ## everything, including tests marked slow
 	$(PY) -m pytest -q -m "slow or not slow"
 
-demo: $(STAMP)  ## python train.py on the embedded default (SmolLM2-135M, CPU, offline)
+demo: $(STAMP)  ## python train.py on the embedded default (PTE on the carry task, toy base built on first use, CPU)
 	$(PY) train.py trainer.overwrite=true
 
 eval: $(STAMP)  ## evaluate the demo run's checkpoint
 	$(PY) eval.py ckpt=runs/default/adapter
+
+repro: $(STAMP)  ## the paper's table at toy scale: every arm x 3 seeds (python -m pte.experiments.toy_table)
+	$(PY) -m pte.experiments.toy_table
+
+toy-base: $(STAMP)  ## build and cache the toy base model (python -m pte.toy_base)
+	$(PY) -m pte.toy_base
 
 bench: $(STAMP)  ## performance suite on CPU, quick defaults (python -m pte.bench; results in runs/bench/cpu)
 	sh benchmarks/cpu.sh $(PY) runs/bench/cpu
