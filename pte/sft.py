@@ -73,19 +73,23 @@ def teacher_forced(
 
 
 def sft_update(model: nn.Module, rollouts: list[Rollout], backward: Callable[[torch.Tensor], None]) -> dict:
-    """Backpropagate the mean token NLL of every micro-batch, chunk by chunk (no optimiser step here).
+    """Backpropagate the NLL of every response, summed over its tokens and averaged over sequences, chunk by chunk.
+
+    A sequence-level sum (not a per-token mean): the tokens that need the carried state are a few per response, and
+    divided by every token their gradient falls to the size of Adam's epsilon, where PTE stops learning.
 
     Returns:
-        Sums for logging: loss (already divided by the token count), response tokens, entropy.
+        Sums for logging: loss (per sequence), response tokens, entropy.
     """
     local = sum(float(ro.response_mask.sum()) for ro in rollouts)
     device = rollouts[0].response_ids.device
-    tokens = float(all_sum(torch.tensor(local, dtype=torch.float64, device=device)))  # global normaliser under DDP
+    rows = sum(ro.response_ids.shape[0] for ro in rollouts)
+    seqs = float(all_sum(torch.tensor(rows, dtype=torch.float64, device=device)))  # global normaliser under DDP
     stats = {"loss": 0.0, "tokens": local, "entropy": 0.0}
     for ro in rollouts:
         for chunk in replay(model, ro):
             mask = ro.response_mask[:, chunk.start : chunk.stop]
-            loss = -(chunk.logprobs * mask).sum() / tokens
+            loss = -(chunk.logprobs * mask).sum() / seqs
             backward(loss)
             stats["loss"] += float(loss.detach())
             stats["entropy"] += float((chunk.entropy * mask).sum())

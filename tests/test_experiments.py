@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from pte.carry import carry_problem, carry_problems
+from pte.carry import CODES, carry_problem, carry_problems
 from pte.experiments import toy_table
 from pte.rewards import verify_answer
 from pte.toy_base import ToySpec, train_toy_base
@@ -25,7 +25,7 @@ def test_carry_solution_is_right_and_lines_up_with_the_question(steps, carry):
     value, marks = int(start), []
     for cell in cells:
         if cell.startswith("#"):
-            marks.append(int(cell[1]))
+            marks.append(CODES.index(cell[1]))
             assert marks[-1] == value, "a mark copies the running value"
         else:
             value = (value + int(cell[1])) % 10

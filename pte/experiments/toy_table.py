@@ -239,33 +239,25 @@ def main(argv: list[str] | None = None) -> dict:
     arms = {**ARMS, **ABLATIONS}
     names = [*args.arms, *(n for n in ABLATIONS if args.ablations and n not in args.arms)]
     args.out.mkdir(parents=True, exist_ok=True)
-    store = args.out / "results.json"
-    saved = json.loads(store.read_text()) if store.exists() else {}
-    results: dict = saved.get("results", {})
     base_cfg = load_config(args.config, args.overrides)
-    problems = carry_problems(
-        budget.problems, seed=20_000, steps=base_cfg.data.carry_steps, carry=base_cfg.data.carry_values
-    )
+    problems = carry_problems(budget.problems, seed=20_000, steps=base_cfg.data.carry_steps, carry=base_cfg.data.carry_values)
     t0 = time.perf_counter()
+    results: dict = {}
     with Grader(timeout_s=5.0, workers=1) as grader:
         jobs = [(n, s) for n in names for s in budget.seeds]
         for name, seed in tqdm(jobs, desc="arms x seeds"):
-            if str(seed) in results.get(name, {}):
-                continue
-            arm = arms[name]
-            adapter = train_arm(name, arm, seed, budget, args.config, args.out, list(args.overrides))
-            model, tok, cfg = load_arm_model(args.config, adapter, list(args.overrides))
-            scores = evaluate_arm(model, tok, cfg, arm, budget, problems, grader)
-            log.info("%s seed %d: %s", name, seed, {k: round(100 * v, 1) for k, v in scores.items()})
-            results.setdefault(name, {})[str(seed)] = scores
-            store.write_text(
-                json.dumps(
-                    {"budget": vars(args) | {"out": str(args.out), "config": str(args.config)}, "results": results},
-                    indent=2,
-                    default=str,
-                )
-            )
-            del model
+            done = args.out / name / f"seed{seed}" / "scores.json"  # one file per job: seeds can run in parallel
+            if not done.exists():
+                arm = arms[name]
+                adapter = train_arm(name, arm, seed, budget, args.config, args.out, list(args.overrides))
+                model, tok, cfg = load_arm_model(args.config, adapter, list(args.overrides))
+                scores = evaluate_arm(model, tok, cfg, arm, budget, problems, grader)
+                done.parent.mkdir(parents=True, exist_ok=True)
+                done.write_text(json.dumps(scores, indent=2))
+                log.info("%s seed %d: %s", name, seed, {k: round(100 * v, 1) for k, v in scores.items()})
+            results.setdefault(name, {})[str(seed)] = json.loads(done.read_text())
+    setup = vars(args) | {"out": str(args.out), "config": str(args.config)}
+    (args.out / "results.json").write_text(json.dumps({"setup": setup, "results": results}, indent=2, default=str))
     markdown, table = summarise(results, [n for n in names if n in results])
     (args.out / "results.md").write_text(markdown)
     plot(table, budget, base_cfg.rollout.max_new_tokens, args.out / "accuracy_vs_budget.png")
