@@ -179,9 +179,10 @@ def summarise(results: dict, arms: list[str]) -> tuple[str, dict]:
         row = {}
         for c in columns:
             vals = [100 * s[c] for s in results[arm].values() if c in s]
-            row[c] = [statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0, len(vals)]
+            if vals:  # columns such as tight@evict0.05 exist only for some arms
+                row[c] = [statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0, len(vals)]
         table[arm] = row
-        cells = [f"{m:.1f} ± {sd:.1f}" if n else "-" for m, sd, n in row.values()]
+        cells = [f"{row[c][0]:.1f} ± {row[c][1]:.1f}" if c in row else "-" for c in columns]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n", table
 
@@ -240,7 +241,9 @@ def main(argv: list[str] | None = None) -> dict:
     names = [*args.arms, *(n for n in ABLATIONS if args.ablations and n not in args.arms)]
     args.out.mkdir(parents=True, exist_ok=True)
     base_cfg = load_config(args.config, args.overrides)
-    problems = carry_problems(budget.problems, seed=20_000, steps=base_cfg.data.carry_steps, carry=base_cfg.data.carry_values)
+    problems = carry_problems(
+        budget.problems, seed=20_000, steps=base_cfg.data.carry_steps, carry=base_cfg.data.carry_values
+    )
     t0 = time.perf_counter()
     results: dict = {}
     with Grader(timeout_s=5.0, workers=1) as grader:
