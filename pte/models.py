@@ -173,7 +173,7 @@ def resolve_source(name: str, revision: str = "main") -> str:
 
 def check_source(name: str, revision: str = "main") -> None:
     """Fail early (ModelLoadError) if ``name`` cannot be loaded; the built-in names always can."""
-    if name != "smollm2" and not name.startswith("tiny-"):
+    if name not in ("smollm2", "toy-carry") and not name.startswith("tiny-"):
         resolve_source(name, revision)
 
 
