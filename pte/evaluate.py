@@ -17,6 +17,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -29,7 +30,7 @@ from pte.cache import POLICIES
 from pte.config import CacheCfg, Config, ConfigError, require, to_yaml
 from pte.generate import decode_responses, encode_prompts, eos_ids
 from pte.plots import average, summarize, write_report
-from pte.prompts import few_shot_examples, format_prompt
+from pte.prompts import config_prompt, few_shot_examples
 from pte.rewards import GoldAnswerError, Grader, extract_answer
 from pte.rollout import Rollout, SamplingConfig, rollout
 
@@ -299,9 +300,7 @@ class Evaluator:
         use_gpu = torch.cuda.is_available() and self.cfg.trainer.accelerator != "cpu"
         self.model = model.to("cuda" if use_gpu else "cpu").eval()
         self.grader = Grader(self.cfg.reward.timeout_s, self.cfg.reward.workers)
-        shots = few_shot_examples(self.cfg.data)
-        d = self.cfg.data
-        self.format = lambda q: format_prompt(self.tok, q, d.template, d.system, shots, d.instruction)
+        self.format = partial(config_prompt, self.tok, self.cfg.data)
 
     def close(self) -> None:
         """Stop the grader pool, reporting answers that were graded False because grading timed out."""

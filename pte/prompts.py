@@ -83,3 +83,8 @@ def format_prompt(
 def few_shot_examples(data: DataCfg) -> list[dict[str, str]]:
     """The run's worked examples: ``data.few_shot``, else the built-in one when ``data.default_few_shot``."""
     return list(data.few_shot) or (list(DEFAULT_FEW_SHOT) if data.default_few_shot else [])
+
+
+def config_prompt(tokenizer: PreTrainedTokenizerBase | None, data: DataCfg, question: str) -> str:
+    """A question formatted exactly as a run with ``data`` formats its training prompts."""
+    return format_prompt(tokenizer, question, data.template, data.system, few_shot_examples(data), data.instruction)

@@ -34,6 +34,7 @@ from pte.carry import carry_problems
 from pte.config import Config, load_config
 from pte.evaluate import sample_batch
 from pte.methods import load_base, load_trained
+from pte.prompts import config_prompt
 from pte.rewards import Grader
 from pte.rollout import SamplingConfig
 
@@ -136,7 +137,7 @@ def evaluate_arm(model, tok, cfg: Config, arm: Arm, budget: Budget, problems, gr
     """Greedy accuracy of one trained model under each of the arm's cache settings."""
     max_new = cfg.rollout.max_new_tokens
     sampling = SamplingConfig(temperature=0.0, max_new_tokens=max_new)
-    prompts = [cfg_prompt(tok, cfg, p.question) for p in problems]
+    prompts = [config_prompt(tok, cfg.data, p.question) for p in problems]
     golds = [p.answer for p in problems]
     scores = {}
     for column, policy, window, ratio in settings(arm, budget, max_new):
@@ -152,13 +153,6 @@ def _cache(cfg: Config, window: int, ratio: float | None):
     from dataclasses import replace
 
     return replace(cfg.cache, window=window, evict_ratio=cfg.cache.evict_ratio if ratio is None else ratio)
-
-
-def cfg_prompt(tok, cfg: Config, question: str) -> str:
-    from pte.prompts import few_shot_examples, format_prompt
-
-    d = cfg.data
-    return format_prompt(tok, question, d.template, d.system, few_shot_examples(d), d.instruction)
 
 
 def load_arm_model(config: Path, adapter: Path | None, common: list[str]):
