@@ -16,7 +16,7 @@ from pte.bench import common
 from pte.config import METHOD_POLICY, load_config
 from pte.generate import decode_responses
 from pte.methods import build_model
-from pte.prompts import few_shot_examples, format_prompt
+from pte.prompts import config_prompt
 from pte.rewards import Grader, build_reward
 from pte.update import build_experience, generate_rollouts, policy_update
 
@@ -64,11 +64,7 @@ def time_method(method: str, args: argparse.Namespace) -> dict:
     try:
         for step in range(args.steps):
             questions, golds = _prompts(cfg.rollout.batch_size // cfg.rollout.group_size, step)
-            prompts = [
-                format_prompt(tok, q, cfg.data.template, cfg.data.system, few_shot_examples(cfg.data))
-                for q in questions
-                for _ in range(cfg.rollout.group_size)
-            ]
+            prompts = [config_prompt(tok, cfg.data, q) for q in questions for _ in range(cfg.rollout.group_size)]
             golds = [g for g in golds for _ in range(cfg.rollout.group_size)]
             t = {}
             t["rollout"], rollouts = common.timed(
