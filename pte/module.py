@@ -137,18 +137,10 @@ class GRPOModule(L.LightningModule):
             stats = policy_update(self.model, exp, cfg, self.manual_backward)
             reduce_gradients(self.trainable_parameters())  # one all-reduce per step; a no-op in one process
             self.memory.stop("replay")
-            self.memory.start("optimizer")
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), cfg.optim.grad_clip)
-            if not self._all_finite(stats["loss"], grad_norm):
-                self._skip_nonfinite(opt)
+            grad_norm = self._optimizer_step(opt, stats["loss"], first=k == 0)
+            if self.step_skipped:
                 break
-            if k == 0:  # from the first optimiser step on, a signal waits until the step is logged and saved
-                self._commit.enter_context(deferred_interrupts())
-            opt.step()
-            self.memory.stop("optimizer")
-        if not self.step_skipped:
-            self._nonfinite_streak = 0
-            self.lr_schedulers().step()
+        self._finish_step()
         rewards, parts, stats = global_step_totals(rewards, parts, stats)
         self._log_step(rollouts, rewards, parts, stats, grad_norm, t_rollout, time.perf_counter() - t1)
 
@@ -162,6 +154,28 @@ class GRPOModule(L.LightningModule):
                 f"{self._nonfinite_streak} consecutive steps had a non-finite loss or gradient "
                 f"(trainer.max_nonfinite={limit}); stopping. Lower optim.lr or check the data and rewards."
             )
+
+    def _optimizer_step(self, opt, loss: float, first: bool) -> torch.Tensor:
+        """Clip and apply the accumulated gradients, or skip the step when the loss or gradient is non-finite.
+
+        From the first optimiser step of a batch on, a signal waits until the step is logged and saved.
+        """
+        self.memory.start("optimizer")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.cfg.optim.grad_clip)
+        if not self._all_finite(loss, grad_norm):
+            self._skip_nonfinite(opt)
+            return grad_norm
+        if first:
+            self._commit.enter_context(deferred_interrupts())
+        opt.step()
+        self.memory.stop("optimizer")
+        return grad_norm
+
+    def _finish_step(self) -> None:
+        """Advance the schedule and reset the non-finite streak, unless the step was skipped."""
+        if not self.step_skipped:
+            self._nonfinite_streak = 0
+            self.lr_schedulers().step()
 
     def _all_finite(self, loss: float, grad_norm: torch.Tensor) -> bool:
         """Loss and gradient norm finite on every process (one decision everywhere, so DDP ranks stay in step)."""
@@ -201,11 +215,9 @@ class GRPOModule(L.LightningModule):
         stats = sft_update(self.model, rollouts, self.manual_backward)
         self.memory.stop("replay")
         reduce_gradients(self.trainable_parameters())
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.cfg.optim.grad_clip)
         self.step_skipped = False
-        self._commit.enter_context(deferred_interrupts())  # a signal waits until the step is logged and saved
-        opt.step()
-        self.lr_schedulers().step()
+        grad_norm = self._optimizer_step(opt, stats["loss"], first=True)
+        self._finish_step()
         logs = {
             "loss": stats["loss"],
             "entropy": stats["entropy"] / max(stats["tokens"], 1.0),
