@@ -58,7 +58,6 @@ def teacher_forced(
         response[i, : len(r)] = torch.tensor(r, device=device)
         response_mask[i, : len(r)] = True
     policy = cfg.cache.policy_for(int(mask.sum(1).max()), policy_name)
-    evict_before = eviction_schedule(policy, mask, t_max)
     return Rollout(
         prompt_ids=ids,
         prompt_mask=mask,
@@ -68,7 +67,7 @@ def teacher_forced(
         truncated=torch.zeros(len(rows), dtype=torch.bool, device=device),
         policy=policy,
         temperature=1.0,
-        evict_before=[i for i in evict_before if i < t_max - 1],
+        evict_before=eviction_schedule(policy, mask, t_max),
     )
 
 

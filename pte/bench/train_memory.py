@@ -21,6 +21,7 @@ from pte.encoder import attach_thought
 from pte.grpo import token_loss
 from pte.replay import replay
 from pte.rollout import Rollout
+from pte.sft import eviction_schedule
 from pte.thought import ThoughtConfig
 
 
@@ -32,14 +33,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int, default=256)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--dtype", default="float32")
-
-
-def evict_schedule(policy: CachePolicy, t: int) -> list[int]:
-    """The ``evict_before`` of a ``t``-token rollout under ``policy`` with the prompt retained.
-
-    Response token r_i is stream token i: the first eviction comes before r_W is appended, then one every e.
-    """
-    return list(range(policy.window, t - 1, policy.evict_tokens))
 
 
 def synthetic_rollout(ids: torch.Tensor, mask: torch.Tensor, t: int, vocab: int, window: int) -> Rollout:
@@ -56,7 +49,7 @@ def synthetic_rollout(ids: torch.Tensor, mask: torch.Tensor, t: int, vocab: int,
         truncated=torch.zeros(b, dtype=torch.bool, device=ids.device),
         policy=policy,
         temperature=1.0,
-        evict_before=evict_schedule(policy, t),
+        evict_before=eviction_schedule(policy, mask, t),
     )
 
 
