@@ -25,13 +25,13 @@ import json
 import logging
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tqdm import tqdm
 
 from pte.carry import carry_problems
-from pte.config import Config, load_config
+from pte.config import CacheCfg, Config, load_config
 from pte.evaluate import sample_batch
 from pte.methods import load_base, load_trained
 from pte.prompts import config_prompt
@@ -44,7 +44,8 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml
 
 @dataclass(frozen=True)
 class Arm:
-    """A training recipe: its method, its stages (objective and share of the step budget) and config overrides."""
+    """A training recipe: its method, its stages (objectives, run in order, splitting the step budget evenly), config
+    overrides, and extra inference eviction ratios to evaluate at the tight window."""
 
     method: str
     stages: tuple[str, ...] = ()
@@ -149,9 +150,7 @@ def evaluate_arm(model, tok, cfg: Config, arm: Arm, budget: Budget, problems, gr
     return scores
 
 
-def _cache(cfg: Config, window: int, ratio: float | None):
-    from dataclasses import replace
-
+def _cache(cfg: Config, window: int, ratio: float | None) -> CacheCfg:
     return replace(cfg.cache, window=window, evict_ratio=cfg.cache.evict_ratio if ratio is None else ratio)
 
 
