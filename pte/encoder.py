@@ -174,7 +174,9 @@ def start_thought(model: nn.Module, uses_thought: bool, batch: int) -> ThoughtEn
     encoder = get_thought(model)
     if encoder is None:
         if uses_thought:
-            raise ValueError("cache.policy pte/global_only needs a model with a thought encoder (method: pte)")
+            raise ValueError(
+                "cache.policy pte/global_only needs a thought encoder (method: pte); this model has no thought encoder"
+            )
         return None
     encoder.store.enabled = uses_thought
     if uses_thought:

@@ -55,8 +55,6 @@ def replay(model: PreTrainedModel, ro: Rollout, full_cache: bool = False) -> Ite
     """
     policy = replace(ro.policy, name="full", sink_tokens=0) if full_cache else ro.policy
     cuts = [] if full_cache else ro.evict_before
-    if policy.uses_thought and get_thought(model) is None:
-        raise ValueError(f"replay: this rollout used cache.policy={policy.name}, but the model has no thought encoder")
     b, p = ro.prompt_ids.shape
     t = ro.response_ids.shape[1]
     if t == 0:
