@@ -203,9 +203,13 @@ def load_thought(model: PreTrainedModel, adapter_dir: str | Path) -> ThoughtEnco
     raw = json.loads((adapter_dir / "pte_config.json").read_text())
     raw["target_modules"] = tuple(raw["target_modules"])
     encoder = attach_thought(model, ThoughtConfig(**raw))
-    weights = load_file(str(adapter_dir / "pte_adapter.safetensors"))
-    unexpected = model.load_state_dict(weights, strict=False).unexpected_keys
-    expected = set(thought_state_dict(model))
-    if unexpected or expected - set(weights):
-        raise ValueError(f"{adapter_dir}: adapter does not match the model (unexpected {unexpected[:3]})")
+    bad = load_thought_weights(model, load_file(str(adapter_dir / "pte_adapter.safetensors")))
+    if bad:
+        raise ValueError(f"{adapter_dir}: adapter does not match the model ({bad[:3]})")
     return encoder
+
+
+def load_thought_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> list[str]:
+    """Load PTE parameters into the attached encoder; return the keys that do not match (unexpected, then missing)."""
+    unexpected = model.load_state_dict(weights, strict=False).unexpected_keys
+    return [*unexpected, *sorted(set(thought_state_dict(model)) - set(weights))]

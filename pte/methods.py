@@ -19,7 +19,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from pte.config import Config, ConfigError, load_config, to_yaml
-from pte.encoder import attach_thought, load_thought, save_thought
+from pte.encoder import attach_thought, load_thought, load_thought_weights, save_thought
 from pte.errors import UserError
 from pte.models import load_model_and_tokenizer
 
@@ -67,9 +67,7 @@ def warm_start(model: nn.Module, method: str, adapter_dir: Path) -> None:
         raise ConfigError(f"model.adapter: no {path.name} in {adapter_dir} (an adapter export of method={method}?)")
     weights = load_file(str(path))
     if method == "pte":
-        result = model.load_state_dict(weights, strict=False)
-        missing = {n for n, p in model.named_parameters() if p.requires_grad} - set(weights)
-        if result.unexpected_keys or missing:
+        if load_thought_weights(model, weights):
             raise ConfigError(f"model.adapter: {adapter_dir} does not match this model's PTE adapter")
     else:
         result = set_peft_model_state_dict(model, weights)
