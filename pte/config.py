@@ -91,7 +91,7 @@ class ThoughtCfg:
     normalize: str = "rms"
     state_scale: str = "mean"
     evicted_keys: str = "pre_rope"
-    init_std: float = 0.02
+    init_std: float = 1.0
     state_grad: str = "detach"
 
     def build(self) -> ThoughtConfig:
@@ -212,6 +212,10 @@ class OptimCfg:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     warmup_steps: int = 0
+    schedule: str = "constant"
+
+    def __post_init__(self) -> None:
+        require(self.schedule in ("constant", "cosine"), "optim.schedule", f"expected constant or cosine, got {self.schedule!r}")
 
 
 @dataclass

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from dataclasses import asdict
+from functools import partial
 
 import lightning as L
 import torch
@@ -60,6 +62,16 @@ def build_datamodule(cfg: Config, tokenizer) -> MathDataModule:
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive steps with a NaN/inf loss or gradient (``trainer.max_nonfinite``)."""
+
+
+def lr_factor(warmup: int, total: int, schedule: str, step: int) -> float:
+    """Learning-rate multiplier at optimiser ``step``: linear warmup, then constant or a cosine decay to 10 %."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    done = min(1.0, (step - warmup) / (total - warmup))
+    return 0.1 + 0.45 * (1.0 + math.cos(math.pi * done))
 
 
 class GRPOModule(L.LightningModule):
@@ -279,8 +291,8 @@ class GRPOModule(L.LightningModule):
     def configure_optimizers(self):
         o = self.cfg.optim
         opt = torch.optim.AdamW(self.trainable_parameters(), lr=o.lr, weight_decay=o.weight_decay)
-        warm = max(o.warmup_steps, 0)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        total = self.cfg.trainer.max_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, o.warmup_steps, total, o.schedule))
         return {"optimizer": opt, "lr_scheduler": sched}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
