@@ -197,7 +197,7 @@ def test_sharded_stream_position_is_global(datamodule, monkeypatch):
     [
         (["trainer.devices=3"], "rollout.batch_size"),  # 2 prompts per step over 3 processes
         (["trainer.devices=2", "rollout.micro_batch=4"], "rollout.micro_batch"),  # 2 sequences per process
-        (["trainer.strategy=fsdp"], "trainer.strategy"),
+        (["trainer.strategy=deepspeed"], "trainer.strategy"),
         (["trainer.num_nodes=0"], "trainer.num_nodes"),
     ],
 )

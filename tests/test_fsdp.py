@@ -1,0 +1,116 @@
+"""``trainer.strategy: fsdp``: the frozen base sharded with FSDP2, forwards in lock-step, single-process gradients.
+
+Two CPU processes with gloo, as in tests/test_distributed.py: forked workers for the gradient arithmetic and the
+lock-step decode and replay, and train.py under Lightning's launcher for the whole loop.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
+
+import pte.update
+from pte.config import ConfigError, load_config
+from pte.distributed import build_strategy, reduce_gradients, shard_frozen_base
+from pte.lockstep import is_sharded
+from pte.replay import chunk_count
+from pte.update import build_experience, generate_rollouts, policy_update
+from tests.test_distributed import (
+    AGGS,
+    PROMPTS,
+    REWARDS,
+    TINY,
+    TIMEOUT_S,
+    WORLD,
+    _counting_backward,
+    _grads,
+    _model,
+    _run_ranks,
+    _single_process_grads,
+)
+
+# W = budget - prompt length: 14 thought tokens for rank 0's prompt, 8 for rank 1's, so the ranks evict at
+# different steps and replay different numbers of chunks.
+OVERRIDES = ["rollout.micro_batch=2", "cache.window=0", "cache.budget=28"]
+
+
+def _local_numel(p: torch.Tensor) -> int:
+    return p.to_local().numel() if isinstance(p, DTensor) else p.numel()
+
+
+def _fsdp_worker(rank: int, store: str, out_dir: str) -> None:
+    """One rank of a sharded model: rank 0's responses end after one token, rank 1's run the whole 24."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", f"file://{store}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
+    mesh = init_device_mesh("cpu", (WORLD,))
+    if rank == 0:
+        pte.update.eos_ids = lambda tok, model: list(range(len(tok)))  # every token is an EOS here
+    out = {}
+    for agg in AGGS:
+        cfg = load_config(TINY, [f"grpo.loss_agg={agg}", *OVERRIDES])
+        model, tok = _model(cfg)
+        shard_frozen_base(model, mesh)
+        generator = torch.Generator().manual_seed(cfg.seed + rank)
+        rollouts = generate_rollouts(model, tok, [PROMPTS[rank]] * 2, cfg, "pte", generator)
+        exp = build_experience(model, rollouts, torch.tensor(REWARDS[2 * rank : 2 * rank + 2]), cfg)
+        backwards: list[None] = []
+        policy_update(model, exp, cfg, _counting_backward(backwards))
+        reduce_gradients([p for p in model.parameters() if p.requires_grad])
+        frozen = [p for p in model.parameters() if not p.requires_grad]
+        out[agg] = {
+            "rollouts": rollouts,
+            "grads": _grads(model),
+            "backwards": len(backwards),
+            "chunks": chunk_count(rollouts[0]),
+            "sharded": is_sharded(model),
+            "frozen_local": sum(_local_numel(p) for p in frozen),
+            "frozen_full": sum(p.numel() for p in frozen),
+        }
+    torch.save(out, Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def fsdp_ranks(tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("fsdp")
+    seconds = _run_ranks(_fsdp_worker, tmp)
+    ranks = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return {"ranks": ranks, "seconds": seconds}
+
+
+@pytest.mark.parametrize("agg", AGGS)
+def test_fsdp_gradients_equal_single_process(fsdp_ranks, agg):
+    """The sharded ranks' summed adapter gradients equal one process's on the same global batch (idle chunks add 0)."""
+    ranks = fsdp_ranks["ranks"]
+    single = _single_process_grads(agg, ranks)
+    for rank in ranks:
+        reduced = rank[agg]["grads"]
+        assert reduced.keys() == single.keys()
+        for name, grad in single.items():
+            assert grad.abs().sum() > 0, name
+            torch.testing.assert_close(reduced[name], grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_fsdp_unequal_lengths_run_in_lockstep(fsdp_ranks):
+    """Rank 0 answers in one token and one chunk, rank 1 in 24 tokens and several; both finish, with as many
+    backwards each (the idle chunks), and the frozen base really is split between them."""
+    zero, one = (rank["dapo"] for rank in fsdp_ranks["ranks"])
+    assert zero["rollouts"][0].response_ids.shape[1] == 1 and one["rollouts"][0].response_ids.shape[1] == 24
+    assert zero["chunks"] == 1 < one["chunks"]
+    assert zero["backwards"] == one["backwards"] == one["chunks"]
+    for rank in (zero, one):
+        assert rank["sharded"] and rank["frozen_local"] < 0.75 * rank["frozen_full"]
+    assert fsdp_ranks["seconds"] < TIMEOUT_S
+
+
+def test_fsdp_strategy_and_precision_config():
+    strategy = build_strategy(load_config(TINY, ["trainer.strategy=fsdp"]).trainer)
+    assert type(strategy).__name__ == "ReplayFSDPStrategy"
+    with pytest.raises(ConfigError, match="^trainer.precision"):
+        load_config(TINY, ["trainer.strategy=fsdp", "trainer.precision=16-mixed"])
