@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
+import eval as eval_cli
 import pte.update
 from pte.config import ConfigError, load_config
 from pte.distributed import build_strategy, reduce_gradients, shard_frozen_base
@@ -25,14 +27,16 @@ from tests.test_distributed import (
     AGGS,
     PROMPTS,
     REWARDS,
-    TINY,
     TIMEOUT_S,
+    TINY,
     WORLD,
+    _budget_for_unequal_windows,
     _counting_backward,
     _grads,
     _model,
     _run_ranks,
     _single_process_grads,
+    _train_ddp,
 )
 
 # W = budget - prompt length: 14 thought tokens for rank 0's prompt, 8 for rank 1's, so the ranks evict at
@@ -114,3 +118,42 @@ def test_fsdp_strategy_and_precision_config():
     assert type(strategy).__name__ == "ReplayFSDPStrategy"
     with pytest.raises(ConfigError, match="^trainer.precision"):
         load_config(TINY, ["trainer.strategy=fsdp", "trainer.precision=16-mixed"])
+
+
+# --- the whole loop under Lightning's launcher -------------------------------------------------------------------
+
+FSDP = ("trainer.strategy=fsdp", "trainer.devices=2", "rollout.micro_batch=1")
+
+
+@pytest.mark.slow
+def test_fsdp_trains_and_exports_an_adapter_eval_loads(tmp_path):
+    """Two steps with held-out evaluations under FSDP: unequal windows (so unequal replay chunks), two micro-batches
+    per rank, and 3 held-out prompts in batches of 1 (2 batches on rank 0, 1 on rank 1); eval.py loads the adapter."""
+    budget = _budget_for_unequal_windows(load_config(TINY, list(FSDP)))
+    window = ["cache.window=0", f"cache.budget={budget}"]
+    evals = ["trainer.val_every=1", "trainer.val_limit=3"]
+    run_dir = _train_ddp(tmp_path, "trainer.max_steps=2", *window, *evals, launch=FSDP)
+    first, last = (torch.load(run_dir / "checkpoints" / f, weights_only=False) for f in ("step-1.ckpt", "last.ckpt"))
+    assert first["state_dict"].keys() == last["state_dict"].keys()
+    assert all(not torch.is_floating_point(v) or v.isfinite().all() for v in last["state_dict"].values())
+    assert any(not torch.equal(first["state_dict"][k], v) for k, v in last["state_dict"].items())  # it trains
+    acc = EventAccumulator(str(run_dir / "tb"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("val/accuracy")] == [1, 2]
+    results = eval_cli.main(
+        [f"ckpt={run_dir / 'adapter'}", "limit=2", "policies=[pte]", "cache.window=16", "cache.budget=null"]
+    )
+    assert results["settings"][0]["benchmarks"]["arithmetic"]["problems"] == 2
+
+
+@pytest.mark.slow
+def test_fsdp_resume_is_exact(tmp_path):
+    """Two steps straight equal one step, a checkpoint and one resumed step under FSDP: the same adapter weights."""
+    straight = _train_ddp(tmp_path / "a", "trainer.max_steps=2", launch=FSDP)
+    first = _train_ddp(tmp_path / "b", "trainer.max_steps=1", launch=FSDP)
+    ckpt = first / "checkpoints" / "last.ckpt"
+    _train_ddp(tmp_path / "b", "trainer.max_steps=2", f"ckpt_path={ckpt}", launch=FSDP)
+    a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=False)
+    b = torch.load(ckpt, weights_only=False)
+    assert b["global_step"] == 2 and a["state_dict"].keys() == b["state_dict"].keys()
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
