@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,10 +18,13 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 import eval as eval_cli
+import pte.callbacks
 import pte.update
-from pte.config import ConfigError, load_config
+from pte.callbacks import EvalCallback
+from pte.config import METHOD_POLICY, ConfigError, load_config
 from pte.distributed import build_strategy, reduce_gradients, shard_frozen_base
 from pte.lockstep import is_sharded
+from pte.module import build_datamodule
 from pte.replay import chunk_count
 from pte.update import build_experience, generate_rollouts, policy_update
 from tests.test_distributed import (
@@ -35,13 +39,27 @@ from tests.test_distributed import (
     _grads,
     _model,
     _run_ranks,
-    _single_process_grads,
     _train_ddp,
 )
 
 # W = budget - prompt length: 14 thought tokens for rank 0's prompt, 8 for rank 1's, so the ranks evict at
 # different steps and replay different numbers of chunks.
 OVERRIDES = ["rollout.micro_batch=2", "cache.window=0", "cache.budget=28"]
+CASES = [*(("pte", agg) for agg in AGGS), ("lora_c", "dapo")]  # LoRA's q/k/v are sharded too, PTE's are not
+
+
+def _cfg(method: str, agg: str):
+    return load_config(TINY, [f"method={method}", f"grpo.loss_agg={agg}", *OVERRIDES])
+
+
+def _any_model(cfg):
+    """The test's tiny model, and for LoRA a random B (at init B = 0 and A would get no gradient)."""
+    model, tok = _model(cfg)
+    gen = torch.Generator().manual_seed(2)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=gen) * 0.1
+    return model, tok
 
 
 def _local_numel(p: torch.Tensor) -> int:
@@ -56,18 +74,18 @@ def _fsdp_worker(rank: int, store: str, out_dir: str) -> None:
     if rank == 0:
         pte.update.eos_ids = lambda tok, model: list(range(len(tok)))  # every token is an EOS here
     out = {}
-    for agg in AGGS:
-        cfg = load_config(TINY, [f"grpo.loss_agg={agg}", *OVERRIDES])
-        model, tok = _model(cfg)
+    for method, agg in CASES:
+        cfg = _cfg(method, agg)
+        model, tok = _any_model(cfg)
         shard_frozen_base(model, mesh)
         generator = torch.Generator().manual_seed(cfg.seed + rank)
-        rollouts = generate_rollouts(model, tok, [PROMPTS[rank]] * 2, cfg, "pte", generator)
+        rollouts = generate_rollouts(model, tok, [PROMPTS[rank]] * 2, cfg, METHOD_POLICY[method], generator)
         exp = build_experience(model, rollouts, torch.tensor(REWARDS[2 * rank : 2 * rank + 2]), cfg)
         backwards: list[None] = []
         policy_update(model, exp, cfg, _counting_backward(backwards))
         reduce_gradients([p for p in model.parameters() if p.requires_grad])
         frozen = [p for p in model.parameters() if not p.requires_grad]
-        out[agg] = {
+        out[method, agg] = {
             "rollouts": rollouts,
             "grads": _grads(model),
             "backwards": len(backwards),
@@ -76,8 +94,28 @@ def _fsdp_worker(rank: int, store: str, out_dir: str) -> None:
             "frozen_local": sum(_local_numel(p) for p in frozen),
             "frozen_full": sum(p.numel() for p in frozen),
         }
+    out["eval"] = _evaluate(model, tok)
     torch.save(out, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
+
+
+def _evaluate(model, tok) -> dict:
+    """The held-out evaluation on 3 prompts in batches of one: 2 batches on rank 0, 1 on rank 1 (plus one idle)."""
+    cfg = load_config(TINY, ["rollout.micro_batch=1", "rollout.max_new_tokens=8"])
+    dm = build_datamodule(cfg, tok)
+    dm.setup()
+    batches: list[int] = []
+    real = pte.callbacks.sample_batch
+
+    def counting(model, tok, prompts, *args):
+        batches.append(len(prompts))
+        return real(model, tok, prompts, *args)
+
+    pte.callbacks.sample_batch = counting
+    pte.callbacks.grade_groups = lambda grader, answers, *_: [[False] for _ in answers]
+    module = SimpleNamespace(model=model, tokenizer=tok, policy_name="window", grader=SimpleNamespace())
+    metrics, _ = EvalCallback(cfg, dm, every=1, limit=3).evaluate(module)
+    return {"batches": batches, "metrics": metrics}
 
 
 @pytest.fixture(scope="module")
@@ -88,13 +126,23 @@ def fsdp_ranks(tmp_path_factory) -> dict:
     return {"ranks": ranks, "seconds": seconds}
 
 
-@pytest.mark.parametrize("agg", AGGS)
-def test_fsdp_gradients_equal_single_process(fsdp_ranks, agg):
+def _single_process_grads(method: str, agg: str, ranks: list[dict]) -> dict[str, torch.Tensor]:
+    """The same global batch (both ranks' rollouts, in rank order) through one unsharded process."""
+    cfg = _cfg(method, agg)
+    model, _ = _any_model(cfg)
+    rollouts = [ro for rank in ranks for ro in rank[method, agg]["rollouts"]]
+    exp = build_experience(model, rollouts, torch.tensor(REWARDS), cfg)
+    policy_update(model, exp, cfg, lambda loss: loss.backward())
+    return _grads(model)
+
+
+@pytest.mark.parametrize(("method", "agg"), CASES)
+def test_fsdp_gradients_equal_single_process(fsdp_ranks, method, agg):
     """The sharded ranks' summed adapter gradients equal one process's on the same global batch (idle chunks add 0)."""
     ranks = fsdp_ranks["ranks"]
-    single = _single_process_grads(agg, ranks)
+    single = _single_process_grads(method, agg, ranks)
     for rank in ranks:
-        reduced = rank[agg]["grads"]
+        reduced = rank[method, agg]["grads"]
         assert reduced.keys() == single.keys()
         for name, grad in single.items():
             assert grad.abs().sum() > 0, name
@@ -104,13 +152,21 @@ def test_fsdp_gradients_equal_single_process(fsdp_ranks, agg):
 def test_fsdp_unequal_lengths_run_in_lockstep(fsdp_ranks):
     """Rank 0 answers in one token and one chunk, rank 1 in 24 tokens and several; both finish, with as many
     backwards each (the idle chunks), and the frozen base really is split between them."""
-    zero, one = (rank["dapo"] for rank in fsdp_ranks["ranks"])
-    assert zero["rollouts"][0].response_ids.shape[1] == 1 and one["rollouts"][0].response_ids.shape[1] == 24
-    assert zero["chunks"] == 1 < one["chunks"]
-    assert zero["backwards"] == one["backwards"] == one["chunks"]
-    for rank in (zero, one):
-        assert rank["sharded"] and rank["frozen_local"] < 0.75 * rank["frozen_full"]
+    for case in CASES:
+        zero, one = (rank[case] for rank in fsdp_ranks["ranks"])
+        assert zero["rollouts"][0].response_ids.shape[1] == 1 and one["rollouts"][0].response_ids.shape[1] == 24
+        assert zero["chunks"] == 1 < one["chunks"], case
+        assert zero["backwards"] == one["backwards"] == one["chunks"], case
+        for rank in (zero, one):
+            assert rank["sharded"] and rank["frozen_local"] < 0.75 * rank["frozen_full"], case
     assert fsdp_ranks["seconds"] < TIMEOUT_S
+
+
+def test_fsdp_evaluation_runs_as_many_batches_on_every_rank(fsdp_ranks):
+    """Rank 1 has one held-out batch to rank 0's two, so it runs one idle batch; the records cover all 3 prompts."""
+    zero, one = (rank["eval"] for rank in fsdp_ranks["ranks"])
+    assert len(zero["batches"]) == len(one["batches"]) == 2
+    assert zero["metrics"] == one["metrics"] and zero["metrics"]["val/accuracy"] == 0.0
 
 
 def test_fsdp_strategy_and_precision_config():
