@@ -26,6 +26,7 @@ from pte.distributed import build_strategy, reduce_gradients, shard_frozen_base
 from pte.lockstep import is_sharded
 from pte.module import build_datamodule
 from pte.replay import chunk_count
+from pte.sft import sft_update, teacher_forced
 from pte.update import build_experience, generate_rollouts, policy_update
 from tests.test_distributed import (
     AGGS,
@@ -45,6 +46,7 @@ from tests.test_distributed import (
 # W = budget - prompt length: 14 thought tokens for rank 0's prompt, 8 for rank 1's, so the ranks evict at
 # different steps and replay different numbers of chunks.
 OVERRIDES = ["rollout.micro_batch=2", "cache.window=0", "cache.budget=28"]
+SFT_TARGETS = ["5", "1 2 3 4 5 6 7 8 9 10 11 12"]
 CASES = [*(("pte", agg) for agg in AGGS), ("lora_c", "dapo")]  # LoRA's q/k/v are sharded too, PTE's are not
 
 
@@ -95,8 +97,26 @@ def _fsdp_worker(rank: int, store: str, out_dir: str) -> None:
             "frozen_full": sum(p.numel() for p in frozen),
         }
     out["eval"] = _evaluate(model, tok)
+    out["sft"] = _sft_step(rank, mesh)
     torch.save(out, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
+
+
+def _sft_rollouts(tok, rank: int) -> list:
+    """Rank 0 is taught a 1-character answer, rank 1 a 26-character one: 1 replay chunk against several."""
+    cfg = _cfg("pte", "dapo")
+    return [teacher_forced(tok, [PROMPTS[rank]] * 2, [SFT_TARGETS[rank]] * 2, cfg, "pte", "cpu")]
+
+
+def _sft_step(rank: int, mesh) -> dict:
+    """One sharded SFT update (objective: sft), reduced like a GRPO one."""
+    model, tok = _any_model(_cfg("pte", "dapo"))
+    shard_frozen_base(model, mesh)
+    rollouts = _sft_rollouts(tok, rank)
+    backwards: list[None] = []
+    sft_update(model, rollouts, _counting_backward(backwards))
+    reduce_gradients([p for p in model.parameters() if p.requires_grad])
+    return {"grads": _grads(model), "backwards": len(backwards), "chunks": chunk_count(rollouts[0])}
 
 
 def _evaluate(model, tok) -> dict:
@@ -147,6 +167,18 @@ def test_fsdp_gradients_equal_single_process(fsdp_ranks, method, agg):
         for name, grad in single.items():
             assert grad.abs().sum() > 0, name
             torch.testing.assert_close(reduced[name], grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_fsdp_sft_gradients_equal_single_process(fsdp_ranks):
+    """objective: sft pads its replay with idle chunks too; the summed gradients are one process's."""
+    zero, one = (rank["sft"] for rank in fsdp_ranks["ranks"])
+    assert zero["chunks"] == 1 < one["chunks"] and zero["backwards"] == one["backwards"] == one["chunks"]
+    model, tok = _any_model(_cfg("pte", "dapo"))
+    sft_update(model, [ro for rank in range(WORLD) for ro in _sft_rollouts(tok, rank)], lambda loss: loss.backward())
+    for name, grad in _grads(model).items():
+        assert grad.abs().sum() > 0, name
+        for rank in (zero, one):
+            torch.testing.assert_close(rank["grads"][name], grad, atol=1e-5, rtol=1e-5, msg=name)
 
 
 def test_fsdp_unequal_lengths_run_in_lockstep(fsdp_ranks):
