@@ -274,8 +274,8 @@ class TrainerCfg:
         require(
             self.strategy in STRATEGIES,
             "trainer.strategy",
-            f"expected one of {STRATEGIES} (fsdp = pte's own FSDP2 sharding of the frozen base, README 'Running at "
-            f"scale'), got {self.strategy!r}",
+            f"expected one of {STRATEGIES} (ddp: the whole base on every process; fsdp: the frozen base sharded "
+            f"over the processes, README 'Running at scale'), got {self.strategy!r}",
         )
         require(
             self.strategy != "fsdp" or self.precision in FSDP_PRECISIONS,

@@ -167,6 +167,7 @@ class ReplayFSDPStrategy(ModelParallelStrategy):
         super().setup_environment()
 
     def setup(self, trainer: L.Trainer) -> None:
+        """Lightning's setup (``configure_model`` has sharded the base), then rank 0's adapter everywhere."""
         super().setup(trainer)
         for p in self.lightning_module.parameters():
             if p.requires_grad:
@@ -176,11 +177,13 @@ class ReplayFSDPStrategy(ModelParallelStrategy):
     def data_parallel_mesh(self) -> DeviceMesh:
         return self.device_mesh["data_parallel"]
 
+    # The trainable state is whole and the same on every rank: checkpoints are DDP's, not FSDP's distributed ones.
     @property
     def lightning_restore_optimizer(self) -> bool:
         return True
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
+        """The trainable tensors only: the frozen base is rebuilt from the config, so it is never gathered."""
         return {n: p.detach() for n, p in self.lightning_module.named_parameters() if p.requires_grad}
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
