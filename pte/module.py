@@ -20,7 +20,14 @@ from omegaconf import OmegaConf
 from pte.checkpoints import deferred_interrupts
 from pte.config import METHOD_POLICY, Config, as_dict, load_config
 from pte.data import MathDataModule
-from pte.distributed import gather_object, global_step_totals, own_share, reduce_gradients
+from pte.distributed import (
+    ReplayFSDPStrategy,
+    gather_object,
+    global_step_totals,
+    own_share,
+    reduce_gradients,
+    shard_frozen_base,
+)
 from pte.generate import decode_responses
 from pte.grpo import uniform_groups
 from pte.memory import MemoryTracker
@@ -104,6 +111,12 @@ class GRPOModule(L.LightningModule):
     @classmethod
     def from_config(cls, cfg: Config) -> GRPOModule:
         return cls(OmegaConf.to_container(as_dict(cfg), resolve=True))
+
+    def configure_model(self) -> None:
+        """Under ``trainer.strategy=fsdp``, shard the frozen base over the ranks (Lightning calls this before setup)."""
+        strategy = self.trainer.strategy
+        if isinstance(strategy, ReplayFSDPStrategy):
+            shard_frozen_base(self.model, strategy.data_parallel_mesh)
 
     def setup(self, stage: str) -> None:
         if self.grader is None:
