@@ -76,8 +76,7 @@ def test_positions_masks_and_retained_prompt(monkeypatch):
 
     def spy_mask(self, q_pos, q_valid, dtype):
         out = real_mask(self, q_pos, q_valid, dtype)
-        k_pos = torch.cat([self.pos[:, : self.used], q_pos], 1)
-        k_valid = torch.cat([self.valid[:, : self.used], q_valid], 1)
+        k_pos, k_valid = self.columns(q_pos, q_valid)  # the keys this forward attends, in mask order
         calls.append((q_pos.clone(), q_valid.clone(), k_pos.clone(), k_valid.clone(), out[:, 0] == 0))
         return out
 
