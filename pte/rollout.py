@@ -15,7 +15,7 @@ from transformers import PreTrainedModel
 
 from pte.cache import BoundedKVCache, CachePolicy
 from pte.encoder import decoder_layers, start_thought, unwrap
-from pte.forward import forward_tokens
+from pte.forward import compiled, forward_tokens
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,8 @@ class SamplingConfig:
     top_k: keep the k most likely tokens (0 = off).
     max_new_tokens: generation limit (paper 3072).
     stop_check_every: steps between checks that every row has finished (each check syncs the device).
+    compile: run the one-token decode steps through ``torch.compile(mode="reduce-overhead")`` over a cache with
+        fixed shapes (CUDA graphs on a GPU); the prompt's forward stays eager. Compiling costs minutes up front.
     """
 
     temperature: float = 1.0
@@ -33,6 +35,7 @@ class SamplingConfig:
     top_k: int = 0
     max_new_tokens: int = 256
     stop_check_every: int = 8
+    compile: bool = False
 
 
 @dataclass
@@ -129,8 +132,11 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor
     return torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(-1)  # [B]
 
 
-def new_cache(model: PreTrainedModel, policy: CachePolicy, prompt_len: int, max_new: int) -> BoundedKVCache:
-    return BoundedKVCache(len(decoder_layers(model)), policy, prompt_len, policy.capacity(prompt_len, max_new))
+def new_cache(
+    model: PreTrainedModel, policy: CachePolicy, prompt_len: int, max_new: int, static: bool = False
+) -> BoundedKVCache:
+    capacity = policy.capacity(prompt_len, max_new)
+    return BoundedKVCache(len(decoder_layers(model)), policy, prompt_len, capacity, static)
 
 
 def attn_flops_per_key(model: PreTrainedModel) -> int:
@@ -161,7 +167,8 @@ def rollout(
     b, p = prompt_ids.shape
     device = prompt_ids.device
     t_max = sampling.max_new_tokens
-    cache = new_cache(model, policy, p, t_max)
+    cache = new_cache(model, policy, p, t_max, static=sampling.compile)
+    step_model = compiled(model) if sampling.compile else model
     encoder = start_thought(model, policy.uses_thought, b)
     eos = torch.tensor(eos_ids, device=device)
     tokens = torch.full((b, t_max), pad_id, dtype=torch.long, device=device)
@@ -186,7 +193,7 @@ def rollout(
                         encoder.absorb(*evicted)
                 evict_before.append(j - 1)
             pos.add_(1)
-            logits = forward_tokens(model, cache, last, pos, ones)[:, -1]
+            logits = forward_tokens(step_model, cache, last, pos, ones)[:, -1]
         if keep_logits:
             kept.append(logits)
         tok, logp = sample(logits, sampling, generator)
