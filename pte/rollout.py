@@ -193,9 +193,11 @@ def rollout(
                         encoder.absorb(*evicted)
                 evict_before.append(j - 1)
             pos.add_(1)
+            if sampling.compile:  # a new step: the previous step's graph outputs are dead (CUDA graphs reuse them)
+                torch.compiler.cudagraph_mark_step_begin()
             logits = forward_tokens(step_model, cache, last, pos, ones)[:, -1]
         if keep_logits:
-            kept.append(logits)
+            kept.append(logits.clone() if sampling.compile else logits)
         tok, logp = sample(logits, sampling, generator)
         tok = tok.masked_fill_(~alive, pad_id)
         last.copy_(tok[:, None])
