@@ -143,8 +143,8 @@ class BoundedKVCache:
         self.appended = 0  # columns ever appended; column g holds position g - pad_b in row b
         self.free: deque[int] = deque(range(self.capacity))  # slots to hand out, oldest freed first
         self.high = 0  # slots [0, high) were ever written: what a dynamic-shape forward attends
-        self._slot_of: list[int] = []  # slot of each appended column (stale once the column is released)
-        self._released = 0  # columns below this were checked for release
+        self._slot_of: list[int] = []  # slot of each appended column (stale once the slot is released)
+        self._holders = [0] * self.capacity  # rows holding each slot's token; the slot is free again at 0
         self._pads: list[int] = []  # P - L_b per row
         self._keep: list[int] = []  # K_b per row
         self._done: list[int] = []  # stream tokens evicted per row
@@ -292,6 +292,8 @@ class BoundedKVCache:
         self._set(self.valid, q_valid)
         dtype = self.bias.dtype
         self._set(self.bias[:, 0, 0], torch.where(q_valid, 0.0, torch.finfo(dtype).min).to(dtype))
+        for g, slot in enumerate(self._write, start=self.appended):  # column g is a token of rows with pad <= g
+            self._holders[slot] = sum(pad <= g for pad in self._pads) if g < self.prompt_len else len(self._pads)
         self._slot_of.extend(self._write)
         self.appended += len(self._write)
         self._write, self._write_idx, self._live = [], None, False
@@ -317,8 +319,6 @@ class BoundedKVCache:
             rows = [d > 0 for d in due]
             out.append(self._evict_round(rows, e))
             due = [d - e if r else d for d, r in zip(due, rows, strict=True)]
-        if out:
-            self._release()
         return out
 
     def _evict_round(self, rows: list[bool], e: int) -> Eviction:
@@ -328,6 +328,7 @@ class BoundedKVCache:
         # [B][e] slot of each evicted token, by position: the row's oldest stream columns still held
         slots = [self._slot_of[f : f + e] for f in (f if r else filler for f, r in zip(firsts, rows, strict=True))]
         self._done = [d + e if r else d for d, r in zip(self._done, rows, strict=True)]
+        self._release([s for s, r in zip(slots, rows, strict=True) if r])
         if all(rows) and all(s == slots[0] for s in slots):  # synchronous eviction: one index for every row
             ev_k, ev_v, ev_pos = self._drop_shared(slots[0])
         else:
@@ -368,14 +369,16 @@ class BoundedKVCache:
         bias.scatter_(1, idx, bias.gather(1, idx).masked_fill(~keep, torch.finfo(bias.dtype).min))
         return ev_k, ev_v, ev_pos
 
-    def _release(self) -> None:
-        """Give back the slots of columns that no row holds any more (neither kept nor in its window)."""
-        rows = list(zip(self._pads, self._keep, self._done, strict=True))
-        kept = [(pad, pad + keep) for pad, keep, _ in rows if keep > 0]  # kept columns of each row
-        start = min(pad + keep + done for pad, keep, done in rows)  # first column some row's window holds
-        gone = [self._slot_of[c] for c in range(self._released, start) if not any(a <= c < z for a, z in kept)]
-        self._released = max(self._released, start)
-        self.free.extend(gone)
+    def _release(self, dropped: list[list[int]]) -> None:
+        """Count one holder less for every (row, slot) in ``dropped`` and give back slots that no row holds.
+
+        Any choice of (row, slot) pairs works, not only the oldest tokens: slot indices define a token.
+        """
+        for slots in dropped:
+            for slot in slots:
+                self._holders[slot] -= 1
+                if self._holders[slot] == 0:
+                    self.free.append(slot)
 
     def bytes_held(self) -> int:
         """Bytes of K/V in occupied slots (all layers, keys and values)."""
