@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from pte.config import Config
 from pte.distributed import gather_object, rank_world
 from pte.evaluate import Setting, batch_records, grade_groups, sample_batch
+from pte.lockstep import is_sharded, most_over_ranks
 from pte.plots import MIB, figure_array, kv_memory_curves, memory_phases, summarize
 from pte.rewards import Grader
 from pte.rollout import SamplingConfig
@@ -89,7 +90,7 @@ class EvalCallback(L.Callback):
 
     @torch.no_grad()
     def evaluate(self, pl_module: L.LightningModule) -> tuple[dict[str, float], list] | None:
-        """Generate and grade the held-out prompts in micro-batches.
+        """Generate and grade the held-out prompts in micro-batches (on a sharded model, as many on every rank).
 
         Returns:
             ``(scalars, KV curve of the longest batch)``, or None without held-out prompts.
@@ -105,12 +106,18 @@ class EvalCallback(L.Callback):
         grader, records = self._grader_for(pl_module), []
         rank, world = rank_world()
         mine = examples[rank::world]  # each process evaluates its own share; the records are gathered below
-        for i in range(0, len(mine), cfg.rollout.micro_batch):
+        starts = range(0, len(mine), cfg.rollout.micro_batch)
+        model = pl_module.model
+        batches = most_over_ranks([len(starts)], is_sharded(model), next(model.parameters()).device)[0]
+        for i in starts:
             chunk = mine[i : i + cfg.rollout.micro_batch]
             prompts = [self.datamodule.prompt(e.question) for e in chunk]
-            out = sample_batch(pl_module.model, pl_module.tokenizer, prompts, cfg.cache, policy, sampling)
+            out = sample_batch(model, pl_module.tokenizer, prompts, cfg.cache, policy, sampling)
             grades = grade_groups(grader, [[a] for a in out.answers], [e.answer for e in chunk], [e.id for e in chunk])
             records += batch_records("val", setting, "val", chunk, out, grades)
+        idle = [self.datamodule.prompt(examples[0].question)]  # sharded ranks with fewer batches run unrecorded ones
+        for _ in range(batches - len(starts)):
+            sample_batch(model, pl_module.tokenizer, idle, cfg.cache, policy, sampling)
         records = [r for part in gather_object(records) for r in part]
         summary = summarize(records, [1])
         metrics = {"val/accuracy": summary["pass@1"], **{f"val/{k}": summary[k] for k in VAL_KEYS}}

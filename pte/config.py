@@ -91,7 +91,7 @@ class ThoughtCfg:
     normalize: str = "rms"
     state_scale: str = "mean"
     evicted_keys: str = "pre_rope"
-    init_std: float = 0.02
+    init_std: float = 1.0
     state_grad: str = "detach"
 
     def build(self) -> ThoughtConfig:
@@ -218,6 +218,10 @@ class OptimCfg:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     warmup_steps: int = 0
+    schedule: str = "constant"
+
+    def __post_init__(self) -> None:
+        require(self.schedule in ("constant", "cosine"), "optim.schedule", f"expected constant or cosine, got {self.schedule!r}")
 
 
 @dataclass
@@ -230,16 +234,19 @@ class RewardCfg:
     workers: int = 2
 
 
-STRATEGIES = ("auto", "ddp")
+STRATEGIES = ("auto", "ddp", "fsdp")
+FSDP_PRECISIONS = ("32-true", "bf16-true", "bf16-mixed", "16-true")  # what Lightning's ModelParallelStrategy takes
 
 
 @dataclass
 class TrainerCfg:
     """Lightning Trainer settings and where a run lives (``out_dir/run_name``). ``strategy``: ``auto`` (one process
-    unless devices x num_nodes > 1) or ``ddp`` (pte.distributed.ReplayDDPStrategy: one process per device, gradients
-    summed once per step); ``devices`` is per node (-1 = all), ``num_nodes`` the number of machines.
-    ``rollout.batch_size`` is the global batch over all processes. FSDP is not supported yet (README "Running at
-    scale").
+    unless devices x num_nodes > 1), ``ddp`` (pte.distributed.ReplayDDPStrategy: one process per device, each
+    holding the whole base, gradients summed once per step) or ``fsdp`` (pte.distributed.ReplayFSDPStrategy, for a
+    base that does not fit one device: the frozen base sharded over all processes with FSDP2, one unit per decoder
+    layer, the adapter whole on every process and reduced as under ddp; rollouts, replay chunks and evaluation
+    batches run in lock-step, README "Running at scale"). ``devices`` is per node (-1 = all), ``num_nodes`` the
+    number of machines. ``rollout.batch_size`` is the global batch over all processes.
 
     ckpt_every: optimiser steps between periodic checkpoints ``checkpoints/step-<N>.ckpt`` (+ ``last.ckpt``), written
         atomically; 0 = only at the end and on interrupts (a SIGKILL then loses the run).
@@ -270,11 +277,16 @@ class TrainerCfg:
         require(self.ckpt_every >= 0, "trainer.ckpt_every", "must be >= 0 (0 = only at the end)")
         require(self.keep_last >= 1, "trainer.keep_last", "must be >= 1")
         require(self.max_nonfinite >= 0, "trainer.max_nonfinite", "must be >= 0 (0 = never stop)")
-        fsdp = " (FSDP is not supported yet: see README 'Running at scale')" if "fsdp" in self.strategy else ""
         require(
             self.strategy in STRATEGIES,
             "trainer.strategy",
-            f"expected one of {STRATEGIES}, got {self.strategy!r}{fsdp}",
+            f"expected one of {STRATEGIES} (ddp: the whole base on every process; fsdp: the frozen base sharded "
+            f"over the processes, README 'Running at scale'), got {self.strategy!r}",
+        )
+        require(
+            self.strategy != "fsdp" or self.precision in FSDP_PRECISIONS,
+            "trainer.precision",
+            f"trainer.strategy=fsdp takes one of {FSDP_PRECISIONS}, got {self.precision!r}",
         )
         require(self.devices >= 1 or self.devices == -1, "trainer.devices", "must be >= 1, or -1 for all devices")
         require(self.num_nodes >= 1, "trainer.num_nodes", "must be >= 1")

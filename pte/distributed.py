@@ -8,18 +8,30 @@ Loss weights use batch-wide normalisers summed over ranks (:func:`all_sum`), so 
 single-process gradient of the same global batch.
 
 Every helper is the identity in a single process, so the one-device path runs unchanged.
+
+``trainer.strategy: fsdp`` (:class:`ReplayFSDPStrategy`) shards the frozen base with FSDP2 over the same gradient
+scheme: the trainable adapter stays whole on every rank and is reduced here once per step. Sharded forwards are
+collectives, so rollouts, replays and evaluation run in lock-step there (pte.lockstep).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+import lightning as L
 import torch
 import torch.distributed as dist
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from lightning.pytorch.strategies.strategy import Strategy
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import fully_shard
 
 from pte.config import TrainerCfg
+from pte.encoder import decoder_layers, get_thought, unwrap
+from pte.lockstep import is_sharded
+from pte.thought import ThoughtLinear
 
 
 def rank_world() -> tuple[int, int]:
@@ -111,8 +123,90 @@ class ReplayDDPStrategy(DDPStrategy):
                 dist.broadcast(p.data, src=0)
 
 
+def whole_parameters(model: nn.Module) -> set[nn.Parameter]:
+    """What FSDP leaves whole on every rank: the trainable adapter and, for PTE, the frozen q/k/v projections.
+
+    The adapter is small, and whole it keeps the DDP gradient scheme (local backwards, one :func:`reduce_gradients`)
+    and the plain single-file checkpoints. The thought encoder applies the q/k/v projections to its global tokens
+    outside the layers' forward, at evictions that fall at different steps on different ranks, so they must not
+    need a collective (about 10 % of a Llama-8B's weights).
+    """
+    keep = {p for p in model.parameters() if p.requires_grad}
+    if get_thought(model) is not None:
+        for layer in decoder_layers(model):
+            for name in ("q_proj", "k_proj", "v_proj"):
+                proj = getattr(layer.self_attn, name)
+                keep |= set((proj.base if isinstance(proj, ThoughtLinear) else proj).parameters())
+    return keep
+
+
+def shard_frozen_base(model: nn.Module, mesh: DeviceMesh) -> None:
+    """FSDP2 (``fully_shard``) over the frozen base: one unit per decoder layer, the rest of the base (embeddings,
+    final norm, LM head) the root unit; :func:`whole_parameters` stay unsharded. Idempotent."""
+    if is_sharded(model):
+        return
+    keep = whole_parameters(model)
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh, ignored_params=keep)
+    fully_shard(unwrap(model), mesh=mesh, ignored_params=keep)
+
+
+class ReplayFSDPStrategy(ModelParallelStrategy):
+    """Lightning's FSDP2 strategy (launcher, process group, device mesh) with the frozen base sharded over all ranks.
+
+    ``GRPOModule.configure_model`` calls :func:`shard_frozen_base` on the data-parallel mesh. The trainable adapter
+    is whole on every rank, so its state, checkpoints and optimiser are those of :class:`ReplayDDPStrategy`: saved
+    as one file by rank 0 (trainable tensors only, no gather of the base) and broadcast from rank 0 at start.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(tensor_parallel_size=1, save_distributed_checkpoint=False)
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size = self.num_nodes * self.num_processes  # pure data parallel: shard over every rank
+        super().setup_environment()
+
+    def setup(self, trainer: L.Trainer) -> None:
+        """Lightning's setup (``configure_model`` has sharded the base), then rank 0's adapter everywhere."""
+        super().setup(trainer)
+        for p in self.lightning_module.parameters():
+            if p.requires_grad:
+                dist.broadcast(p.data, src=0)
+
+    @property
+    def data_parallel_mesh(self) -> DeviceMesh:
+        return self.device_mesh["data_parallel"]
+
+    # The trainable state is whole and the same on every rank: checkpoints are DDP's, not FSDP's distributed ones.
+    @property
+    def lightning_restore_optimizer(self) -> bool:
+        return True
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """The trainable tensors only: the frozen base is rebuilt from the config, so it is never gathered."""
+        return {n: p.detach() for n, p in self.lightning_module.named_parameters() if p.requires_grad}
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        return Strategy.load_checkpoint(self, checkpoint_path, weights_only)
+
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        Strategy.load_model_state_dict(self, checkpoint, strict)
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        return Strategy.optimizer_state(self, optimizer)
+
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        Strategy.load_optimizer_state_dict(self, checkpoint)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        Strategy.save_checkpoint(self, checkpoint, filepath, storage_options)
+
+
 def build_strategy(t: TrainerCfg) -> Strategy | str:
-    """The Lightning strategy for ``trainer.strategy``: ``ReplayDDPStrategy`` for ddp, or for auto with > 1 process."""
+    """The Lightning strategy for ``trainer.strategy``: ``ReplayFSDPStrategy`` for fsdp, ``ReplayDDPStrategy`` for
+    ddp or for auto with > 1 process."""
+    if t.strategy == "fsdp":
+        return ReplayFSDPStrategy()
     if t.strategy == "ddp" or t.devices != 1 or t.num_nodes > 1:
         return ReplayDDPStrategy()
     return t.strategy

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from dataclasses import asdict
+from functools import partial
 
 import lightning as L
 import torch
@@ -18,7 +20,14 @@ from omegaconf import OmegaConf
 from pte.checkpoints import deferred_interrupts
 from pte.config import METHOD_POLICY, Config, as_dict, load_config
 from pte.data import MathDataModule
-from pte.distributed import gather_object, global_step_totals, own_share, reduce_gradients
+from pte.distributed import (
+    ReplayFSDPStrategy,
+    gather_object,
+    global_step_totals,
+    own_share,
+    reduce_gradients,
+    shard_frozen_base,
+)
 from pte.generate import decode_responses
 from pte.grpo import uniform_groups
 from pte.memory import MemoryTracker
@@ -62,6 +71,16 @@ class NonFiniteError(RuntimeError):
     """Too many consecutive steps with a NaN/inf loss or gradient (``trainer.max_nonfinite``)."""
 
 
+def lr_factor(warmup: int, total: int, schedule: str, step: int) -> float:
+    """Learning-rate multiplier at optimiser ``step``: linear warmup, then constant or a cosine decay to 10 %."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    done = min(1.0, (step - warmup) / (total - warmup))
+    return 0.1 + 0.45 * (1.0 + math.cos(math.pi * done))
+
+
 class GRPOModule(L.LightningModule):
     """Holds the policy (base model + method adapter), the reward and the cache-aware GRPO step.
 
@@ -92,6 +111,12 @@ class GRPOModule(L.LightningModule):
     @classmethod
     def from_config(cls, cfg: Config) -> GRPOModule:
         return cls(OmegaConf.to_container(as_dict(cfg), resolve=True))
+
+    def configure_model(self) -> None:
+        """Under ``trainer.strategy=fsdp``, shard the frozen base over the ranks (Lightning calls this before setup)."""
+        strategy = self.trainer.strategy
+        if isinstance(strategy, ReplayFSDPStrategy):
+            shard_frozen_base(self.model, strategy.data_parallel_mesh)
 
     def setup(self, stage: str) -> None:
         if self.grader is None:
@@ -279,8 +304,8 @@ class GRPOModule(L.LightningModule):
     def configure_optimizers(self):
         o = self.cfg.optim
         opt = torch.optim.AdamW(self.trainable_parameters(), lr=o.lr, weight_decay=o.weight_decay)
-        warm = max(o.warmup_steps, 0)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        total = self.cfg.trainer.max_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, o.warmup_steps, total, o.schedule))
         return {"optimizer": opt, "lr_scheduler": sched}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

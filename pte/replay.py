@@ -19,10 +19,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import torch
+from torch import nn
 from transformers import PreTrainedModel
 
 from pte.encoder import get_thought, start_thought
 from pte.forward import forward_tokens
+from pte.lockstep import is_sharded, most_over_ranks
 from pte.rollout import Rollout, new_cache, prompt_positions
 
 
@@ -91,6 +93,34 @@ def replay(model: PreTrainedModel, ro: Rollout, full_cache: bool = False) -> Ite
         yield ReplayChunk(start=start, logprobs=logp, entropy=ent)
     if chain:
         encoder.backward_chain()
+
+
+def chunk_count(ro: Rollout) -> int:
+    """How many chunks :func:`replay` yields for ``ro``: one per eviction point, plus the first."""
+    return len(ro.evict_before) + 1 if ro.response_ids.shape[1] else 0
+
+
+def idle_chunks(model: nn.Module, rollouts: list[Rollout]) -> list[int]:
+    """Per rollout, the idle chunks this process adds so every process replays it in as many chunks.
+
+    Zeros unless the model is sharded (FSDP), where every chunk's forward and backward are collectives.
+    """
+    counts = [chunk_count(ro) for ro in rollouts]
+    device = rollouts[0].response_ids.device if rollouts else torch.device("cpu")
+    return [most - n for most, n in zip(most_over_ranks(counts, is_sharded(model), device), counts)]
+
+
+def idle_loss(model: nn.Module, ro: Rollout) -> torch.Tensor:
+    """A zero loss whose backward runs through every layer as a real chunk's does (FSDP's collectives included).
+
+    One token (the last prompt token of the first row, always real under left padding) through a fresh cache and
+    thought state; times zero, so it adds nothing to any gradient.
+    """
+    cache = new_cache(model, ro.policy, 1, 1)
+    start_thought(model, ro.policy.uses_thought, 1)
+    ids = ro.prompt_ids[:1, -1:]
+    logits = forward_tokens(model, cache, ids, torch.zeros_like(ids), torch.ones_like(ids, dtype=torch.bool))
+    return logits.sum() * 0.0
 
 
 def full_replay(model: PreTrainedModel, ro: Rollout) -> torch.Tensor:

@@ -16,6 +16,7 @@ from transformers import PreTrainedModel
 from pte.cache import BoundedKVCache, CachePolicy
 from pte.encoder import decoder_layers, start_thought, unwrap
 from pte.forward import compiled, forward_tokens
+from pte.lockstep import is_sharded, running_anywhere
 
 
 @dataclass(frozen=True)
@@ -161,7 +162,8 @@ def rollout(
     """Generate up to ``max_new_tokens`` for each row under ``policy``; finished rows stop counting.
 
     Every row generates one token per step; each row evicts by its own positions (synchronously across the
-    batch when the prompt is retained), and ``evict_before`` lists every step at which some row evicted.
+    batch when the prompt is retained), and ``evict_before`` lists every step at which some row evicted. On a
+    sharded model (FSDP) the loop stops only once every process is done (pte.lockstep).
     """
     prompt_mask = prompt_mask.bool()
     b, p = prompt_ids.shape
@@ -184,6 +186,7 @@ def rollout(
 
     logits = forward_tokens(model, cache, prompt_ids, prompt_positions(prompt_mask), prompt_mask, p - 1)[:, -1]
     steps = 0
+    lockstep = is_sharded(model)
     for j in range(t_max):
         if j > 0:
             evictions = cache.evict_due()
@@ -207,7 +210,7 @@ def rollout(
         alive &= ~torch.isin(tok, eos)
         used.append(cache.used)
         steps = j + 1
-        if steps % sampling.stop_check_every == 0 and not alive.any():
+        if steps % sampling.stop_check_every == 0 and not running_anywhere(alive, lockstep):
             break
 
     t = int(mask.sum(1).max()) if steps else 0

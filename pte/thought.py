@@ -36,7 +36,10 @@ class ThoughtConfig:
         normalize: ``rms`` (S / rms(S)), ``frobenius`` (S / ||S||_F) or ``none``.
         state_scale: ``mean`` (1/m) or ``mean_sqrt_rank`` (1/(m sqrt r)) on the state increments.
         evicted_keys: ``pre_rope`` (undo the rotary embedding of evicted keys) or ``post_rope`` (as cached).
-        init_std: std of the global tokens; W^a and B use PyTorch's default Linear init; A is zero.
+        init_std: std of the global tokens; W^a and B use PyTorch's default Linear init; A is zero. The global tokens
+            stand in for the layer's inputs, RMS-normalised hidden states of rms about 1, hence 1.0. At 0.02 S_g falls
+            below the Normalize epsilon (it is cubic in init_std), so the first eviction alone sets the whole state and
+            later increments move it by about 0.1 %: PTE then learns to carry only what the first eviction held.
         state_grad: ``detach`` (the paper's memory claim: the carried state is a constant in each replay chunk, so
             h_g and W^a learn only from the newest eviction) or ``chain`` (exact gradient through every state
             update; the evicted K/V stay constants, and the chain keeps them for the W^a gradient).
@@ -49,7 +52,7 @@ class ThoughtConfig:
     normalize: str = "rms"
     state_scale: str = "mean"
     evicted_keys: str = "pre_rope"
-    init_std: float = 0.02
+    init_std: float = 1.0
     state_grad: str = "detach"
 
     def __post_init__(self) -> None:

@@ -18,7 +18,7 @@ from pte.config import Config
 from pte.distributed import all_sum
 from pte.generate import encode_prompts, eos_ids
 from pte.grpo import AGGREGATIONS, group_advantages, k3_kl, token_loss
-from pte.replay import reference_logprobs, replay
+from pte.replay import idle_chunks, idle_loss, reference_logprobs, replay
 from pte.rollout import Rollout, SamplingConfig, rollout
 
 
@@ -75,12 +75,16 @@ def build_experience(model: nn.Module, rollouts: list[Rollout], rewards: torch.T
 def policy_update(model: nn.Module, exp: Experience, cfg: Config, backward: Callable[[torch.Tensor], None]) -> dict:
     """Backpropagate the GRPO loss chunk by chunk over every micro-batch (no optimiser step here).
 
+    On a sharded model each micro-batch is padded with zero-loss chunks to the most any process replays, so every
+    process runs as many forwards and backwards (pte.lockstep).
+
     Returns:
         Sums for logging: loss, weighted KL, clipped and masked token counts, entropy.
     """
     g = cfg.grpo
     stats = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "tokens": 0.0, "entropy": 0.0}
-    for ro, adv, w, ref in zip(exp.rollouts, exp.advantages, exp.weights, exp.ref_logprobs):
+    idle = idle_chunks(model, exp.rollouts)
+    for ro, adv, w, ref, n_idle in zip(exp.rollouts, exp.advantages, exp.weights, exp.ref_logprobs, idle):
         for chunk in replay(model, ro):
             sl = slice(chunk.start, chunk.stop)
             ref_chunk = ref[:, sl] if ref is not None else None
@@ -97,4 +101,6 @@ def policy_update(model: nn.Module, exp: Experience, cfg: Config, backward: Call
             stats["entropy"] += float((chunk.entropy * mask).sum())
             if ref_chunk is not None:
                 stats["kl"] += float((k3_kl(chunk.logprobs.detach(), ref_chunk, mask) * mask).sum())
+        for _ in range(n_idle):
+            backward(idle_loss(model, ro))
     return stats

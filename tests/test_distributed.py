@@ -197,7 +197,7 @@ def test_sharded_stream_position_is_global(datamodule, monkeypatch):
     [
         (["trainer.devices=3"], "rollout.batch_size"),  # 2 prompts per step over 3 processes
         (["trainer.devices=2", "rollout.micro_batch=4"], "rollout.micro_batch"),  # 2 sequences per process
-        (["trainer.strategy=fsdp"], "trainer.strategy"),
+        (["trainer.strategy=deepspeed"], "trainer.strategy"),
         (["trainer.num_nodes=0"], "trainer.num_nodes"),
     ],
 )
@@ -251,13 +251,14 @@ def _budget_for_unequal_windows(cfg) -> int:
 DDP = ["trainer.strategy=ddp", "trainer.devices=2", "rollout.micro_batch=2"]
 
 
-def _train_ddp(out_dir: Path, *overrides: str) -> Path:
-    """train.py with two CPU processes under Lightning's launcher; returns the run directory."""
+def _train_ddp(out_dir: Path, *overrides: str, launch: tuple[str, ...] = tuple(DDP)) -> Path:
+    """train.py with two CPU processes under Lightning's launcher (``launch``: the strategy's overrides); returns the
+    run directory."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "train.py", "--config", TINY, f"trainer.out_dir={out_dir}", "trainer.run_name=ddp"]
     # Its own session, so a hang kills rank 1 (launched by rank 0) along with rank 0.
     proc = subprocess.Popen(
-        [*cmd, *DDP, *overrides],
+        [*cmd, *launch, *overrides],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,

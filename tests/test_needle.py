@@ -1,95 +1,51 @@
 """Needle in an evicted thought: PTE, trained by cache-aware SFT, recalls a token that only its evicted response held.
 
-Each response starts with a random digit, continues with random letters long after that digit left a 12-token
-window, and must end by repeating the digit. A tiny Llama first learns the task with a full cache (ordinary
-next-token training of the whole model, as a base model would know it); then it is frozen and only the thought
-encoder (h_g, W^a, A, B) learns, under the window. Under the plain window the digit is gone, so recall is at chance
-(1 in 10); PTE recalls it only if gradient reaches the state (``state_grad: chain``) and the state carries the digit
-across evictions.
+On the carry task (pte/carry.py) the worked solution writes one marked value as a capital letter (``#D``) early in the
+trace and must copy it again on its last line (``ans #D+...``). The letter appears nowhere in the prompt, and under a
+12-token window it is evicted about ten evictions before the recall. The toy base model (full-cache SFT, pte/toy_base.py)
+recalls it with a full cache; frozen, with only the thought encoder (h_g, W^a, A, B) trained by the default config's SFT
+(exact state-chain gradient), PTE must recall it under the window, while the plain window guesses (1 in 10).
 """
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
+from pte.carry import CODES, carry_problems
 from pte.config import load_config
-from pte.encoder import attach_thought
-from pte.models import tiny_model, tiny_tokenizer
-from pte.replay import full_replay, replay
+from pte.methods import load_trained
+from pte.prompts import config_prompt
+from pte.replay import full_replay
 from pte.sft import teacher_forced
 
-FILLER = 36  # letters between the digit and its recall: 8 evictions of a 12-token window after the digit left
 
-
-def _batch(rng: random.Random, n: int) -> list[str]:
-    """Responses ``<digit><FILLER random letters>=<digit>``."""
-    digits = [rng.randrange(10) for _ in range(n)]
-    return [f"{d}{''.join(rng.choice('abcdefghijklmnopqrstuvwxyz') for _ in range(FILLER))}={d}" for d in digits]
-
-
-def _recall_weights(ro) -> torch.Tensor:
-    w = torch.zeros(ro.response_ids.shape)
-    w[:, FILLER + 2] = 1.0  # the repeated digit: response = digit, filler, '=', digit, EOS
-    return w
-
-
-def _full_cache_pretrain(model, tok, prompt: str, rng: random.Random, steps: int = 60) -> None:
-    """Teach the whole model the task under a full cache (loss on the recalled digit), then freeze it."""
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    head = tok(prompt, add_special_tokens=False)["input_ids"]
-    for _ in range(steps):
-        texts = _batch(rng, 32)
-        ids = torch.tensor([head + tok(t, add_special_tokens=False)["input_ids"] for t in texts])
-        labels = torch.full_like(ids, -100)
-        labels[:, -1] = ids[:, -1]
-        opt.zero_grad()
-        model(input_ids=ids, labels=labels).loss.backward()
-        opt.step()
-    model.eval().requires_grad_(False)
+def _recall_index(tok, solution: str) -> int:
+    """Response position of the recalled mark letter (the capital after ``ans #``)."""
+    head = solution[: solution.index("ans #") + len("ans #")]
+    return len(tok(head, add_special_tokens=False)["input_ids"])
 
 
 @pytest.mark.slow
-def test_pte_recalls_a_token_from_its_evicted_thoughts():
-    torch.manual_seed(0)
-    tok = tiny_tokenizer()
-    model = tiny_model("llama", len(tok), seed=0)
-    cfg = load_config(
-        "configs/tiny.yaml",
-        [
-            "cache.window=12",
-            "cache.evict_ratio=0.25",
-            "thought.rank=8",
-            "thought.global_tokens=8",
-            "thought.state_grad=chain",
-        ],
-    )
-    rng = random.Random(0)
-    prompt = "Repeat the first digit."
-    _full_cache_pretrain(model, tok, prompt, rng)
-    attach_thought(model, cfg.thought.build())
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=3e-3)
-    for _ in range(150):
-        texts = _batch(rng, 32)
-        ro = teacher_forced(tok, [prompt] * len(texts), texts, cfg, "pte", "cpu")
-        w = _recall_weights(ro)
-        opt.zero_grad()
-        for chunk in replay(model, ro):
-            (-(chunk.logprobs * w[:, chunk.start : chunk.stop]).sum() / len(texts)).backward()
-        opt.step()
+def test_pte_recalls_a_token_from_its_evicted_thoughts(tmp_path):
+    from train import train
 
-    texts = _batch(random.Random(1), 200)
+    cfg = load_config("configs/default.yaml", [f"trainer.out_dir={tmp_path}", "trainer.val_every=0"])
+    train(cfg)
+    model, tok, cfg = load_trained(tmp_path / "default" / "adapter")
+    problems = carry_problems(200, seed=20_000)
+    prompts = [config_prompt(tok, cfg.data, p.question) for p in problems]
     recall = {}
     for policy in ("full", "pte", "window"):
-        ro = teacher_forced(tok, [prompt] * len(texts), texts, cfg, policy, "cpu")
-        assert policy == "full" or ro.evict_before[0] < FILLER // 2, "the digit must be evicted long before recall"
-        with torch.no_grad():
-            logp = full_replay(model, ro)[:, FILLER + 2]
-        recall[policy] = float((logp > -0.693).float().mean())  # p(digit) > 1/2: the argmax for sure
-    assert recall["full"] >= 0.9, recall  # the base knows the task when nothing is evicted
+        ro = teacher_forced(tok, prompts, [p.solution for p in problems], cfg, policy, "cpu")
+        idx = torch.tensor([_recall_index(tok, p.solution) for p in problems])
+        targets = ro.response_ids[torch.arange(len(problems)), idx]
+        assert all(tok.decode(int(t)) in CODES for t in targets), "the recall position holds the mark letter"
+        written = (ro.response_ids[:, : idx.min()] == targets[:, None]).float().argmax(1)  # first time written
+        assert (written > 0).all(), "the letter was written earlier in the response"
+        assert (written + 2 * cfg.cache.window < idx).all(), "the mark leaves the window long before its recall"
+        logp = full_replay(model, ro)[torch.arange(len(problems)), idx]
+        recall[policy] = float((logp > -0.693).float().mean())  # p(letter) > 1/2: the argmax for sure
+    assert recall["full"] >= 0.9, recall  # the base knows the task when nothing is evicted (PTE adds nothing then)
     assert recall["pte"] >= 0.9, recall
     assert recall["window"] <= 0.3, recall

@@ -44,8 +44,8 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml
 
 @dataclass(frozen=True)
 class Arm:
-    """A training recipe: its method, its stages (objectives, run in order, splitting the step budget evenly), config
-    overrides, and extra inference eviction ratios to evaluate at the tight window."""
+    """A training recipe: its method, its stages (objectives, run in order within one step budget: see stage_steps),
+    config overrides, and extra inference eviction ratios to evaluate at the tight window."""
 
     method: str
     stages: tuple[str, ...] = ()
@@ -73,20 +73,21 @@ ABLATIONS = {
 class Budget:
     """What is held fixed across arms."""
 
-    steps: int  # optimiser steps per trained arm (split evenly between SFT and GRPO in two-stage arms)
+    steps: int  # optimiser steps per trained arm (two-stage arms: sft_share of them SFT, the rest GRPO)
     tight: int  # thought window of the tight budget
     medium: int  # thought window of the medium budget
     problems: int  # held-out problems per evaluation
     seeds: tuple[int, ...]
+    sft_share: float = 0.75  # SFT learns the trace and the carry; GRPO then polishes what sampling gets wrong
+    lr: tuple[tuple[str, float], ...] = (("sft", 3e-3), ("grpo", 3e-4))  # per objective, the same for every arm
 
 
 def stage_steps(arm: Arm, budget: Budget) -> list[int]:
-    """Optimiser steps of each stage: the budget split evenly, the remainder to the last stage."""
-    n = len(arm.stages)
-    if n == 0:
-        return []
-    share = budget.steps // n
-    return [share] * (n - 1) + [budget.steps - share * (n - 1)]
+    """Optimiser steps of each stage: all of them for one stage, ``sft_share`` for SFT before GRPO."""
+    if len(arm.stages) < 2:
+        return [budget.steps] * len(arm.stages)
+    sft = round(budget.steps * budget.sft_share)
+    return [sft, budget.steps - sft]
 
 
 def run_stage(config: Path, overrides: list[str], out: Path) -> Path:
@@ -116,6 +117,7 @@ def train_arm(
             f"objective={stage}",
             f"seed={seed}",
             f"trainer.max_steps={steps}",
+            f"optim.lr={dict(budget.lr)[stage]}",
             f"cache.window={budget.tight}",
             *arm.overrides,
         ]
@@ -220,7 +222,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="base config of every arm")
     parser.add_argument("--out", type=Path, default=Path("runs/toy_table"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=100, help="optimiser steps per trained arm")
+    parser.add_argument("--steps", type=int, default=400, help="optimiser steps per trained arm")
+    parser.add_argument("--sft-share", type=float, default=0.75, help="share of the steps spent on SFT before GRPO")
+    parser.add_argument("--sft-lr", type=float, default=3e-3, help="learning rate of every SFT stage")
+    parser.add_argument("--grpo-lr", type=float, default=3e-4, help="learning rate of every GRPO stage")
     parser.add_argument("--tight", type=int, default=12, help="tight thought window W")
     parser.add_argument("--medium", type=int, default=32, help="medium thought window W")
     parser.add_argument("--problems", type=int, default=100, help="held-out problems per evaluation")
@@ -229,7 +234,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every arm (e.g. rollout.batch_size=16)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    budget = Budget(args.steps, args.tight, args.medium, args.problems, tuple(args.seeds))
+    lr = (("sft", args.sft_lr), ("grpo", args.grpo_lr))
+    budget = Budget(args.steps, args.tight, args.medium, args.problems, tuple(args.seeds), args.sft_share, lr)
     arms = {**ARMS, **ABLATIONS}
     names = [*args.arms, *(n for n in ABLATIONS if args.ablations and n not in args.arms)]
     args.out.mkdir(parents=True, exist_ok=True)

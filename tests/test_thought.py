@@ -1,0 +1,66 @@
+"""The thought state's scale: every eviction, not only the first, must be able to move the state."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from pte.cache import CachePolicy
+from pte.encoder import attach_thought, get_thought
+from pte.module import lr_factor
+from pte.thought import ThoughtConfig
+from tests.helpers import PROMPTS, run, tiny
+
+
+def _relative_moves(init_std: float) -> list[float]:
+    """|S_k - S_{k-1}| / |S_{k-1}| of layer 0 at each eviction of a pte rollout (S_0 = S_g).
+
+    The tiny model's weights get a trained model's scale (std 1/sqrt(hidden), activations of order one), not Hugging
+    Face's 0.02 init, under which every K/V, and so every increment, is tiny.
+    """
+    model, tok = tiny("llama", initializer_range=64**-0.5)
+    attach_thought(model, replace(ThoughtConfig(rank=4, global_tokens=3, alpha=8.0), init_std=init_std))
+    encoder = get_thought(model)
+    absorb, moves = encoder.absorb, []
+
+    def recording(*args, **kwargs) -> None:
+        before = encoder.store.states[0].clone()
+        absorb(*args, **kwargs)
+        moves.append(float((encoder.store.states[0] - before).norm() / before.norm()))
+
+    encoder.absorb = recording
+    run(model, tok, PROMPTS[:2], CachePolicy("pte", window=8, evict_ratio=0.25), steps=40)
+    return moves
+
+
+def test_later_evictions_move_the_default_state():
+    moves = _relative_moves(ThoughtConfig().init_std)
+    assert len(moves) >= 8
+    assert min(moves[2:]) > 0.05, moves  # the third eviction on still changes the state by more than 5 %
+
+
+def test_tiny_global_tokens_let_the_first_eviction_own_the_state():
+    """The trap the default avoids: S_g below the Normalize epsilon, so later evictions barely register."""
+    moves = _relative_moves(0.02)
+    assert moves[0] > 10 and max(moves[2:]) < 0.02, moves
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_lr_factor_warms_up_then_follows_the_schedule(schedule):
+    f = [lr_factor(4, 20, schedule, s) for s in range(25)]
+    assert f[:4] == [0.25, 0.5, 0.75, 1.0]
+    if schedule == "constant":
+        assert f[4:] == [1.0] * 21
+    else:
+        assert f[4] == 1.0 and math.isclose(f[20], 0.1) and f[24] == f[20]
+        assert all(a >= b for a, b in zip(f[4:], f[5:]))
+
+
+def test_bad_schedule_names_the_key():
+    from pte.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="optim.schedule"):
+        load_config("configs/tiny.yaml", ["optim.schedule=linear"])
