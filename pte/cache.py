@@ -15,18 +15,22 @@ Pads are no token of the row: never attended, never kept, never in the stream, n
 steps (the paper's synchronous eviction); without it, each row's window runs over its own prompt and
 thoughts, and rows evict at their own steps (the engine cuts replay chunks at every row's evictions).
 
-Storage: every layer's buffer ``[B, H, capacity, D]`` has one slot column per appended column (the left
-padded prompt, then one generated token per step for every row); a column is dropped once no row keeps
-it, so ``used`` is the held size. Keys are stored after rotary embedding, so every token keeps its absolute
-position; the slot order does not matter to attention, only the mask built from positions does.
+Storage is addressed by slot index, never by contiguity: every layer's buffer ``[B, H, capacity, D]``
+takes each appended column (the left padded prompt, then one generated token per step for every row) into
+a slot handed out by a free list, and a slot goes back to the list once no row holds its column, so an
+eviction moves nothing and ``used`` is the held size. Which (row, slot) pairs may be attended lives in
+``valid`` and, for a lone decode query, in the additive mask ``bias`` kept current in place by appends and
+evictions, so a decode step builds no mask. Keys are stored after rotary embedding, so every token keeps
+its absolute position; slot order does not matter to attention, only the mask built from positions does.
+A later policy may therefore evict any (row, slot), and a finished row's slots may be refilled.
 The object is passed to Hugging Face models as their cache (``update``/``get_seq_length``), so the
 models run unpatched.
 """
 
 from __future__ import annotations
 
-import bisect
 import math
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -107,95 +111,164 @@ Eviction = tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Ten
 
 
 class BoundedKVCache:
-    """Preallocated per-layer K/V buffers with per-row positions and validity.
+    """Preallocated per-layer K/V buffers with per-row positions and validity, addressed by slot index.
 
-    Host-side bookkeeping (``_cols``, per-row pads and evicted counts) decides every eviction without
-    reading the device, so decoding never synchronises on the cache.
+    Host-side bookkeeping (the free list, the slot of every column, per-row pads and evicted counts) decides
+    every eviction without reading the device, so decoding never synchronises on the cache.
 
     Args:
         num_layers: decoder layers of the model.
         policy: the eviction policy.
         prompt_len: P, the padded prompt length of this batch.
         capacity: slots to allocate per layer (``policy.capacity``).
+        static: attend all ``capacity`` slots and write through a device index, so every decode step has the
+            same shapes and no Python-int dependence inside the model (``torch.compile`` / CUDA graphs).
     """
 
-    def __init__(self, num_layers: int, policy: CachePolicy, prompt_len: int, capacity: int) -> None:
-        self.policy, self.prompt_len, self.capacity = policy, prompt_len, capacity
+    def __init__(
+        self, num_layers: int, policy: CachePolicy, prompt_len: int, capacity: int, static: bool = False
+    ) -> None:
+        self.policy, self.prompt_len, self.capacity, self.static = policy, prompt_len, capacity, static
         self.keys: list[torch.Tensor | None] = [None] * num_layers  # each [B, H, capacity, D]
         self.values: list[torch.Tensor | None] = [None] * num_layers
-        self.pos: torch.Tensor | None = None  # [B, capacity] absolute rotary position, -1 where empty
-        self.valid: torch.Tensor | None = None  # [B, capacity] slot may be attended
+        self.pos: torch.Tensor | None = None  # [B, capacity] absolute rotary position (stale where not valid)
+        self.valid: torch.Tensor | None = None  # [B, capacity] the row holds a real token in the slot
+        self.bias: torch.Tensor | None = None  # [B, 1, 1, capacity] additive mask of a lone query: 0 where valid
         self.keep_pos: torch.Tensor | None = None  # [B] K_b, positions below it are never evicted
         self.reset()
 
     def reset(self) -> None:
         """Forget every token but keep the allocated storage."""
-        self.used = self.n_evictions = self.evicted_tokens = 0
+        self.n_evictions = self.evicted_tokens = 0
         self.appended = 0  # columns ever appended; column g holds position g - pad_b in row b
-        self._cols: list[int] = []  # appended column of each occupied slot, increasing
+        self.free: deque[int] = deque(range(self.capacity))  # slots to hand out, oldest freed first
+        self.high = 0  # slots [0, high) were ever written: what a dynamic-shape forward attends
+        self._slot_of: list[int] = []  # slot of each appended column (stale once the slot is released)
+        self._holders = [0] * self.capacity  # rows holding each slot's token; the slot is free again at 0
         self._pads: list[int] = []  # P - L_b per row
         self._keep: list[int] = []  # K_b per row
         self._done: list[int] = []  # stream tokens evicted per row
+        self._write: list[int] = []  # slots of the pending forward's tokens
+        self._write_idx: torch.Tensor | None = None  # the same on the device, when a slice cannot address them
+        self._stored = 0  # attended slots before the pending write (the live K/V of a grad forward follow them)
+        self._live = False  # the pending forward runs with grad: return live K/V after a copy of the stored ones
         self.keep_pos = None
         if self.valid is not None:
             self.valid.zero_()
             self.pos.fill_(-1)
+            self.bias.fill_(torch.finfo(self.bias.dtype).min)
+
+    @property
+    def used(self) -> int:
+        """Occupied slots (held by at least one row)."""
+        return self.capacity - len(self.free)
+
+    @property
+    def span(self) -> int:
+        """Slots a forward attends: all of them when static, else those ever written."""
+        return self.capacity if self.static else self.high
 
     # -- Hugging Face cache interface -------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        """Store the new K/V ``[B, H, q, D]`` after the kept slots and return all kept K/V for attention.
+        """Store the new K/V ``[B, H, q, D]`` in the slots ``mask`` chose and return the K/V to attend.
 
-        With grad enabled (replay) the stored copy is detached, so a later chunk never backpropagates
-        into an earlier one, while this forward still sees the live tensors. The returned K/V are then a new
-        tensor, never a view of the buffer: attention may save them for a backward deferred past later
-        chunks, which overwrite the buffer in place. Without grad (rollout) the view is returned, no copy.
+        Without grad (rollout) the stored span itself is returned, as views. With grad (replay) the stored copy
+        is detached, so a later chunk never backpropagates into an earlier one, and the live tensors follow a
+        copy of the stored span: attention may save them for a backward deferred past later chunks, which
+        overwrite the buffer in place.
         """
-        q = key_states.shape[2]
-        if self.used + q > self.capacity:
-            raise RuntimeError(f"cache overflow: {self.used} + {q} tokens > capacity {self.capacity}")
         if self.keys[layer_idx] is None:
-            b, h, _, d = key_states.shape
-            shape = (b, h, self.capacity, d)
-            self.keys[layer_idx] = key_states.new_zeros(shape)
-            self.values[layer_idx] = value_states.new_zeros(shape)
+            self._alloc_kv(layer_idx, key_states, value_states)
         k_buf, v_buf = self.keys[layer_idx], self.values[layer_idx]
-        end = self.used + q
-        k_buf[:, :, self.used : end] = key_states.detach()
-        v_buf[:, :, self.used : end] = value_states.detach()
-        if torch.is_grad_enabled():
-            return (
-                torch.cat([k_buf[:, :, : self.used], key_states], dim=2),
-                torch.cat([v_buf[:, :, : self.used], value_states], dim=2),
-            )
-        return k_buf[:, :, :end], v_buf[:, :, :end]
+        if self._live:
+            k_out = torch.cat([k_buf[:, :, : self._stored], key_states], dim=2)  # [B, H, stored + q, D]
+            v_out = torch.cat([v_buf[:, :, : self._stored], value_states], dim=2)
+        self._store(k_buf, key_states.detach())
+        self._store(v_buf, value_states.detach())
+        if self._live:
+            return k_out, v_out
+        return k_buf[:, :, : self.span], v_buf[:, :, : self.span]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.used
 
+    def _alloc_kv(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, h, _, d = key_states.shape
+        self.keys[layer_idx] = key_states.new_zeros((b, h, self.capacity, d))
+        self.values[layer_idx] = value_states.new_zeros((b, h, self.capacity, d))
+        if self.static:  # written in place by a captured graph: the compiler must not copy them per call
+            torch._dynamo.mark_static_address(self.keys[layer_idx])
+            torch._dynamo.mark_static_address(self.values[layer_idx])
+
+    def _store(self, buf: torch.Tensor, new: torch.Tensor) -> None:
+        """Write ``new`` ``[B, H, q, D]`` into the pending slots of ``buf``."""
+        if self._write_idx is not None:
+            buf.index_copy_(2, self._write_idx, new)
+        else:
+            buf[:, :, self._write[0] : self._write[0] + len(self._write)] = new
+
+    def _set(self, meta: torch.Tensor, value: torch.Tensor) -> None:
+        """Write ``value`` ``[B, q]`` into the pending slots of a ``[B, capacity]`` tensor."""
+        if self._write_idx is not None:
+            meta.index_copy_(1, self._write_idx, value)
+        else:
+            meta[:, self._write[0] : self._write[0] + len(self._write)] = value
+
     # -- bookkeeping driven by the engine -----------------------------------------------------------
     def mask(self, q_pos: torch.Tensor, q_valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Additive attention mask ``[B, 1, q, used + q]`` for queries about to be appended.
+        """Choose slots for the ``q`` queries about to be appended and return their additive attention mask.
 
-        A query sees valid slots and valid new tokens at positions <= its own that its row's window still
-        holds at that query (so a forward over many tokens, e.g. a prompt longer than the window, is a
-        per-token sliding window). Each query also sees itself, so a pad query attends to something and
-        never produces NaN (its output is never read).
+        The mask is ``[B, 1, q, span]`` over the slots (``[B, 1, q, span + q]`` with grad: the live K/V come
+        last). A query sees valid slots and valid new tokens at positions <= its own that its row's window
+        still holds at that query (so a forward over many tokens, e.g. a prompt longer than the window, is a
+        per-token sliding window). Each query also sees itself, so a pad query attends to something and never
+        produces NaN (its output is never read). A lone query without grad gets a view of ``bias``: every
+        stored token precedes it and ``evict_due`` already left exactly its window valid.
         """
         b, q = q_pos.shape
-        self._alloc_meta(b, q_pos.device)
+        self._alloc_meta(b, q_pos.device, dtype)
         if self.keep_pos is None:
             self._init_rows(q_valid)
-        k_pos = torch.cat([self.pos[:, : self.used], q_pos], dim=1)  # [B, used + q]
-        k_valid = torch.cat([self.valid[:, : self.used], q_valid], dim=1)
-        allowed = k_valid[:, None, :] & (k_pos[:, None, :] <= q_pos[:, :, None])  # [B, q, used + q]
-        if self.policy.bounded and q > 1:  # one query: ``evict_due`` already left exactly its window valid
+        self._take(q, q_pos.device)
+        if q == 1 and not self._live:
+            self.bias[:, 0, 0, self._write[0]] = 0.0
+            return self.bias[..., : self.span]
+        k_pos, k_valid = self.columns(q_pos, q_valid)  # [B, columns]
+        allowed = k_valid[:, None, :] & (k_pos[:, None, :] <= q_pos[:, :, None])  # [B, q, columns]
+        if self.policy.bounded and q > 1:
             keep = self.keep_pos[:, None]
             k_u, q_u = k_pos - keep, q_pos - keep  # stream indices, < 0 for kept tokens
             allowed &= (k_u < 0)[:, None, :] | (k_u[:, None, :] >= self.policy.evicted_before(q_u)[:, :, None])
-        eye = torch.eye(q, dtype=torch.bool, device=q_pos.device)
-        allowed[:, :, self.used :] |= eye
+        own = range(self._stored, self._stored + q) if self._live else self._write  # each query's own column
+        allowed[:, torch.arange(q, device=q_pos.device), torch.tensor(own, device=q_pos.device)] = True
         out = torch.zeros(allowed.shape, dtype=dtype, device=q_pos.device)
         return out.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+    def columns(self, q_pos: torch.Tensor, q_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions and validity ``[B, columns]`` of the keys the pending forward attends, in mask order."""
+        if self._live:
+            k_pos = torch.cat([self.pos[:, : self._stored], q_pos], dim=1)
+            return k_pos, torch.cat([self.valid[:, : self._stored], q_valid], dim=1)
+        k_pos, k_valid = self.pos[:, : self.span].clone(), self.valid[:, : self.span].clone()
+        self._set(k_pos, q_pos)
+        self._set(k_valid, q_valid)
+        return k_pos, k_valid
+
+    def _take(self, q: int, device: torch.device) -> None:
+        """Hand out the slots of the next ``q`` columns."""
+        if q > len(self.free):
+            raise RuntimeError(f"cache overflow: {self.used} + {q} tokens > capacity {self.capacity}")
+        self._write = [self.free.popleft() for _ in range(q)]
+        self._live = torch.is_grad_enabled()
+        self._stored = self.span
+        self.high = max(self.high, max(self._write) + 1)
+        first = self._write[0]
+        if self.static and q == 1:
+            self._write_idx = self._slot.fill_(first)
+        elif self.static or self._write != list(range(first, first + q)):
+            self._write_idx = torch.tensor(self._write, device=device)
+        else:
+            self._write_idx = None
 
     def _init_rows(self, q_valid: torch.Tensor) -> None:
         """Learn each row's prompt length from the first forward, which starts with the padded prompt."""
@@ -206,29 +279,33 @@ class BoundedKVCache:
         self._keep = self.keep_pos.tolist()
         self._done = [0] * len(self._pads)
 
-    def _alloc_meta(self, batch: int, device: torch.device) -> None:
+    def _alloc_meta(self, batch: int, device: torch.device, dtype: torch.dtype) -> None:
         if self.pos is None:
             self.pos = torch.full((batch, self.capacity), -1, dtype=torch.long, device=device)
             self.valid = torch.zeros((batch, self.capacity), dtype=torch.bool, device=device)
+            self.bias = torch.full((batch, 1, 1, self.capacity), torch.finfo(dtype).min, dtype=dtype, device=device)
+            self._slot = torch.zeros(1, dtype=torch.long, device=device)  # static mode's one-token write index
 
     def advance(self, q_pos: torch.Tensor, q_valid: torch.Tensor) -> None:
         """Record positions/validity of the ``q`` tokens the last forward stored."""
-        q = q_pos.shape[1]
-        self._alloc_meta(q_pos.shape[0], q_pos.device)
-        self.pos[:, self.used : self.used + q] = q_pos
-        self.valid[:, self.used : self.used + q] = q_valid
-        self._cols.extend(range(self.appended, self.appended + q))
-        self.used += q
-        self.appended += q
+        self._set(self.pos, q_pos)
+        self._set(self.valid, q_valid)
+        dtype = self.bias.dtype
+        self._set(self.bias[:, 0, 0], torch.where(q_valid, 0.0, torch.finfo(dtype).min).to(dtype))
+        for g, slot in enumerate(self._write, start=self.appended):  # column g is a token of rows with pad <= g
+            self._holders[slot] = sum(pad <= g for pad in self._pads) if g < self.prompt_len else len(self._pads)
+        self._slot_of.extend(self._write)
+        self.appended += len(self._write)
+        self._write, self._write_idx, self._live = [], None, False
 
     def evict_due(self) -> list[Eviction]:
         """Evict what each row's window must drop before the next column is appended, oldest first.
 
         Returns:
             One entry per eviction round: per-layer evicted keys and values ``[B, H, e, D]``, their positions
-            ``[B, e]`` and the rows that evicted ``[B]`` (bool; other rows' entries are filler to ignore).
-            A row may need several rounds at once (a prompt longer than the window); the thought encoder
-            folds them in one at a time. Empty when nothing is due.
+            ``[B, e]`` (increasing) and the rows that evicted ``[B]`` (bool; other rows' entries are filler to
+            ignore). A row may need several rounds at once (a prompt longer than the window); the thought
+            encoder folds them in one at a time. Empty when nothing is due.
         """
         if not self.policy.bounded or not self._pads:
             return []
@@ -242,57 +319,66 @@ class BoundedKVCache:
             rows = [d > 0 for d in due]
             out.append(self._evict_round(rows, e))
             due = [d - e if r else d for d, r in zip(due, rows, strict=True)]
-        if out:
-            self._compact()
         return out
 
     def _evict_round(self, rows: list[bool], e: int) -> Eviction:
-        """Take the oldest ``e`` stream tokens of every row in ``rows``; mark them invalid."""
-        device = self.pos.device
-        starts = []  # first slot of each row's evicted run (contiguous: every column between is held)
-        for b, (pad, keep, done) in enumerate(zip(self._pads, self._keep, self._done, strict=True)):
-            starts.append(bisect.bisect_left(self._cols, pad + keep + done) if rows[b] else 0)
-            if rows[b]:
-                self._done[b] += e
-        mask = torch.tensor(rows, device=device)
-        if all(rows) and len(set(starts)) == 1:  # synchronous eviction: one slice for every row
-            s0 = starts[0]
-            ev_k = [k[:, :, s0 : s0 + e].clone() for k in self.keys]
-            ev_v = [v[:, :, s0 : s0 + e].clone() for v in self.values]
-            ev_pos = self.pos[:, s0 : s0 + e].clone()
-            self.valid[:, s0 : s0 + e] = False
+        """Take the oldest ``e`` stream tokens of every row in ``rows`` and stop attending them."""
+        firsts = [pad + keep + done for pad, keep, done in zip(self._pads, self._keep, self._done, strict=True)]
+        filler = firsts[rows.index(True)]  # rows that keep their tokens read an evicting row's (ignored)
+        # [B][e] slot of each evicted token, by position: the row's oldest stream columns still held
+        slots = [self._slot_of[f : f + e] for f in (f if r else filler for f, r in zip(firsts, rows, strict=True))]
+        self._done = [d + e if r else d for d, r in zip(self._done, rows, strict=True)]
+        self._release([s for s, r in zip(slots, rows, strict=True) if r])
+        if all(rows) and all(s == slots[0] for s in slots):  # synchronous eviction: one index for every row
+            ev_k, ev_v, ev_pos = self._drop_shared(slots[0])
         else:
-            idx = torch.tensor(starts, device=device)[:, None] + torch.arange(e, device=device)  # [B, e]
-            gather = idx[:, None, :, None]
-            ev_k = [k.gather(2, gather.expand(-1, k.shape[1], -1, k.shape[3])) for k in self.keys]
-            ev_v = [v.gather(2, gather.expand(-1, v.shape[1], -1, v.shape[3])) for v in self.values]
-            ev_pos = self.pos.gather(1, idx)
-            self.valid.scatter_(1, idx, self.valid.gather(1, idx) & ~mask[:, None])
+            ev_k, ev_v, ev_pos = self._drop_rows(slots, rows)
         self.n_evictions += 1
         self.evicted_tokens += e * sum(rows)
-        return ev_k, ev_v, ev_pos, mask
+        return ev_k, ev_v, ev_pos, torch.tensor(rows, device=self.pos.device)
 
-    def _compact(self) -> None:
-        """Drop the slots no row holds any more (kept or still in its window), keeping the order."""
-        rows = list(zip(self._pads, self._keep, self._done, strict=True))
-        spans = {(pad, pad + keep) for pad, keep, _ in rows if keep > 0}  # kept columns of each row
-        spans.add((min(pad + keep + done for pad, keep, done in rows), self.appended))  # every row's window
-        live: list[int] = []
-        for a, z in sorted(spans):  # slots of the union of spans, in order (self._cols is increasing)
-            lo = max(bisect.bisect_left(self._cols, a), live[-1] + 1 if live else 0)
-            live.extend(range(lo, bisect.bisect_left(self._cols, z)))
-        n = len(live)
-        if n == self.used:
-            return
-        idx = torch.tensor(live, device=self.pos.device)
-        for buf in (*self.keys, *self.values):
-            buf[:, :, :n] = buf[:, :, idx]
-        for meta in (self.pos, self.valid):
-            meta[:, :n] = meta[:, idx]
-        self.pos[:, n : self.used] = -1
-        self.valid[:, n : self.used] = False
-        self._cols = [self._cols[i] for i in live]
-        self.used = n
+    def _drop_shared(self, slots: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """Copy out and stop attending the same ``slots`` in every row: K/V ``[B, H, e, D]``, positions ``[B, e]``."""
+        first = slots[0]
+        if slots == list(range(first, first + len(slots))):  # a slice: no index tensor to build
+            at: slice | torch.Tensor = slice(first, first + len(slots))
+            ev_k = [k[:, :, at].clone() for k in self.keys]
+            ev_v = [v[:, :, at].clone() for v in self.values]
+        else:
+            at = torch.tensor(slots, device=self.pos.device)
+            ev_k = [k.index_select(2, at) for k in self.keys]
+            ev_v = [v.index_select(2, at) for v in self.values]
+        ev_pos = self.pos[:, at].clone()
+        self.valid[:, at] = False
+        self.bias[:, 0, 0, at] = torch.finfo(self.bias.dtype).min
+        return ev_k, ev_v, ev_pos
+
+    def _drop_rows(
+        self, slots: list[list[int]], rows: list[bool]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """Copy out ``slots[b]`` of every row and stop attending them in the rows that evict."""
+        device = self.pos.device
+        idx = torch.tensor(slots, device=device)  # [B, e]
+        gather = idx[:, None, :, None]
+        ev_k = [k.gather(2, gather.expand(-1, k.shape[1], -1, k.shape[3])) for k in self.keys]
+        ev_v = [v.gather(2, gather.expand(-1, v.shape[1], -1, v.shape[3])) for v in self.values]
+        ev_pos = self.pos.gather(1, idx)
+        keep = ~torch.tensor(rows, device=device)[:, None]  # [B, 1] rows whose entries stay
+        self.valid.scatter_(1, idx, self.valid.gather(1, idx) & keep)
+        bias = self.bias[:, 0, 0]  # [B, capacity] view
+        bias.scatter_(1, idx, bias.gather(1, idx).masked_fill(~keep, torch.finfo(bias.dtype).min))
+        return ev_k, ev_v, ev_pos
+
+    def _release(self, dropped: list[list[int]]) -> None:
+        """Count one holder less for every (row, slot) in ``dropped`` and give back slots that no row holds.
+
+        Any choice of (row, slot) pairs works, not only the oldest tokens: slot indices define a token.
+        """
+        for slots in dropped:
+            for slot in slots:
+                self._holders[slot] -= 1
+                if self._holders[slot] == 0:
+                    self.free.append(slot)
 
     def bytes_held(self) -> int:
         """Bytes of K/V in occupied slots (all layers, keys and values)."""

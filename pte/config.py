@@ -142,7 +142,12 @@ class DataCfg:
 
 @dataclass
 class RolloutCfg:
-    """Sampling of the GRPO groups. batch_size sequences = (batch_size / group_size) prompts x group_size."""
+    """Sampling of the GRPO groups. batch_size sequences = (batch_size / group_size) prompts x group_size.
+
+    ``compile`` runs the one-token decode steps through ``torch.compile(mode="reduce-overhead")`` over a cache with
+    fixed shapes (CUDA graphs on a GPU). Off by default: compiling costs minutes per model up front and only pays on a
+    GPU, where per-token launch overhead dominates small batches; on a CPU it runs but gains little.
+    """
 
     batch_size: int = 8
     group_size: int = 4
@@ -151,6 +156,7 @@ class RolloutCfg:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    compile: bool = False
 
     def __post_init__(self) -> None:
         require(self.group_size >= 2, "rollout.group_size", "must be >= 2 (advantages compare samples of a prompt)")

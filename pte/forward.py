@@ -11,6 +11,7 @@ import inspect
 from functools import cache
 
 import torch
+from torch import nn
 from transformers import PreTrainedModel
 
 from pte.cache import BoundedKVCache
@@ -21,6 +22,18 @@ from pte.encoder import unwrap
 def _cache_kwarg(model_cls: type) -> str:
     params = inspect.signature(model_cls.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
+
+
+def compiled(model: PreTrainedModel) -> nn.Module:
+    """``model`` under ``torch.compile(mode="reduce-overhead")`` for fixed-shape decode steps, built once and kept.
+
+    Kept outside the module tree (in ``__dict__``), so the compiled twin is neither a submodule nor saved.
+    """
+    twin = model.__dict__.get("_pte_compiled")
+    if twin is None:
+        twin = torch.compile(model, mode="reduce-overhead", dynamic=False, fullgraph=False)
+        model.__dict__["_pte_compiled"] = twin
+    return twin
 
 
 def forward_tokens(
@@ -42,7 +55,7 @@ def forward_tokens(
     """
     dtype = next(model.parameters()).dtype
     mask = cache.mask(positions, valid, dtype)
-    kwargs = {_cache_kwarg(type(unwrap(model))): cache}
+    kwargs = {_cache_kwarg(type(unwrap(getattr(model, "_orig_mod", model)))): cache}  # a compiled twin's model
     out = model(
         input_ids=input_ids,
         attention_mask=mask,

@@ -15,7 +15,7 @@ from transformers import PreTrainedModel
 
 from pte.cache import BoundedKVCache, CachePolicy
 from pte.encoder import decoder_layers, start_thought, unwrap
-from pte.forward import forward_tokens
+from pte.forward import compiled, forward_tokens
 from pte.lockstep import is_sharded, running_anywhere
 
 
@@ -27,6 +27,8 @@ class SamplingConfig:
     top_k: keep the k most likely tokens (0 = off).
     max_new_tokens: generation limit (paper 3072).
     stop_check_every: steps between checks that every row has finished (each check syncs the device).
+    compile: run the one-token decode steps through ``torch.compile(mode="reduce-overhead")`` over a cache with
+        fixed shapes (CUDA graphs on a GPU); the prompt's forward stays eager. Compiling costs minutes up front.
     """
 
     temperature: float = 1.0
@@ -34,6 +36,7 @@ class SamplingConfig:
     top_k: int = 0
     max_new_tokens: int = 256
     stop_check_every: int = 8
+    compile: bool = False
 
 
 @dataclass
@@ -98,7 +101,8 @@ def sample(
 
     One log-softmax feeds both the draw and the returned log-prob ``[B]`` of the drawn token, which is
     taken under the temperature alone (top-k/top-p only restrict the draw). Greedy (temperature 0)
-    scores at temperature 1.
+    scores at temperature 1. The draw inverts the CDF with one uniform per row (``torch.multinomial`` draws an
+    exponential per vocabulary entry, ten times the cost on a CPU).
     """
     if cfg.temperature <= 0:
         logp = torch.log_softmax(logits, dim=-1)
@@ -114,12 +118,26 @@ def sample(
             probs = sorted_logp.softmax(-1)
             drop = probs.cumsum(-1) - probs > cfg.top_p  # keep the smallest prefix with mass >= top_p
             allowed = allowed.scatter(-1, order, sorted_logp.masked_fill(drop, float("-inf")))
-        tok = torch.multinomial(allowed.exp(), 1, generator=generator).squeeze(-1)
+        tok = draw(allowed.exp(), generator)
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
 
-def new_cache(model: PreTrainedModel, policy: CachePolicy, prompt_len: int, max_new: int) -> BoundedKVCache:
-    return BoundedKVCache(len(decoder_layers(model)), policy, prompt_len, policy.capacity(prompt_len, max_new))
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One index per row of ``probs [B, V]`` (unnormalised, >= 0) with probability proportional to its entry.
+
+    Inverse CDF in float64, so rounding is far below any token's probability: the first index whose cumulative
+    mass reaches ``u * total`` for ``u`` in (0, 1], which is never an entry of zero mass.
+    """
+    cdf = probs.double().cumsum(-1)  # [B, V], non-decreasing
+    u = 1.0 - torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=torch.float64)
+    return torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(-1)  # [B]
+
+
+def new_cache(
+    model: PreTrainedModel, policy: CachePolicy, prompt_len: int, max_new: int, static: bool = False
+) -> BoundedKVCache:
+    capacity = policy.capacity(prompt_len, max_new)
+    return BoundedKVCache(len(decoder_layers(model)), policy, prompt_len, capacity, static)
 
 
 def attn_flops_per_key(model: PreTrainedModel) -> int:
@@ -151,7 +169,8 @@ def rollout(
     b, p = prompt_ids.shape
     device = prompt_ids.device
     t_max = sampling.max_new_tokens
-    cache = new_cache(model, policy, p, t_max)
+    cache = new_cache(model, policy, p, t_max, static=sampling.compile)
+    step_model = compiled(model) if sampling.compile else model
     encoder = start_thought(model, policy.uses_thought, b)
     eos = torch.tensor(eos_ids, device=device)
     tokens = torch.full((b, t_max), pad_id, dtype=torch.long, device=device)
@@ -177,9 +196,11 @@ def rollout(
                         encoder.absorb(*evicted)
                 evict_before.append(j - 1)
             pos.add_(1)
-            logits = forward_tokens(model, cache, last, pos, ones)[:, -1]
+            if sampling.compile:  # a new step: the previous step's graph outputs are dead (CUDA graphs reuse them)
+                torch.compiler.cudagraph_mark_step_begin()
+            logits = forward_tokens(step_model, cache, last, pos, ones)[:, -1]
         if keep_logits:
-            kept.append(logits)
+            kept.append(logits.clone() if sampling.compile else logits)
         tok, logp = sample(logits, sampling, generator)
         tok = tok.masked_fill_(~alive, pad_id)
         last.copy_(tok[:, None])

@@ -43,7 +43,7 @@ def generate_rollouts(
     """Sample ``prompts`` (already formatted, one row per sequence) in micro-batches under the cache config."""
     device = next(model.parameters()).device
     r = cfg.rollout
-    sampling = SamplingConfig(r.temperature, r.top_p, r.top_k, r.max_new_tokens)
+    sampling = SamplingConfig(r.temperature, r.top_p, r.top_k, r.max_new_tokens, compile=r.compile)
     out = []
     for i in range(0, len(prompts), r.micro_batch):
         ids, mask = encode_prompts(tok, prompts[i : i + r.micro_batch], chat=False, device=device)

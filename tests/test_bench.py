@@ -55,7 +55,8 @@ def test_cli_writes_json(tmp_path):
 def test_decode_reports_ratios_against_generate(tmp_path):
     out = tmp_path / "decode.json"
     args = ["decode", "--model", "tiny-llama", "--lengths", "12", "--batch", "2", "--repeats", "1", "--window", "8"]
-    main([*args, "--methods", "generate", "window", "--prompt-len", "8", "--json", str(out)])
+    main([*args, "--methods", "generate", "generate-static", "window", "--prompt-len", "8", "--json", str(out)])
     rows = json.loads(out.read_text())["rows"]
-    assert {r["method"] for r in rows} == {"generate", "window"}
+    assert [r["method"] for r in rows] == ["generate", "generate-static", "window"]
     assert all(r["tokens_per_s"] > 0 for r in rows) and rows[0]["vs_generate"] == 1.0
+    assert rows[2]["window_time_ratio"] == 1.0

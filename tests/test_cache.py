@@ -12,7 +12,7 @@ from pte.generate import encode_prompts
 from pte.replay import replay
 from pte.rollout import prompt_positions
 from pte.thought import ThoughtConfig
-from tests.helpers import PROMPTS, run, tiny
+from tests.helpers import PROMPTS, run, tiny, tiny_pte
 
 
 @pytest.mark.parametrize(("ratio", "window", "expected"), [(0.29, 100, 29), (0.15, 20, 3), (0.1, 30, 3), (0.25, 8, 2)])
@@ -73,3 +73,32 @@ def test_pre_rope_keys_undo_every_rope_type_exactly(rope, family):
     b, h, p, d = got.shape
     got = got.transpose(1, 2).reshape(b, p, h * d)
     torch.testing.assert_close(got[mask], expected[mask], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("window", "ratio"), [(8, 0.25), (10, 0.3)])  # 10 % 3 != 0: evicted slots wrap around
+@pytest.mark.parametrize("retain", [True, False])
+def test_eviction_moves_nothing_and_hands_over_the_stored_kv(monkeypatch, retain, window, ratio):
+    """Through every eviction the held tokens keep their slots and K/V, and each evicted entry of an evicting row is
+    the K/V stored for that row's token at that position, in position order (rows evict apart without retain)."""
+    model, tok = tiny_pte()
+    real, rounds = BoundedKVCache.evict_due, []
+
+    def spy(self):
+        keys, pos, valid = [k.clone() for k in self.keys], self.pos.clone(), self.valid.clone()
+        out = real(self)
+        held = self.valid  # [B, capacity]
+        assert not (held & ~valid).any() and torch.equal(self.pos[held], pos[held])
+        for now, then in zip(self.keys, keys):
+            assert torch.equal(now.transpose(1, 2)[held], then.transpose(1, 2)[held])  # [n, H, D]
+        for ev_k, _ev_v, ev_pos, rows in out:
+            for b in rows.nonzero().flatten().tolist():
+                assert (ev_pos[b].diff() > 0).all()
+                slots = [int(((pos[b] == p) & valid[b]).nonzero()) for p in ev_pos[b].tolist()]
+                for layer, then in zip(ev_k, keys):
+                    assert torch.equal(layer[b], then[b][:, slots])  # [H, e, D]
+            rounds.append(rows.all().item())
+        return out
+
+    monkeypatch.setattr(BoundedKVCache, "evict_due", spy)
+    run(model, tok, PROMPTS, CachePolicy("pte", window=window, evict_ratio=ratio, retain_prompt=retain), 40)
+    assert len(rounds) >= 3 and all(rounds) == retain

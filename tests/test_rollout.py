@@ -11,6 +11,7 @@ import pte.forward
 from pte.cache import CachePolicy
 from pte.encoder import get_thought
 from pte.generate import encode_prompts
+from pte.rollout import SamplingConfig, draw, rollout
 from tests.helpers import PROMPTS, run, tiny, tiny_pte
 
 
@@ -76,8 +77,7 @@ def test_positions_masks_and_retained_prompt(monkeypatch):
 
     def spy_mask(self, q_pos, q_valid, dtype):
         out = real_mask(self, q_pos, q_valid, dtype)
-        k_pos = torch.cat([self.pos[:, : self.used], q_pos], 1)
-        k_valid = torch.cat([self.valid[:, : self.used], q_valid], 1)
+        k_pos, k_valid = self.columns(q_pos, q_valid)  # the keys this forward attends, in mask order
         calls.append((q_pos.clone(), q_valid.clone(), k_pos.clone(), k_valid.clone(), out[:, 0] == 0))
         return out
 
@@ -220,3 +220,24 @@ def test_sink_batch_invariance_when_windows_and_sinks_interleave(window):
         alone = run(model, tok, [prompt], policy, 30)
         assert torch.equal(batch.response_ids[i], alone.response_ids[0])
         torch.testing.assert_close(batch.logprobs[i], alone.logprobs[0], atol=1e-4, rtol=0)
+
+
+def test_draw_follows_the_probabilities_and_never_picks_zero_mass():
+    probs = torch.tensor([[0.0, 0.2, 0.0, 0.5, 0.3, 0.0]]).repeat(20000, 1)
+    tokens = draw(probs, torch.Generator().manual_seed(0))
+    freq = torch.bincount(tokens, minlength=6).double() / len(tokens)
+    assert (freq[probs[0] == 0] == 0).all()
+    torch.testing.assert_close(freq, probs[0].double(), atol=0.015, rtol=0)
+
+
+def test_compiled_decode_matches_eager():
+    """rollout.compile on a CPU: the compiled decode steps (fixed-shape cache) give the eager tokens and log-probs."""
+    model, tok = tiny_pte()
+    policy = CachePolicy("pte", window=8, evict_ratio=0.25)
+    eager = run(model, tok, PROMPTS, policy, 24)
+    ids, mask = encode_prompts(tok, PROMPTS)
+    sampling = SamplingConfig(temperature=0.0, max_new_tokens=24, compile=True)
+    ours = rollout(model, ids, mask, policy, sampling, [], tok.pad_token_id)
+    assert len(ours.evict_before) >= 3
+    assert torch.equal(ours.response_ids, eager.response_ids)
+    torch.testing.assert_close(ours.logprobs, eager.logprobs, atol=1e-5, rtol=0)

@@ -3,6 +3,8 @@
 Every method samples at temperature 1 with top-k and top-p off, generates exactly ``n`` tokens per row (no
 EOS) from the same random prompt, on the same device, dtype, attention kernel (sdpa) and thread count, and
 is warmed up before timing; the methods alternate within each repeat and the median is reported.
+``generate-static`` is ``generate(cache_implementation="static")``; ``--compile`` runs the engine's decode steps
+compiled (``rollout.compile``); ``--lengths 8192`` is the 8K setting.
 ``generate`` runs the plain model (the ``pte`` method runs a copy with the thought encoder attached, so the
 baselines pay nothing for its wrapped linears).
 """
@@ -25,7 +27,7 @@ METHODS = ("generate", "generate-static", "full", "window", "pte")
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="mid-llama", choices=common.MODELS)
-    p.add_argument("--lengths", type=int, nargs="+", default=[512, 2048])
+    p.add_argument("--lengths", type=int, nargs="+", default=[512, 2048], help="new tokens per row, e.g. 512 2048 8192")
     p.add_argument("--batch", type=int, nargs="+", default=[8])
     p.add_argument("--window", type=int, default=256)
     p.add_argument("--prompt-len", type=int, default=64)
@@ -33,9 +35,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--warmup", type=int, default=16, help="tokens of the untimed warm-up run (0: the full length)")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--compile", action="store_true", help="torch.compile the engine's decode steps (rollout.compile)")
 
 
-def _runner(method: str, base, pte_model, ids, mask, n: int, window: int):
+def _runner(method: str, base, pte_model, ids, mask, n: int, window: int, compile_steps: bool = False):
     """A zero-argument function that generates ``n`` tokens per row with ``method``."""
     if method.startswith("generate"):
         extra = {"cache_implementation": "static"} if method == "generate-static" else {}
@@ -51,7 +54,7 @@ def _runner(method: str, base, pte_model, ids, mask, n: int, window: int):
         return run_hf
     model = pte_model if method == "pte" else base
     policy = CachePolicy(method, window=window, evict_ratio=0.25)
-    sampling = SamplingConfig(temperature=1.0, max_new_tokens=n, stop_check_every=n)
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=n, stop_check_every=n, compile=compile_steps)
     return lambda: rollout(model, ids, mask, policy, sampling, [], 0, torch.Generator(ids.device).manual_seed(0))
 
 
@@ -61,17 +64,25 @@ def run(args: argparse.Namespace) -> dict:
     attach_thought(pte_model, ThoughtConfig())
     pte_model.to(device=common.device(), dtype=getattr(torch, args.dtype))
     rows = []
-    result = {"benchmark": "decode", "model": args.model, "dtype": args.dtype, "window": args.window, "rows": rows}
+    result = {
+        "benchmark": "decode",
+        "model": args.model,
+        "dtype": args.dtype,
+        "window": args.window,
+        "compile": args.compile,
+        "rows": rows,
+    }
     for b in args.batch:
         ids, mask = common.prompts(b, args.prompt_len, vocab)
         for n in args.lengths:
-            fns = {m: _runner(m, base, pte_model, ids, mask, n, args.window) for m in args.methods}
+            fns = {m: _runner(m, base, pte_model, ids, mask, n, args.window, args.compile) for m in args.methods}
             for m in args.methods:
                 # generate's static cache compiles per cache length on CUDA: warm it up at the timed length
                 warm_n = n if m == "generate-static" or not args.warmup else min(args.warmup, n)
-                _runner(m, base, pte_model, ids, mask, warm_n, args.window)()
+                _runner(m, base, pte_model, ids, mask, warm_n, args.window, args.compile)()
             times = common.interleaved(fns, args.repeats)
             ref = common.median(times["generate"]) if "generate" in times else None
+            win = common.median(times["window"]) if "window" in times else None
             for m, secs in times.items():
                 t = common.median(secs)
                 rows.append(
@@ -82,9 +93,11 @@ def run(args: argparse.Namespace) -> dict:
                         "seconds": t,
                         "tokens_per_s": b * n / t,
                         "vs_generate": ref / t if ref else None,
+                        "window_time_ratio": t / win if win else None,  # this method's time over the window's
                         "runs": secs,
                     }
                 )
-            print(common.table(rows[-len(times) :], ["method", "batch", "tokens", "tokens_per_s", "vs_generate"]))
+            columns = ["method", "batch", "tokens", "tokens_per_s", "vs_generate", "window_time_ratio"]
+            print(common.table(rows[-len(times) :], columns))
             common.write(result, args.json)  # partial results survive a time limit
     return result
