@@ -221,7 +221,11 @@ class OptimCfg:
     schedule: str = "constant"
 
     def __post_init__(self) -> None:
-        require(self.schedule in ("constant", "cosine"), "optim.schedule", f"expected constant or cosine, got {self.schedule!r}")
+        require(
+            self.schedule in ("constant", "cosine"),
+            "optim.schedule",
+            f"expected constant or cosine, got {self.schedule!r}",
+        )
 
 
 @dataclass
