@@ -78,7 +78,7 @@ class Budget:
     medium: int  # thought window of the medium budget
     problems: int  # held-out problems per evaluation
     seeds: tuple[int, ...]
-    sft_share: float = 0.75  # SFT learns the trace and the carry; GRPO then polishes what sampling gets wrong
+    sft_share: float = 0.9  # SFT learns the trace and the carry; GRPO then polishes what sampling gets wrong
     lr: tuple[tuple[str, float], ...] = (("sft", 3e-3), ("grpo", 3e-4))  # per objective, the same for every arm
 
 
@@ -222,8 +222,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="base config of every arm")
     parser.add_argument("--out", type=Path, default=Path("runs/toy_table"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=400, help="optimiser steps per trained arm")
-    parser.add_argument("--sft-share", type=float, default=0.75, help="share of the steps spent on SFT before GRPO")
+    parser.add_argument("--steps", type=int, default=500, help="optimiser steps per trained arm")
+    parser.add_argument("--sft-share", type=float, default=0.9, help="share of the steps spent on SFT before GRPO")
     parser.add_argument("--sft-lr", type=float, default=3e-3, help="learning rate of every SFT stage")
     parser.add_argument("--grpo-lr", type=float, default=3e-4, help="learning rate of every GRPO stage")
     parser.add_argument("--tight", type=int, default=12, help="tight thought window W")
