@@ -107,12 +107,16 @@ def _run_ranks(worker, tmp: Path) -> float:
     return time.monotonic() - start
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory) -> dict:
-    tmp = tmp_path_factory.mktemp("ddp")
-    seconds = _run_ranks(_worker, tmp)
+def _ranks_results(worker, tmp) -> dict:
+    """Run ``worker`` on every rank and read back what each saved, with the wall time."""
+    seconds = _run_ranks(worker, tmp)
     ranks = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     return {"ranks": ranks, "seconds": seconds}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> dict:
+    return _ranks_results(_worker, tmp_path_factory.mktemp("ddp"))
 
 
 def _missing_grads_worker(rank: int, store: str, out_dir: str) -> None:

@@ -39,7 +39,7 @@ from tests.test_distributed import (
     _counting_backward,
     _grads,
     _model,
-    _run_ranks,
+    _ranks_results,
     _train_ddp,
 )
 
@@ -140,10 +140,7 @@ def _evaluate(model, tok) -> dict:
 
 @pytest.fixture(scope="module")
 def fsdp_ranks(tmp_path_factory) -> dict:
-    tmp = tmp_path_factory.mktemp("fsdp")
-    seconds = _run_ranks(_fsdp_worker, tmp)
-    ranks = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-    return {"ranks": ranks, "seconds": seconds}
+    return _ranks_results(_fsdp_worker, tmp_path_factory.mktemp("fsdp"))
 
 
 def _single_process_grads(method: str, agg: str, ranks: list[dict]) -> dict[str, torch.Tensor]:
