@@ -62,7 +62,7 @@ ARMS = {
     "pte_sft_grpo": Arm("pte", ("sft", "grpo"), eval_ratios=(0.05, 0.15)),
 }
 ABLATIONS = {
-    **{f"pte_G{g}": Arm("pte", ("sft", "grpo"), (f"thought.global_tokens={g}",)) for g in (1, 16, 32)},
+    **{f"pte_G{g}": Arm("pte", ("sft", "grpo"), (f"thought.global_tokens={g}",)) for g in (1, 16, 32, 64)},
     **{f"pte_train_evict{r}": Arm("pte", ("sft", "grpo"), (f"cache.evict_ratio={r}",)) for r in (0.05, 0.15)},
     **{f"pte_norm_{n}": Arm("pte", ("sft", "grpo"), (f"thought.normalize={n}",)) for n in ("frobenius", "none")},
     "pte_detach": Arm("pte", ("sft", "grpo"), ("thought.state_grad=detach",)),
