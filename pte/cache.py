@@ -183,8 +183,8 @@ class BoundedKVCache:
         if self._live:
             k_out = torch.cat([k_buf[:, :, : self._stored], key_states], dim=2)  # [B, H, stored + q, D]
             v_out = torch.cat([v_buf[:, :, : self._stored], value_states], dim=2)
-        self._store(k_buf, key_states.detach())
-        self._store(v_buf, value_states.detach())
+        self._put(k_buf, key_states.detach(), 2)
+        self._put(v_buf, value_states.detach(), 2)
         if self._live:
             return k_out, v_out
         return k_buf[:, :, : self.span], v_buf[:, :, : self.span]
@@ -200,19 +200,16 @@ class BoundedKVCache:
             torch._dynamo.mark_static_address(self.keys[layer_idx])
             torch._dynamo.mark_static_address(self.values[layer_idx])
 
-    def _store(self, buf: torch.Tensor, new: torch.Tensor) -> None:
-        """Write ``new`` ``[B, H, q, D]`` into the pending slots of ``buf``."""
-        if self._write_idx is not None:
-            buf.index_copy_(2, self._write_idx, new)
-        else:
-            buf[:, :, self._write[0] : self._write[0] + len(self._write)] = new
+    def _put(self, t: torch.Tensor, value: torch.Tensor, dim: int) -> None:
+        """Write ``value`` into the pending slots of ``t`` along its slot dimension ``dim``.
 
-    def _set(self, meta: torch.Tensor, value: torch.Tensor) -> None:
-        """Write ``value`` ``[B, q]`` into the pending slots of a ``[B, capacity]`` tensor."""
+        K/V buffers ``[B, H, capacity, D]`` take ``[B, H, q, D]`` (dim 2); per-slot metadata ``[B, capacity]`` takes
+        ``[B, q]`` (dim 1).
+        """
         if self._write_idx is not None:
-            meta.index_copy_(1, self._write_idx, value)
+            t.index_copy_(dim, self._write_idx, value)
         else:
-            meta[:, self._write[0] : self._write[0] + len(self._write)] = value
+            t.narrow(dim, self._write[0], len(self._write)).copy_(value)
 
     # -- bookkeeping driven by the engine -----------------------------------------------------------
     def mask(self, q_pos: torch.Tensor, q_valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -250,8 +247,8 @@ class BoundedKVCache:
             k_pos = torch.cat([self.pos[:, : self._stored], q_pos], dim=1)
             return k_pos, torch.cat([self.valid[:, : self._stored], q_valid], dim=1)
         k_pos, k_valid = self.pos[:, : self.span].clone(), self.valid[:, : self.span].clone()
-        self._set(k_pos, q_pos)
-        self._set(k_valid, q_valid)
+        self._put(k_pos, q_pos, 1)
+        self._put(k_valid, q_valid, 1)
         return k_pos, k_valid
 
     def _take(self, q: int, device: torch.device) -> None:
@@ -288,10 +285,10 @@ class BoundedKVCache:
 
     def advance(self, q_pos: torch.Tensor, q_valid: torch.Tensor) -> None:
         """Record positions/validity of the ``q`` tokens the last forward stored."""
-        self._set(self.pos, q_pos)
-        self._set(self.valid, q_valid)
+        self._put(self.pos, q_pos, 1)
+        self._put(self.valid, q_valid, 1)
         dtype = self.bias.dtype
-        self._set(self.bias[:, 0, 0], torch.where(q_valid, 0.0, torch.finfo(dtype).min).to(dtype))
+        self._put(self.bias[:, 0, 0], torch.where(q_valid, 0.0, torch.finfo(dtype).min).to(dtype), 1)
         for g, slot in enumerate(self._write, start=self.appended):  # column g is a token of rows with pad <= g
             self._holders[slot] = sum(pad <= g for pad in self._pads) if g < self.prompt_len else len(self._pads)
         self._slot_of.extend(self._write)
