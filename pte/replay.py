@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import torch
@@ -100,14 +100,23 @@ def chunk_count(ro: Rollout) -> int:
     return len(ro.evict_before) + 1 if ro.response_ids.shape[1] else 0
 
 
-def idle_chunks(model: nn.Module, rollouts: list[Rollout]) -> list[int]:
-    """Per rollout, the idle chunks this process adds so every process replays it in as many chunks.
+def replay_all(
+    model: nn.Module, rollouts: list[Rollout], backward: Callable[[torch.Tensor], None]
+) -> Iterator[tuple[int, ReplayChunk]]:
+    """``(i, chunk)`` for every chunk of each ``rollouts[i]`` in order; the caller backpropagates each chunk's loss.
 
-    Zeros unless the model is sharded (FSDP), where every chunk's forward and backward are collectives.
+    On a sharded model (FSDP) every chunk's forward and backward are collectives, so after each rollout this
+    process runs zero-loss chunks (:func:`idle_loss`, through ``backward``) up to the most chunks any process
+    replays for it (pte.lockstep); unsharded, nothing is added.
     """
     counts = [chunk_count(ro) for ro in rollouts]
     device = rollouts[0].response_ids.device if rollouts else torch.device("cpu")
-    return [most - n for most, n in zip(most_over_ranks(counts, is_sharded(model), device), counts)]
+    most = most_over_ranks(counts, is_sharded(model), device)
+    for i, (ro, n, top) in enumerate(zip(rollouts, counts, most, strict=True)):
+        for chunk in replay(model, ro):
+            yield i, chunk
+        for _ in range(top - n):
+            backward(idle_loss(model, ro))
 
 
 def idle_loss(model: nn.Module, ro: Rollout) -> torch.Tensor:

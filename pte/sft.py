@@ -20,7 +20,7 @@ from pte.cache import CachePolicy
 from pte.config import Config
 from pte.distributed import all_sum
 from pte.generate import encode_prompts
-from pte.replay import idle_chunks, idle_loss, replay
+from pte.replay import replay_all
 from pte.rollout import Rollout
 
 
@@ -85,13 +85,10 @@ def sft_update(model: nn.Module, rollouts: list[Rollout], backward: Callable[[to
     rows = sum(ro.response_ids.shape[0] for ro in rollouts)
     seqs = float(all_sum(torch.tensor(rows, dtype=torch.float64, device=device)))  # global normaliser under DDP
     stats = {"loss": 0.0, "tokens": local, "entropy": 0.0}
-    for ro, n_idle in zip(rollouts, idle_chunks(model, rollouts)):  # idle chunks keep sharded processes in step
-        for chunk in replay(model, ro):
-            mask = ro.response_mask[:, chunk.start : chunk.stop]
-            loss = -(chunk.logprobs * mask).sum() / seqs
-            backward(loss)
-            stats["loss"] += float(loss.detach())
-            stats["entropy"] += float((chunk.entropy * mask).sum())
-        for _ in range(n_idle):
-            backward(idle_loss(model, ro))
+    for i, chunk in replay_all(model, rollouts, backward):
+        mask = rollouts[i].response_mask[:, chunk.start : chunk.stop]
+        loss = -(chunk.logprobs * mask).sum() / seqs
+        backward(loss)
+        stats["loss"] += float(loss.detach())
+        stats["entropy"] += float((chunk.entropy * mask).sum())
     return stats

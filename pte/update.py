@@ -18,7 +18,7 @@ from pte.config import Config
 from pte.distributed import all_sum
 from pte.generate import encode_prompts, eos_ids
 from pte.grpo import AGGREGATIONS, group_advantages, k3_kl, token_loss
-from pte.replay import idle_chunks, idle_loss, reference_logprobs, replay
+from pte.replay import reference_logprobs, replay_all
 from pte.rollout import Rollout, SamplingConfig, rollout
 
 
@@ -83,24 +83,21 @@ def policy_update(model: nn.Module, exp: Experience, cfg: Config, backward: Call
     """
     g = cfg.grpo
     stats = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "tokens": 0.0, "entropy": 0.0}
-    idle = idle_chunks(model, exp.rollouts)
-    for ro, adv, w, ref, n_idle in zip(exp.rollouts, exp.advantages, exp.weights, exp.ref_logprobs, idle):
-        for chunk in replay(model, ro):
-            sl = slice(chunk.start, chunk.stop)
-            ref_chunk = ref[:, sl] if ref is not None else None
-            weighted = w[:, sl] != 0
-            loss_tok, clipped = token_loss(
-                chunk.logprobs, ro.logprobs[:, sl], adv, g.clip_low, g.clip_high, ref_chunk, g.beta, weighted
-            )
-            loss = (loss_tok * w[:, sl]).sum()
-            backward(loss)
-            mask = ro.response_mask[:, sl]
-            stats["loss"] += float(loss.detach())
-            stats["clipped"] += float((clipped & mask).sum())
-            stats["tokens"] += float(mask.sum())
-            stats["entropy"] += float((chunk.entropy * mask).sum())
-            if ref_chunk is not None:
-                stats["kl"] += float((k3_kl(chunk.logprobs.detach(), ref_chunk, mask) * mask).sum())
-        for _ in range(n_idle):
-            backward(idle_loss(model, ro))
+    for i, chunk in replay_all(model, exp.rollouts, backward):
+        ro, adv, w, ref = exp.rollouts[i], exp.advantages[i], exp.weights[i], exp.ref_logprobs[i]
+        sl = slice(chunk.start, chunk.stop)
+        ref_chunk = ref[:, sl] if ref is not None else None
+        weighted = w[:, sl] != 0
+        loss_tok, clipped = token_loss(
+            chunk.logprobs, ro.logprobs[:, sl], adv, g.clip_low, g.clip_high, ref_chunk, g.beta, weighted
+        )
+        loss = (loss_tok * w[:, sl]).sum()
+        backward(loss)
+        mask = ro.response_mask[:, sl]
+        stats["loss"] += float(loss.detach())
+        stats["clipped"] += float((clipped & mask).sum())
+        stats["tokens"] += float(mask.sum())
+        stats["entropy"] += float((chunk.entropy * mask).sum())
+        if ref_chunk is not None:
+            stats["kl"] += float((k3_kl(chunk.logprobs.detach(), ref_chunk, mask) * mask).sum())
     return stats
