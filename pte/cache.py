@@ -22,7 +22,8 @@ eviction moves nothing and ``used`` is the held size. Which (row, slot) pairs ma
 ``valid`` and, for a lone decode query, in the additive mask ``bias`` kept current in place by appends and
 evictions, so a decode step builds no mask. Keys are stored after rotary embedding, so every token keeps
 its absolute position; slot order does not matter to attention, only the mask built from positions does.
-A later policy may therefore evict any (row, slot), and a finished row's slots may be refilled.
+A later policy may therefore evict any (row, slot), and a finished row's slots may be refilled; ``select_rows``
+drops finished rows from the batch.
 The object is passed to Hugging Face models as their cache (``update``/``get_seq_length``), so the
 models run unpatched.
 """
@@ -376,6 +377,27 @@ class BoundedKVCache:
                 self._holders[slot] -= 1
                 if self._holders[slot] == 0:
                     self.free.append(slot)
+
+    def select_rows(self, rows: list[int]) -> None:
+        """Keep only batch ``rows`` (in that order): finished rows stop costing attention, memory and evictions.
+
+        Slots that no kept row holds go back to the free list. Not for ``static`` caches, whose shapes are fixed.
+        """
+        kept = set(rows)
+        self._release([self._held_slots(b) for b in range(len(self._pads)) if b not in kept])
+        idx = torch.tensor(rows, device=self.pos.device)
+        self.keys = [k.index_select(0, idx) for k in self.keys]
+        self.values = [v.index_select(0, idx) for v in self.values]
+        self.pos, self.valid, self.bias = (t.index_select(0, idx) for t in (self.pos, self.valid, self.bias))
+        self.keep_pos = self.keep_pos.index_select(0, idx)
+        self._pads, self._keep, self._done = ([x[b] for b in rows] for x in (self._pads, self._keep, self._done))
+
+    def _held_slots(self, b: int) -> list[int]:
+        """Slots of the columns row ``b`` still holds: its kept tokens and its stream tokens not yet evicted."""
+        pad, keep, done = self._pads[b], self._keep[b], self._done[b]
+        stream = pad + keep  # column of the row's stream token 0
+        columns = [*range(pad, min(stream, self.appended)), *range(stream + done, self.appended)]
+        return [self._slot_of[g] for g in columns]
 
     def bytes_held(self) -> int:
         """Bytes of K/V in occupied slots (all layers, keys and values)."""

@@ -65,6 +65,10 @@ class ThoughtEncoder(nn.Module):
         self.store.states = [lt.initial_state(p, batch) for lt, p in zip(self.layers, self._proj)]
         self._links: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
 
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep the states of batch ``rows`` (long ``[B']``) only, as the cache does when finished rows leave."""
+        self.store.states = [s.index_select(0, rows) for s in self.store.states]
+
     def detach_states(self) -> None:
         """Cut the graph between replay chunks: the carried state is a constant for the next chunk."""
         self.store.states = [s.detach() for s in self.store.states]

@@ -198,7 +198,7 @@ def _grade_one(grader: Grader, answers: Sequence[str | None], gold: str, pid: st
 
 def kv_curve(ro: Rollout) -> list[list[float]]:
     """Per-sequence KV bytes held against generated tokens, kept only at slope changes (exact when joined)."""
-    y = (ro.kv_bytes / max(ro.response_ids.shape[0], 1)).tolist()
+    y = [n * ro.slot_bytes for n in ro.used_slots]
     keep = [0, *(j for j in range(1, len(y) - 1) if y[j] - y[j - 1] != y[j + 1] - y[j]), len(y) - 1]
     return [[j + 1, y[j]] for j in sorted(set(keep))] if y else []
 

@@ -53,14 +53,16 @@ class Rollout:
     temperature: float
     evict_before: list[int] = field(default_factory=list)
     used_slots: list[int] = field(default_factory=list)  # occupied cache slots after each step
-    slot_bytes: int = 0  # K/V bytes per occupied slot (all layers, whole batch)
+    held_rows: list[int] = field(default_factory=list)  # rows in the cache after each step (finished rows leave)
+    slot_bytes: int = 0  # K/V bytes of one row in one occupied slot (all layers)
     attn_flops_per_key: int = 0  # attention FLOPs of one query against one cached key, all layers
     logits: torch.Tensor | None = None  # [B, T, V] raw logits, only with keep_logits (debugging, parity tests)
 
     @property
     def kv_bytes(self) -> torch.Tensor:
-        """K/V bytes held after each generated token, ``[T]``."""
-        return torch.tensor(self.used_slots, dtype=torch.float64) * self.slot_bytes
+        """K/V bytes held by the whole batch after each generated token, ``[T]``."""
+        slots = torch.tensor(self.used_slots, dtype=torch.float64)
+        return slots * torch.tensor(self.held_rows, dtype=torch.float64) * self.slot_bytes
 
     def stats(self) -> dict[str, float]:
         lengths = self.response_mask.sum(1).float()
@@ -162,8 +164,11 @@ def rollout(
     """Generate up to ``max_new_tokens`` for each row under ``policy``; finished rows stop counting.
 
     Every row generates one token per step; each row evicts by its own positions (synchronously across the
-    batch when the prompt is retained), and ``evict_before`` lists every step at which some row evicted. On a
-    sharded model (FSDP) the loop stops only once every process is done (pte.lockstep).
+    batch when the prompt is retained), and ``evict_before`` lists every step at which some row evicted. At each
+    stop check, rows that have finished leave the batch (cache, thought state and all), so they stop costing
+    attention and evictions; this is skipped where the batch shape must stay: compiled steps, a sharded model
+    (FSDP; its loop stops only once every process is done, pte.lockstep) and per-row eviction, whose steps
+    ``evict_before`` must keep for every row.
     """
     prompt_mask = prompt_mask.bool()
     b, p = prompt_ids.shape
@@ -172,21 +177,24 @@ def rollout(
     cache = new_cache(model, policy, p, t_max, static=sampling.compile)
     step_model = compiled(model) if sampling.compile else model
     encoder = start_thought(model, policy.uses_thought, b)
+    lockstep = is_sharded(model)
+    shrinks = not (sampling.compile or lockstep or (policy.bounded and not policy.retain_prompt))
     eos = torch.tensor(eos_ids, device=device)
     tokens = torch.full((b, t_max), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(b, t_max, device=device)
-    alive = torch.ones(b, dtype=torch.bool, device=device)
     mask = torch.zeros(b, t_max, dtype=torch.bool, device=device)
+    rows = torch.arange(b, device=device)  # [B'] the batch rows still in the cache
+    alive = torch.ones(b, dtype=torch.bool, device=device)  # [B'] from here on, indexed like rows
     ones = torch.ones(b, 1, dtype=torch.bool, device=device)
-    pos = prompt_mask.sum(1, keepdim=True) - 1  # [B, 1] position of the last forwarded token, bumped in place
+    pos = prompt_mask.sum(1, keepdim=True) - 1  # [B', 1] position of the last forwarded token, bumped in place
     last = torch.empty(b, 1, dtype=torch.long, device=device)  # the token fed to the next decode step
     evict_before: list[int] = []
     used: list[int] = []
+    held: list[int] = []
     kept: list[torch.Tensor] = []
 
     logits = forward_tokens(model, cache, prompt_ids, prompt_positions(prompt_mask), prompt_mask, p - 1)[:, -1]
     steps = 0
-    lockstep = is_sharded(model)
     for j in range(t_max):
         if j > 0:
             evictions = cache.evict_due()
@@ -200,18 +208,26 @@ def rollout(
                 torch.compiler.cudagraph_mark_step_begin()
             logits = forward_tokens(step_model, cache, last, pos, ones)[:, -1]
         if keep_logits:
-            kept.append(logits.clone() if sampling.compile else logits)
+            kept.append(logits.new_zeros(b, logits.shape[-1]).index_copy_(0, rows, logits))
         tok, logp = sample(logits, sampling, generator)
         tok = tok.masked_fill_(~alive, pad_id)
         last.copy_(tok[:, None])
-        tokens[:, j] = tok
-        logprobs[:, j] = logp.masked_fill_(~alive, 0.0)
-        mask[:, j] = alive
+        tokens[rows, j] = tok
+        logprobs[rows, j] = logp.masked_fill_(~alive, 0.0)
+        mask[rows, j] = alive
         alive &= ~torch.isin(tok, eos)
         used.append(cache.used)
+        held.append(len(rows))
         steps = j + 1
-        if steps % sampling.stop_check_every == 0 and not running_anywhere(alive, lockstep):
-            break
+        if steps % sampling.stop_check_every == 0:
+            if not running_anywhere(alive, lockstep):
+                break
+            if shrinks and not bool(alive.all()):
+                stay = alive.nonzero().squeeze(1)  # [B''] positions in the current batch
+                cache.select_rows(stay.tolist())
+                if policy.uses_thought:
+                    encoder.select_rows(stay)
+                rows, alive, pos, last, ones = rows[stay], alive[stay], pos[stay], last[stay], ones[stay]
 
     t = int(mask.sum(1).max()) if steps else 0
     k0 = cache.keys[0]
@@ -221,12 +237,13 @@ def rollout(
         response_ids=tokens[:, :t],
         response_mask=mask[:, :t],
         logprobs=logprobs[:, :t],
-        truncated=alive.clone(),
+        truncated=torch.zeros(b, dtype=torch.bool, device=device).index_copy_(0, rows, alive),
         policy=policy,
         temperature=sampling.temperature,
         evict_before=[i for i in evict_before if i < t - 1],
         used_slots=used[:t],
+        held_rows=held[:t],
         logits=torch.stack(kept, dim=1)[:, :t] if keep_logits else None,
-        slot_bytes=2 * len(cache.keys) * k0.shape[0] * k0.shape[1] * k0.shape[3] * k0.element_size(),
+        slot_bytes=2 * len(cache.keys) * k0.shape[1] * k0.shape[3] * k0.element_size(),
         attn_flops_per_key=attn_flops_per_key(model),
     )

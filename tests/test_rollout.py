@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import replace
 
 import pytest
@@ -11,6 +12,7 @@ import pte.forward
 from pte.cache import CachePolicy
 from pte.encoder import get_thought
 from pte.generate import encode_prompts
+from pte.replay import full_replay
 from pte.rollout import SamplingConfig, draw, rollout
 from tests.helpers import PROMPTS, run, tiny, tiny_pte
 
@@ -67,6 +69,39 @@ def test_batch_invariance_through_evictions(kind, retain):
         alone = run(model, tok, [prompt], policy, 30)
         assert torch.equal(batch.response_ids[i], alone.response_ids[0])
         torch.testing.assert_close(batch.logprobs[i], alone.logprobs[0], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["full", "window", "pte"])
+def test_finished_rows_leave_the_batch(kind):
+    """EOS ends the longest-prompt row early: it leaves the cache at the next stop check, every row's tokens and
+    log-probs equal its run alone, and in the end the cache holds exactly the slots of the rows left."""
+    model, tok = tiny_pte() if kind == "pte" else tiny()
+    policy = CachePolicy(kind, window=8, evict_ratio=0.25)
+    free = run(model, tok, PROMPTS, policy, 40).response_ids
+    # EOS: row 1's (42 prompt tokens) earliest token that row 0 never generates, so row 0 runs to the end
+    eos = [next(int(x) for x in free[1] if x not in free[0])]
+    ro = run(model, tok, PROMPTS, policy, 40, eos=eos)
+    assert ro.response_mask[0].all() and ro.held_rows[0] == 3 and ro.held_rows[-1] < 3, ro.held_rows
+    assert all(a >= b for a, b in itertools.pairwise(ro.held_rows))
+    for i, prompt in enumerate(PROMPTS):
+        alone = run(model, tok, [prompt], policy, 40, eos=eos)
+        n = int(alone.response_mask.sum())
+        assert torch.equal(ro.response_ids[i, :n], alone.response_ids[0, :n])
+        torch.testing.assert_close(ro.logprobs[i, :n], alone.logprobs[0, :n], atol=1e-4, rtol=0)
+    stay = [p for p, m in zip(PROMPTS, ro.response_mask[:, -1]) if m]  # the rows left in the cache at the end
+    rest = run(model, tok, stay, policy, 40, eos=eos)
+    assert ro.used_slots[-1] == rest.used_slots[-1] and ro.kv_bytes[-1] == rest.kv_bytes[-1]
+    if kind == "pte":
+        torch.testing.assert_close(full_replay(model, ro) * ro.response_mask, ro.logprobs, atol=1e-4, rtol=0)
+
+
+def test_rows_stay_in_the_batch_under_per_row_eviction():
+    """Without a retained prompt rows evict at their own steps, which replay needs from every row: no row leaves."""
+    model, tok = tiny()
+    policy = CachePolicy("window", window=8, evict_ratio=0.25, retain_prompt=False)
+    free = run(model, tok, PROMPTS, policy, 24).response_ids
+    ro = run(model, tok, PROMPTS, policy, 24, eos=[next(int(x) for x in free[1] if x not in free[0])])
+    assert ro.response_mask[0].all() and not ro.response_mask[1].all() and ro.held_rows == [3] * 24
 
 
 def test_positions_masks_and_retained_prompt(monkeypatch):
