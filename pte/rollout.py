@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 from transformers import PreTrainedModel
 
 from pte.cache import BoundedKVCache, CachePolicy
@@ -91,6 +92,9 @@ class Rollout:
         return (prefill + decode) * self.attn_flops_per_key
 
 
+DRAW_BLOCK = 256  # vocabulary entries per block of the two-level inverse CDF in draw()
+
+
 def prompt_positions(prompt_mask: torch.Tensor) -> torch.Tensor:
     """Absolute positions of left-padded prompts: 0..L_b-1 on real tokens, 0 on pads. ``[B, P]``."""
     return (prompt_mask.long().cumsum(1) - 1).clamp(min=0)
@@ -110,7 +114,7 @@ def sample(
         logp = torch.log_softmax(logits, dim=-1)
         tok = logits.argmax(-1)
     else:
-        logp = torch.log_softmax(logits / cfg.temperature, dim=-1)
+        logp = torch.log_softmax(logits if cfg.temperature == 1.0 else logits / cfg.temperature, dim=-1)
         allowed = logp
         if cfg.top_k > 0:
             kth = allowed.topk(min(cfg.top_k, allowed.shape[-1]), dim=-1).values[:, -1:]
@@ -127,12 +131,22 @@ def sample(
 def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One index per row of ``probs [B, V]`` (unnormalised, >= 0) with probability proportional to its entry.
 
-    Inverse CDF in float64, so rounding is far below any token's probability: the first index whose cumulative
-    mass reaches ``u * total`` for ``u`` in (0, 1], which is never an entry of zero mass.
+    Inverse CDF with one uniform ``u`` in (0, 1] per row, in two levels so no cumulative sum runs over the whole
+    vocabulary: the first block of ``DRAW_BLOCK`` entries whose cumulative mass (float64) reaches ``u * total``,
+    then the first entry inside it that reaches the rest. The rest is clamped to the block's own float64 sum,
+    so rounding never selects an entry of zero mass.
     """
-    cdf = probs.double().cumsum(-1)  # [B, V], non-decreasing
-    u = 1.0 - torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=torch.float64)
-    return torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(-1)  # [B]
+    b, v = probs.shape
+    pad = -v % DRAW_BLOCK
+    blocks = (nn.functional.pad(probs, (0, pad)) if pad else probs).view(b, -1, DRAW_BLOCK)  # [B, nb, block]
+    coarse = blocks.sum(-1, dtype=torch.float64).cumsum(-1)  # [B, nb] mass up to the end of each block
+    u = 1.0 - torch.rand(b, 1, generator=generator, device=probs.device, dtype=torch.float64)
+    target = u * coarse[:, -1:]  # [B, 1] in (0, total]
+    k = torch.searchsorted(coarse, target).clamp_(max=coarse.shape[1] - 1)  # [B, 1] the block that reaches it
+    before = torch.where(k > 0, coarse.gather(1, (k - 1).clamp(min=0)), 0.0)  # mass of the blocks before k
+    fine = blocks.gather(1, k[:, :, None].expand(b, 1, DRAW_BLOCK))[:, 0].double().cumsum(-1)  # [B, block]
+    j = torch.searchsorted(fine, torch.minimum(target - before, fine[:, -1:]))  # [B, 1]
+    return (k * DRAW_BLOCK + j).squeeze(-1)
 
 
 def new_cache(

@@ -144,8 +144,9 @@ class ThoughtLinear(nn.Module):
         if state is None:
             raise RuntimeError("no thought state: run PTE models through pte.generate / pte.rollout.rollout")
         state = state.to(x.dtype)  # [B, G, r]
-        u = (x @ self.lr_b.T.to(x.dtype)) @ state.transpose(-1, -2)  # [B, T, r] -> [B, T, G]
-        return y + self.scaling * (u @ self.lr_a.T.to(x.dtype))
+        u = nn.functional.linear(x, self.lr_b.to(x.dtype)) @ state.transpose(-1, -2)  # [B, T, r] -> [B, T, G]
+        flat = torch.addmm(y.flatten(0, -2), u.flatten(0, -2), self.lr_a.T.to(x.dtype), alpha=self.scaling)
+        return flat.view_as(y)  # y + (alpha/r) u A^T in one kernel
 
 
 class StateStore:

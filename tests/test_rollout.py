@@ -13,7 +13,7 @@ from pte.cache import CachePolicy
 from pte.encoder import get_thought
 from pte.generate import encode_prompts
 from pte.replay import full_replay
-from pte.rollout import SamplingConfig, draw, rollout
+from pte.rollout import DRAW_BLOCK, SamplingConfig, draw, rollout
 from tests.helpers import PROMPTS, run, tiny, tiny_pte
 
 
@@ -263,6 +263,19 @@ def test_draw_follows_the_probabilities_and_never_picks_zero_mass():
     freq = torch.bincount(tokens, minlength=6).double() / len(tokens)
     assert (freq[probs[0] == 0] == 0).all()
     torch.testing.assert_close(freq, probs[0].double(), atol=0.015, rtol=0)
+
+
+def test_draw_across_blocks_hits_block_edges_and_skips_empty_blocks():
+    """Mass on the first and last entry of blocks, whole blocks empty, a vocabulary that is no multiple of a block."""
+    v = 3 * DRAW_BLOCK + 5
+    probs = torch.zeros(v)
+    hot = {0: 0.1, DRAW_BLOCK - 1: 0.2, DRAW_BLOCK: 0.3, 3 * DRAW_BLOCK + 4: 0.4}  # block 2 is empty
+    for i, p in hot.items():
+        probs[i] = p
+    tokens = draw(probs.repeat(20000, 1), torch.Generator().manual_seed(0))
+    freq = torch.bincount(tokens, minlength=v).double() / len(tokens)
+    assert set(tokens.unique().tolist()) == set(hot)
+    torch.testing.assert_close(freq, probs.double(), atol=0.015, rtol=0)
 
 
 def test_compiled_decode_matches_eager():
