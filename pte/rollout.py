@@ -27,7 +27,8 @@ class SamplingConfig:
     top_p: nucleus sampling mass (1 = off).
     top_k: keep the k most likely tokens (0 = off).
     max_new_tokens: generation limit (paper 3072).
-    stop_check_every: steps between checks that every row has finished (each check syncs the device).
+    stop_check_every: steps between checks that every row has finished (each check syncs the device); at each
+        check, finished rows leave the batch (see :func:`rollout`).
     compile: run the one-token decode steps through ``torch.compile(mode="reduce-overhead")`` over a cache with
         fixed shapes (CUDA graphs on a GPU); the prompt's forward stays eager. Compiling costs minutes up front.
     """
