@@ -13,7 +13,8 @@ run() {  # run SECONDS NAME JSON ARGS...
     timeout "$limit" "$PY" -m pte.bench "$name" --json "$OUT/$json.json" --plot "$OUT/$json.png" "$@" || echo "   $name stopped (rc $?)"
 }
 start=$(date +%s)
-run 180 decode decode --model mid-llama --dtype bfloat16 --batch 8 --lengths 512 2048 8192 --repeats 1 --warmup 64
+run 180 decode decode --model mid-llama --dtype bfloat16 --batch 8 --lengths 512 2048 8192 --repeats 1 --warmup 64 \
+    --methods generate window pte linears-only
 run 60 decode decode_static --model mid-llama --dtype bfloat16 --batch 8 --lengths 2048 --repeats 1 \
     --methods generate generate-static window
 run 90 rollout-memory rollout_memory --model mid-llama --dtype bfloat16 --batch 4 --lengths 1024 16384

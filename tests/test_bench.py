@@ -4,10 +4,17 @@ synthetic rollouts use, pte.sft.eviction_schedule, is tested against real rollou
 from __future__ import annotations
 
 import json
+import shlex
+from pathlib import Path
 
-from pte.bench import memory, train_memory
-from pte.bench.__main__ import main
+import pytest
+import torch
+from torch import nn
+
+from pte.bench import decode, memory, train_memory
+from pte.bench.__main__ import build_parser, main
 from pte.cache import CachePolicy
+from pte.config import load_config
 from pte.rollout import attn_flops_per_key
 from tests.helpers import PROMPTS, run, tiny, tiny_pte
 
@@ -60,3 +67,41 @@ def test_decode_reports_ratios_against_generate(tmp_path):
     assert [r["method"] for r in rows] == ["generate", "generate-static", "window"]
     assert all(r["tokens_per_s"] > 0 for r in rows) and rows[0]["vs_generate"] == 1.0
     assert rows[2]["window_time_ratio"] == 1.0
+    assert rows[2]["ms_per_step"] == pytest.approx(1e3 * rows[2]["seconds"] / 12)
+
+
+def test_linears_only_floor_runs_every_linear_layer_once_per_step():
+    model, _ = tiny()
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    seen: list[tuple[int, ...]] = []
+    for m in linears:
+        m.register_forward_hook(lambda mod, args, out: seen.append(tuple(args[0].shape)))
+    decode._linears_only(model, batch=3, n=5)()
+    assert model.lm_head in linears and len(linears) > 7
+    assert len(seen) == 5 * len(linears) and set(seen) == {(3, m.in_features) for m in linears}
+
+
+def _bench_invocations(script: Path) -> list[tuple[int, list[str]]]:
+    """``(time limit, argv)`` of every ``run SECONDS NAME JSON ARGS...`` line of a benchmarks/*.sh script."""
+    text = script.read_text().replace("\\\n", " ")
+    calls = []
+    for line in text.splitlines():
+        words = shlex.split(line, comments=True)
+        if words[:1] == ["run"] and words[1].isdigit():
+            limit, name, _json, *args = words[1:]
+            calls.append((int(limit), [name, *args]))
+    return calls
+
+
+def test_gpu_script_parses_and_fits_eight_minutes():
+    """make bench-gpu runs only on a lent GPU: a typo in its arguments must fail here, not in the GPU's minutes."""
+    calls = _bench_invocations(Path(__file__).parents[1] / "benchmarks" / "gpu.sh")
+    assert {argv[0] for _, argv in calls} == {"decode", "rollout-memory", "train-memory", "flops", "step-time"}
+    assert sum(limit for limit, _ in calls) <= 8 * 60
+    parser = build_parser()
+    for _, argv in calls:
+        args = parser.parse_args(argv)
+        if hasattr(args, "dtype"):
+            assert isinstance(getattr(torch, args.dtype), torch.dtype), argv
+        if args.name == "step-time":
+            load_config(None, [f"model.name={args.model}", *args.overrides])

@@ -17,7 +17,8 @@ BENCHMARKS = {
 }
 
 
-def main(argv: list[str] | None = None) -> dict | None:
+def build_parser() -> argparse.ArgumentParser:
+    """The suite's command line: one subcommand per benchmark, each with ``--json``, ``--plot``, ``--threads``."""
     parser = argparse.ArgumentParser(prog="python -m pte.bench", description=__doc__)
     sub = parser.add_subparsers(dest="name", required=True)
     for name, bench in BENCHMARKS.items():
@@ -27,7 +28,11 @@ def main(argv: list[str] | None = None) -> dict | None:
         p.add_argument("--plot", help="write a PNG of the result here")
         p.add_argument("--threads", type=int, help="torch CPU threads (1 avoids spin-waits on a busy machine)")
         p.add_argument("--child", help=argparse.SUPPRESS)  # internal: one setting, JSON on stdout
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    args = build_parser().parse_args(argv)
     bench = BENCHMARKS[args.name]
     if args.threads:
         common.set_threads(args.threads)

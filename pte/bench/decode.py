@@ -6,7 +6,9 @@ is warmed up before timing; the methods alternate within each repeat and the med
 ``generate-static`` is ``generate(cache_implementation="static")``; ``--compile`` runs the engine's decode steps
 compiled (``rollout.compile``); ``--lengths 8192`` is the 8K setting.
 ``generate`` runs the plain model (the ``pte`` method runs a copy with the thought encoder attached, so the
-baselines pay nothing for its wrapped linears).
+baselines pay nothing for its wrapped linears). ``linears-only`` is no decoder but a floor: the model's linear
+layers alone (every projection and the LM head, in model order) on one token per row, ``n`` times, which any
+decode of this model must pay; every row also reports its time per step.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import copy
 
 import torch
+from torch import nn
 
 from pte.bench import common
 from pte.cache import CachePolicy
@@ -22,7 +25,7 @@ from pte.encoder import attach_thought
 from pte.rollout import SamplingConfig, rollout
 from pte.thought import ThoughtConfig
 
-METHODS = ("generate", "generate-static", "full", "window", "pte")
+METHODS = ("generate", "generate-static", "full", "window", "pte", "linears-only")
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -38,8 +41,25 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the engine's decode steps (rollout.compile)")
 
 
+def _linears_only(model: nn.Module, batch: int, n: int):
+    """A zero-argument function that runs every linear layer of ``model`` on ``[batch, d_in]``, ``n`` times."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    w = linears[0].weight
+    inputs = [torch.randn(batch, m.in_features, device=w.device, dtype=w.dtype) for m in linears]
+
+    @torch.no_grad()
+    def run() -> None:
+        for _ in range(n):
+            for m, x in zip(linears, inputs, strict=True):
+                m(x)
+
+    return run
+
+
 def _runner(method: str, base, pte_model, ids, mask, n: int, window: int, compile_steps: bool = False):
     """A zero-argument function that generates ``n`` tokens per row with ``method``."""
+    if method == "linears-only":
+        return _linears_only(base, ids.shape[0], n)
     if method.startswith("generate"):
         extra = {"cache_implementation": "static"} if method == "generate-static" else {}
 
@@ -92,12 +112,13 @@ def run(args: argparse.Namespace) -> dict:
                         "tokens": n,
                         "seconds": t,
                         "tokens_per_s": b * n / t,
+                        "ms_per_step": 1e3 * t / n,
                         "vs_generate": ref / t if ref else None,
                         "window_time_ratio": t / win if win else None,  # this method's time over the window's
                         "runs": secs,
                     }
                 )
-            columns = ["method", "batch", "tokens", "tokens_per_s", "vs_generate", "window_time_ratio"]
+            columns = ["method", "batch", "tokens", "tokens_per_s", "ms_per_step", "vs_generate", "window_time_ratio"]
             print(common.table(rows[-len(times) :], columns))
             common.write(result, args.json)  # partial results survive a time limit
     return result
