@@ -321,7 +321,7 @@ class BoundedKVCache:
 
     def _evict_round(self, rows: list[bool], e: int) -> Eviction:
         """Take the oldest ``e`` stream tokens of every row in ``rows`` and stop attending them."""
-        firsts = [pad + keep + done for pad, keep, done in zip(self._pads, self._keep, self._done, strict=True)]
+        firsts = [self._oldest_held(b) for b in range(len(self._pads))]
         filler = firsts[rows.index(True)]  # rows that keep their tokens read an evicting row's (ignored)
         # [B][e] slot of each evicted token, by position: the row's oldest stream columns still held
         slots = [self._slot_of[f : f + e] for f in (f if r else filler for f, r in zip(firsts, rows, strict=True))]
@@ -392,12 +392,14 @@ class BoundedKVCache:
         self.keep_pos = self.keep_pos.index_select(0, idx)
         self._pads, self._keep, self._done = ([x[b] for b in rows] for x in (self._pads, self._keep, self._done))
 
+    def _oldest_held(self, b: int) -> int:
+        """Column of row ``b``'s oldest stream token not yet evicted (the next one its window drops)."""
+        return self._pads[b] + self._keep[b] + self._done[b]
+
     def _held_slots(self, b: int) -> list[int]:
         """Slots of the columns row ``b`` still holds: its kept tokens and its stream tokens not yet evicted."""
-        pad, keep, done = self._pads[b], self._keep[b], self._done[b]
-        stream = pad + keep  # column of the row's stream token 0
-        columns = [*range(pad, min(stream, self.appended)), *range(stream + done, self.appended)]
-        return [self._slot_of[g] for g in columns]
+        kept = range(self._pads[b], min(self._pads[b] + self._keep[b], self.appended))
+        return [self._slot_of[g] for g in (*kept, *range(self._oldest_held(b), self.appended))]
 
     def bytes_held(self) -> int:
         """Bytes of K/V in occupied slots (all layers, keys and values)."""
