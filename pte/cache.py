@@ -401,10 +401,8 @@ class BoundedKVCache:
         kept = range(self._pads[b], min(self._pads[b] + self._keep[b], self.appended))
         return [self._slot_of[g] for g in (*kept, *range(self._oldest_held(b), self.appended))]
 
-    def bytes_held(self) -> int:
-        """Bytes of K/V in occupied slots (all layers, keys and values)."""
+    @property
+    def slot_bytes(self) -> int:
+        """K/V bytes of one row in one occupied slot (all layers, keys and values); 0 before the first forward."""
         k = self.keys[0]
-        if k is None:
-            return 0
-        per_slot = k.shape[0] * k.shape[1] * k.shape[3] * k.element_size()
-        return 2 * len(self.keys) * per_slot * self.used
+        return 0 if k is None else 2 * len(self.keys) * k.shape[1] * k.shape[3] * k.element_size()

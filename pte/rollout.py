@@ -245,7 +245,6 @@ def rollout(
                 rows, alive, pos, last, ones = rows[stay], alive[stay], pos[stay], last[stay], ones[stay]
 
     t = int(mask.sum(1).max()) if steps else 0
-    k0 = cache.keys[0]
     return Rollout(
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,
@@ -259,6 +258,6 @@ def rollout(
         used_slots=used[:t],
         held_rows=held[:t],
         logits=torch.stack(kept, dim=1)[:, :t] if keep_logits else None,
-        slot_bytes=2 * len(cache.keys) * k0.shape[1] * k0.shape[3] * k0.element_size(),
+        slot_bytes=cache.slot_bytes,
         attn_flops_per_key=attn_flops_per_key(model),
     )
