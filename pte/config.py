@@ -194,6 +194,30 @@ def check_shards(r: RolloutCfg, world: int) -> None:
 
 
 @dataclass
+class ReplayCfg:
+    """Bounds on the training pass's memory, none of which changes a log-prob (docs/scale.md).
+
+    micro_batch: rows per replay forward + backward, independent of the rollout's rows (0 = a rollout micro-batch).
+    max_chunk_tokens: tokens per row in one replay forward; a longer stretch between evictions (the first chunk holds
+        prompt + window, ``lora`` replays the whole response) is cut into pieces with nothing evicted between them
+        (0 = no cap).
+    logits_chunk: positions (rows x tokens) per LM-head piece when log-probs and entropy are computed, so no
+        ``[rows, tokens, vocab]`` float32 tensor is ever built (0 = one piece).
+    checkpointing: recompute each decoder layer's activations in the backward instead of keeping them.
+    """
+
+    micro_batch: int = 0
+    max_chunk_tokens: int = 0
+    logits_chunk: int = 4096
+    checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        require(self.micro_batch >= 0, "replay.micro_batch", "must be >= 0 (0 = rollout.micro_batch)")
+        require(self.max_chunk_tokens >= 0, "replay.max_chunk_tokens", "must be >= 0 (0 = no cap)")
+        require(self.logits_chunk >= 0, "replay.logits_chunk", "must be >= 0 (0 = one piece)")
+
+
+@dataclass
 class GRPOCfg:
     """Objective knobs (the paper gives none of them; defaults follow DAPO-style practice)."""
 
@@ -303,7 +327,11 @@ class TrainerCfg:
 
 @dataclass
 class EvalCfg:
-    """Benchmarks, samples and the cache budgets that eval.py sweeps."""
+    """Benchmarks, samples and the cache budgets that eval.py sweeps.
+
+    max_rows: sequences (problems x samples) decoded at once; a batch with more rows runs in row batches of at most
+        this many, so the K/V held is bounded (0 = batch_size x n_samples).
+    """
 
     benchmarks: list[str] = field(default_factory=lambda: ["math500"])
     paths: dict[str, str] = field(default_factory=dict)
@@ -313,6 +341,7 @@ class EvalCfg:
     windows: list[int] = field(default_factory=list)
     policies: list[str] = field(default_factory=list)
     batch_size: int = 8
+    max_rows: int = 0
     max_new_tokens: int = 512
     temperature: float = 0.0
     top_p: float = 1.0
@@ -334,6 +363,7 @@ class Config:
     lora: LoraCfg = field(default_factory=LoraCfg)
     data: DataCfg = field(default_factory=DataCfg)
     rollout: RolloutCfg = field(default_factory=RolloutCfg)
+    replay: ReplayCfg = field(default_factory=ReplayCfg)
     grpo: GRPOCfg = field(default_factory=GRPOCfg)
     optim: OptimCfg = field(default_factory=OptimCfg)
     reward: RewardCfg = field(default_factory=RewardCfg)
