@@ -44,3 +44,41 @@ class MemoryTracker:
         if not self.cuda:
             return {"rss_process": max_rss_bytes()}
         return {**self._peaks, "allocated_process": self._process}
+
+
+class TensorPeak:
+    """Peak bytes of tensor memory allocated above the level at entry, inside a ``with`` block (``.peak`` after it).
+
+    CUDA: the allocator's peak since entry. CPU has no allocator peak, so the block runs under the profiler with
+    memory recording on and the peak is the running maximum of its allocation and free events: exact tensor bytes,
+    unlike the resident set. It slows the block (every op is recorded), so it is for measurement, not training.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.peak = 0
+        self._prof: torch.profiler.profile | None = None
+        self._base = 0
+
+    def __enter__(self) -> TensorPeak:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            self._prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+            self._prof.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
+            return
+        self._prof.__exit__(*exc)
+        events = [e for e in self._prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+        level = peak = 0
+        for e in sorted(events, key=lambda e: e.start_ns()):
+            level += e.nbytes()
+            peak = max(peak, level)
+        self.peak = peak
