@@ -35,6 +35,7 @@ from pte.config import Config, ConfigError, as_dict, to_yaml
 from pte.distributed import build_strategy
 from pte.methods import check_matches, export_adapter, saved_config
 from pte.module import GRPOModule, build_datamodule
+from pte.precision import trainer_precision
 from pte.progress import StepLog, StepProgressBar
 
 log = logging.getLogger("train")
@@ -128,16 +129,17 @@ def train(cfg: Config, argv: list[str] | None = None) -> dict[str, float]:
                 enable_version_counter=False,
             )
         )
+    precision, precision_plugins = trainer_precision(t.precision)  # bf16-true: the base only (pte/precision.py)
     trainer = L.Trainer(
         max_steps=t.max_steps,
         accelerator=t.accelerator,
         strategy=build_strategy(t),
         devices=t.devices,
         num_nodes=t.num_nodes,
-        precision=t.precision,
+        precision=precision,
         logger=TensorBoardLogger(str(run_dir), name="tb", version=""),
         callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO(), *precision_plugins],
         log_every_n_steps=t.log_every,
         limit_val_batches=0,
         num_sanity_val_steps=0,

@@ -23,90 +23,24 @@ eviction moves nothing and ``used`` is the held size. Which (row, slot) pairs ma
 evictions, so a decode step builds no mask. Keys are stored after rotary embedding, so every token keeps
 its absolute position; slot order does not matter to attention, only the mask built from positions does.
 A later policy may therefore evict any (row, slot), and a finished row's slots may be refilled; ``select_rows``
-drops finished rows from the batch.
+drops finished rows from the batch. A forward with gradients (the replay) attends the stored slots detached plus the
+live K/V of its chunk (pte/live_kv.py).
 The object is passed to Hugging Face models as their cache (``update``/``get_seq_length``), so the
 models run unpatched.
 """
 
 from __future__ import annotations
 
-import math
+import contextlib
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Iterator
 
 import torch
 
-POLICIES = ("full", "window", "sink", "pte", "global_only")
+from pte.live_kv import LiveKV, Ticket
+from pte.policy import POLICIES, CachePolicy
 
-
-@dataclass(frozen=True)
-class CachePolicy:
-    """When and what to evict. ``pte`` evicts like ``window`` and hands the evicted K/V to the thought encoder.
-
-    On a model with a thought encoder, ``full``, ``window`` and ``sink`` run the base model (the update is
-    off); ``global_only`` evicts like ``window`` and applies the update with the initial state S_g only, never
-    absorbing evictions (the paper's Global-Only ablation).
-
-    Args:
-        name: one of ``full``, ``window``, ``sink``, ``pte``, ``global_only``.
-        window: W, thought tokens kept in the sliding window (ignored by ``full``).
-        evict_ratio: fraction of W evicted in one chunk (paper: 0.25 training, 0.15 inference); 0 = one token.
-        sink_tokens: first generated tokens that are never evicted (``sink`` only).
-        retain_prompt: keep the prompt outside the window (paper). False puts the prompt inside the window:
-            each row's window runs over its own prompt and thoughts (a prompt may be longer than W), which
-            with ``evict_ratio=0`` is a plain per-token sliding window.
-    """
-
-    name: str = "pte"
-    window: int = 256
-    evict_ratio: float = 0.25
-    sink_tokens: int = 0
-    retain_prompt: bool = True
-
-    def __post_init__(self) -> None:
-        if self.name not in POLICIES:
-            raise ValueError(f"cache.policy={self.name!r}: expected one of {POLICIES}")
-        if self.name != "full" and self.window < 1:
-            raise ValueError(f"cache.window={self.window}: must be >= 1 for policy {self.name!r}")
-        if not 0.0 <= self.evict_ratio < 1.0:
-            raise ValueError(f"cache.evict_ratio={self.evict_ratio}: must be in [0, 1)")
-        if self.sink_tokens and self.name != "sink":
-            raise ValueError("cache.sink_tokens > 0 needs cache.policy=sink")
-
-    @property
-    def bounded(self) -> bool:
-        return self.name != "full"
-
-    @property
-    def encodes_evicted(self) -> bool:
-        return self.name == "pte"
-
-    @property
-    def uses_thought(self) -> bool:
-        """The thought encoder's update is applied (``pte``, ``global_only``); other policies run the base model."""
-        return self.name in ("pte", "global_only")
-
-    @property
-    def evict_tokens(self) -> int:
-        """e: tokens evicted at once, at least one.
-
-        The product is rounded to 9 decimals before flooring: ``0.29 * 100`` is 28.999999999999996 in binary.
-        """
-        return max(1, math.floor(round(self.evict_ratio * self.window, 9)))
-
-    def evicted_before(self, u: int | torch.Tensor) -> int | torch.Tensor:
-        """Stream tokens evicted before stream token ``u`` is appended (ints or a long tensor; 0 where u < W)."""
-        w, e = self.window, self.evict_tokens
-        if isinstance(u, torch.Tensor):
-            return torch.where(u < w, 0, e * (torch.div(u - w, e, rounding_mode="floor") + 1))
-        return 0 if u < w else e * ((u - w) // e + 1)
-
-    def capacity(self, prompt_len: int, max_new_tokens: int) -> int:
-        """Slots to preallocate for a batch with padded prompt length ``prompt_len``."""
-        if not self.bounded:
-            return prompt_len + max_new_tokens
-        return prompt_len + self.sink_tokens + self.window
-
+__all__ = ["POLICIES", "BoundedKVCache", "CachePolicy", "Eviction"]  # the policy is re-exported: one import site
 
 Eviction = tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]
 
@@ -151,8 +85,10 @@ class BoundedKVCache:
         self._done: list[int] = []  # stream tokens evicted per row
         self._write: list[int] = []  # slots of the pending forward's tokens
         self._write_idx: torch.Tensor | None = None  # the same on the device, when a slice cannot address them
-        self._stored = 0  # attended slots before the pending write (the live K/V of a grad forward follow them)
-        self._live = False  # the pending forward runs with grad: return live K/V after a copy of the stored ones
+        self._grad = False  # the pending forward runs with grad: it attends the stored span detached + ``_chunk``
+        self._more = False  # more forwards of the same replay chunk follow the pending one
+        self._chunk: LiveKV | None = None  # the replay chunk the grad forwards belong to
+        self._recompute: Ticket | None = None  # a checkpointed layer is being rerun in the backward
         self.keep_pos = None
         if self.valid is not None:
             self.valid.zero_()
@@ -175,19 +111,24 @@ class BoundedKVCache:
 
         Without grad (rollout) the stored span itself is returned, as views. With grad (replay) the stored copy
         is detached, so a later chunk never backpropagates into an earlier one, and the live tensors follow a
-        copy of the stored span: attention may save them for a backward deferred past later chunks, which
-        overwrite the buffer in place.
+        copy of the stored span and the chunk's earlier live K/V (pte/live_kv.py): attention may save them for a
+        backward deferred past later chunks, which overwrite the buffer in place. A checkpointed layer's rerun
+        (:meth:`recomputing`) gets what its forward attended and writes nothing.
         """
         if self.keys[layer_idx] is None:
             self._alloc_kv(layer_idx, key_states, value_states)
         k_buf, v_buf = self.keys[layer_idx], self.values[layer_idx]
-        if self._live:
-            k_out = torch.cat([k_buf[:, :, : self._stored], key_states], dim=2)  # [B, H, stored + q, D]
-            v_out = torch.cat([v_buf[:, :, : self._stored], value_states], dim=2)
+        if self._recompute is not None:
+            t = self._recompute
+            return t.chunk.attend(layer_idx, k_buf, v_buf, key_states, value_states, t.pieces)
+        if self._grad:
+            out = self._chunk.attend(layer_idx, k_buf, v_buf, key_states, value_states)  # [B, H, width + q, D]
+            if self._more:
+                self._chunk.keep(layer_idx, key_states, value_states)
         self._put(k_buf, key_states.detach(), 2)
         self._put(v_buf, value_states.detach(), 2)
-        if self._live:
-            return k_out, v_out
+        if self._grad:
+            return out
         return k_buf[:, :, : self.span], v_buf[:, :, : self.span]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -213,11 +154,12 @@ class BoundedKVCache:
             t.narrow(dim, self._write[0], len(self._write)).copy_(value)
 
     # -- bookkeeping driven by the engine -----------------------------------------------------------
-    def mask(self, q_pos: torch.Tensor, q_valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def mask(self, q_pos: torch.Tensor, q_valid: torch.Tensor, dtype: torch.dtype, more: bool = False) -> torch.Tensor:
         """Choose slots for the ``q`` queries about to be appended and return their additive attention mask.
 
-        The mask is ``[B, 1, q, span]`` over the slots (``[B, 1, q, span + q]`` with grad: the live K/V come
-        last). A query sees valid slots and valid new tokens at positions <= its own that its row's window
+        The mask is ``[B, 1, q, span]`` over the slots (``[B, 1, q, width + q]`` with grad, in the column order of
+        ``LiveKV.attend``). With grad, ``more`` says that the next forward continues the same replay chunk (nothing
+        evicted between them), so it attends this forward's K/V live. A query sees valid slots and valid new tokens at positions <= its own that its row's window
         still holds at that query (so a forward over many tokens, e.g. a prompt longer than the window, is a
         per-token sliding window). Each query also sees itself, so a pad query attends to something and never
         produces NaN (its output is never read). A lone query without grad gets a view of ``bias``: every
@@ -226,9 +168,9 @@ class BoundedKVCache:
         b, q = q_pos.shape
         self._alloc_meta(b, q_pos.device, dtype)
         if self.keep_pos is None:
-            self._init_rows(q_valid)
-        self._take(q, q_pos.device)
-        if q == 1 and not self._live:
+            self.init_rows(q_valid)
+        self._take(q, q_pos.device, more)
+        if q == 1 and not self._grad:
             self.bias[:, 0, 0, self._write[0]] = 0.0
             return self.bias[..., : self.span]
         k_pos, k_valid = self.columns(q_pos, q_valid)  # [B, columns]
@@ -237,28 +179,28 @@ class BoundedKVCache:
             keep = self.keep_pos[:, None]
             k_u, q_u = k_pos - keep, q_pos - keep  # stream indices, < 0 for kept tokens
             allowed &= (k_u < 0)[:, None, :] | (k_u[:, None, :] >= self.policy.evicted_before(q_u)[:, :, None])
-        own = range(self._stored, self._stored + q) if self._live else self._write  # each query's own column
+        own = range(self._chunk.width, self._chunk.width + q) if self._grad else self._write  # each query's column
         allowed[:, torch.arange(q, device=q_pos.device), torch.tensor(own, device=q_pos.device)] = True
         out = torch.zeros(allowed.shape, dtype=dtype, device=q_pos.device)
         return out.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
     def columns(self, q_pos: torch.Tensor, q_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions and validity ``[B, columns]`` of the keys the pending forward attends, in mask order."""
-        if self._live:
-            k_pos = torch.cat([self.pos[:, : self._stored], q_pos], dim=1)
-            return k_pos, torch.cat([self.valid[:, : self._stored], q_valid], dim=1)
+        if self._grad:
+            return self._chunk.columns(self.pos, q_pos, q_valid)
         k_pos, k_valid = self.pos[:, : self.span].clone(), self.valid[:, : self.span].clone()
         self._put(k_pos, q_pos, 1)
         self._put(k_valid, q_valid, 1)
         return k_pos, k_valid
 
-    def _take(self, q: int, device: torch.device) -> None:
-        """Hand out the slots of the next ``q`` columns."""
+    def _take(self, q: int, device: torch.device, more: bool) -> None:
+        """Hand out the slots of the next ``q`` columns; a grad forward opens a replay chunk unless one is open."""
         if q > len(self.free):
             raise RuntimeError(f"cache overflow: {self.used} + {q} tokens > capacity {self.capacity}")
+        self._grad, self._more = torch.is_grad_enabled(), more
+        if self._grad and self._chunk is None:
+            self._chunk = LiveKV(self.span, self.valid[:, : self.span].clone(), len(self.keys))
         self._write = [self.free.popleft() for _ in range(q)]
-        self._live = torch.is_grad_enabled()
-        self._stored = self.span
         self.high = max(self.high, max(self._write) + 1)
         first = self._write[0]
         if self.static and q == 1:
@@ -268,9 +210,12 @@ class BoundedKVCache:
         else:
             self._write_idx = None
 
-    def _init_rows(self, q_valid: torch.Tensor) -> None:
-        """Learn each row's prompt length from the first forward, which starts with the padded prompt."""
-        lengths = q_valid[:, : self.prompt_len].sum(1)  # [B]
+    def init_rows(self, prompt_valid: torch.Tensor) -> None:
+        """Learn each row's prompt length from the validity of the padded prompt (``[B, >= P]``; the first forward's,
+        unless a caller that splits the prompt over several forwards passes it first)."""
+        if prompt_valid.shape[1] < self.prompt_len:
+            raise RuntimeError(f"the first forward holds {prompt_valid.shape[1]} of {self.prompt_len} prompt columns")
+        lengths = prompt_valid[:, : self.prompt_len].sum(1)  # [B]
         sinks = self.policy.sink_tokens
         self.keep_pos = lengths + sinks if self.policy.retain_prompt else torch.full_like(lengths, sinks)
         self._pads = [self.prompt_len - n for n in lengths.tolist()]  # the one device read per batch
@@ -294,7 +239,34 @@ class BoundedKVCache:
             self._holders[slot] = sum(pad <= g for pad in self._pads) if g < self.prompt_len else len(self._pads)
         self._slot_of.extend(self._write)
         self.appended += len(self._write)
-        self._write, self._write_idx, self._live = [], None, False
+        if self._grad and self._more:
+            self._chunk.advance(q_pos, q_valid)
+        elif self._grad:
+            self._chunk = None
+        self._write, self._write_idx, self._grad = [], None, False
+
+    def ticket(self) -> Ticket:
+        """What the pending grad forward attends, for a rerun of one of its layers in the backward."""
+        return Ticket(self._chunk, len(self._chunk.pos), self.n_evictions)
+
+    @contextlib.contextmanager
+    def recomputing(self, ticket: Ticket) -> Iterator[None]:
+        """Rerun a checkpointed layer: ``update`` returns the K/V its forward attended and stores nothing.
+
+        Raises:
+            RuntimeError: an eviction happened since the forward (the next chunk began before this one's backward),
+                so a slot it attended may hold another token now.
+        """
+        if ticket.evictions != self.n_evictions:
+            raise RuntimeError(
+                "replay.checkpointing: a chunk's backward ran after the next chunk's evictions; backpropagate each "
+                "chunk's loss before asking for the next chunk"
+            )
+        self._recompute = ticket
+        try:
+            yield
+        finally:
+            self._recompute = None
 
     def evict_due(self) -> list[Eviction]:
         """Evict what each row's window must drop before the next column is appended, oldest first.
@@ -381,13 +353,16 @@ class BoundedKVCache:
     def select_rows(self, rows: list[int]) -> None:
         """Keep only batch ``rows`` (in that order): finished rows stop costing attention, memory and evictions.
 
-        Slots that no kept row holds go back to the free list. Not for ``static`` caches, whose shapes are fixed.
+        Slots that no kept row holds go back to the free list. One layer is copied at a time and its old buffer is
+        dropped before the next is copied, so the step holds at most one layer's kept rows beyond the cache itself.
+        Not for ``static`` caches, whose shapes are fixed.
         """
         kept = set(rows)
         self._release([self._held_slots(b) for b in range(len(self._pads)) if b not in kept])
         idx = torch.tensor(rows, device=self.pos.device)
-        self.keys = [k.index_select(0, idx) for k in self.keys]
-        self.values = [v.index_select(0, idx) for v in self.values]
+        for i in range(len(self.keys)):
+            self.keys[i] = self.keys[i].index_select(0, idx)
+            self.values[i] = self.values[i].index_select(0, idx)
         self.pos, self.valid, self.bias = (t.index_select(0, idx) for t in (self.pos, self.valid, self.bias))
         self.keep_pos = self.keep_pos.index_select(0, idx)
         self._pads, self._keep, self._done = ([x[b] for b in rows] for x in (self._pads, self._keep, self._done))

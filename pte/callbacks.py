@@ -71,7 +71,8 @@ class EvalCallback(L.Callback):
         if not _due(step, self.last_step, self.every):
             return
         self.last_step = step
-        result = self.evaluate(pl_module)
+        with trainer.precision_plugin.forward_context():  # bf16-mixed: evaluate under the training step's autocast
+            result = self.evaluate(pl_module)
         if result is None:
             return
         metrics, curve = result
@@ -108,7 +109,7 @@ class EvalCallback(L.Callback):
         mine = examples[rank::world]  # each process evaluates its own share; the records are gathered below
         starts = range(0, len(mine), cfg.rollout.micro_batch)
         model = pl_module.model
-        batches = most_over_ranks([len(starts)], is_sharded(model), next(model.parameters()).device)[0]
+        batches = most_over_ranks([len(starts)], is_sharded(model))[0]
         for i in starts:
             chunk = mine[i : i + cfg.rollout.micro_batch]
             prompts = [self.datamodule.prompt(e.question) for e in chunk]
@@ -135,9 +136,9 @@ class EvalCallback(L.Callback):
 
 
 class MemoryCurveCallback(L.Callback):
-    """Peak memory from ``pl_module.memory.peaks()``, in MiB: ``memory/peak_allocated_<phase>_mib`` (rollout, replay,
-    optimizer, process) on CUDA, ``memory/peak_rss_process_mib`` on CPU, every step, and a ``memory/phases`` plot of
-    their history every ``plot_every`` steps.
+    """Peak memory from ``pl_module.memory.peaks()``, in MiB: ``memory/peak_allocated_<phase>_mib`` and
+    ``memory/peak_reserved_<phase>_mib`` (rollout, replay, optimizer, process) on CUDA, ``memory/peak_rss_process_mib``
+    on CPU, every step, and a ``memory/phases`` plot of their history every ``plot_every`` steps.
 
     Args:
         plot_every: optimiser steps between plots (0 = never).

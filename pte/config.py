@@ -1,8 +1,10 @@
 """The typed config schema shared by train.py and eval.py, and its one loader.
 
 Every field is documented once, here; the YAML files in configs/ mirror it with one-line comments.
-Loading merges: schema defaults <- YAML file <- ``key=value`` overrides (OmegaConf dot-list). An
-unknown key, a wrong type or an impossible combination stops the run at once with the key's name.
+Loading merges: schema defaults <- YAML file <- ``key=value`` overrides (OmegaConf dot-list). A YAML file may
+name a file it overlays with a top-level ``base:`` key (the paper configs: ``paper.yaml`` plus one short file per
+model), so a setting shared by several configs is written once. An unknown key, a wrong type or an impossible
+combination stops the run at once with the key's name.
 """
 
 from __future__ import annotations
@@ -384,12 +386,40 @@ class Config:
         return self.cache.policy or METHOD_POLICY[self.method]
 
 
+BASE_KEY = "base"  # top-level YAML key naming the file a config overlays, relative to the config's own directory
+
+
+def load_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> DictConfig:
+    """The YAML at ``path`` merged over the file its ``base:`` key names, recursively (nested bases are allowed).
+
+    The base path is relative to the overlay's directory, so ``--config`` works from any working directory.
+
+    Raises:
+        ConfigError: naming ``base`` when the base file is missing or the chain of bases loops.
+    """
+    path = Path(path).resolve()
+    if path in _chain:
+        loop = " -> ".join(p.name for p in (*_chain, path))
+        raise ConfigError(f"{BASE_KEY}: the chain of base files loops ({loop})")
+    conf = OmegaConf.load(path)
+    if not isinstance(conf, DictConfig):
+        raise ConfigError(f"{path.name}: a config file must be a mapping of keys, not a list")
+    parent = conf.pop(BASE_KEY, None)
+    if parent is None:
+        return conf
+    base_path = path.parent / str(parent)
+    if not base_path.is_file():
+        raise ConfigError(f"{BASE_KEY}: {path.name} overlays {parent}, but {base_path} is not a file")
+    return OmegaConf.merge(load_yaml(base_path, (*_chain, path)), conf)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: Any = None) -> Config:
-    """Schema defaults <- YAML at ``path`` <- ``base`` (e.g. a checkpoint's config) <- ``key=value`` overrides."""
+    """Schema defaults <- YAML at ``path`` (over its ``base:`` files) <- ``base`` (e.g. a checkpoint's config) <-
+    ``key=value`` overrides."""
     try:
         conf = OmegaConf.structured(Config)
         if path is not None:
-            conf = OmegaConf.merge(conf, OmegaConf.load(path))
+            conf = OmegaConf.merge(conf, load_yaml(path))
         if base is not None:
             conf = OmegaConf.merge(conf, base)
         conf = OmegaConf.merge(conf, OmegaConf.from_dotlist(list(overrides or [])))

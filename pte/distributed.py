@@ -7,7 +7,8 @@ chunk's backward is local, and :func:`reduce_gradients` sums the small trainable
 Loss weights use batch-wide normalisers summed over ranks (:func:`all_sum`), so the summed gradient equals the
 single-process gradient of the same global batch.
 
-Every helper is the identity in a single process, so the one-device path runs unchanged.
+Every helper is the identity in a single process, so the one-device path runs unchanged. The collectives
+themselves live in pte.collectives, which runs them on the process's communication device (NCCL: CUDA).
 
 ``trainer.strategy: fsdp`` (:class:`ReplayFSDPStrategy`) shards the frozen base with FSDP2 over the same gradient
 scheme: the trainable adapter stays whole on every rank and is reduced here once per step. Sharded forwards are
@@ -21,43 +22,17 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from lightning.pytorch.strategies.strategy import Strategy
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 
+from pte.collectives import all_sum, broadcast_, gather_object, rank_world
 from pte.config import TrainerCfg
 from pte.encoder import decoder_layers, get_thought, unwrap
 from pte.lockstep import is_sharded
 from pte.thought import ThoughtLinear
-
-
-def rank_world() -> tuple[int, int]:
-    """(global rank, world size) of this process; (0, 1) outside a process group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def all_sum(value: torch.Tensor) -> torch.Tensor:
-    """``value`` summed over ranks (a new tensor; ``value`` itself is left alone)."""
-    if rank_world()[1] == 1:
-        return value
-    total = value.detach().clone()
-    dist.all_reduce(total, op=dist.ReduceOp.SUM)
-    return total
-
-
-def gather_object(obj: Any) -> list[Any]:
-    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` in a single process."""
-    world = rank_world()[1]
-    if world == 1:
-        return [obj]
-    out: list[Any] = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def reduce_gradients(params: list[torch.nn.Parameter]) -> None:
@@ -71,8 +46,7 @@ def reduce_gradients(params: list[torch.nn.Parameter]) -> None:
         return
     has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
     grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params]
-    flat = torch.cat([*grads, has_grad])  # [sum of numel + number of params]
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat = all_sum(torch.cat([*grads, has_grad]))  # [sum of numel + number of params]
     *pieces, counts = flat.split([g.numel() for g in grads] + [len(params)])
     for p, piece, count in zip(params, pieces, counts.tolist()):
         p.grad = piece.view_as(p).to(p.dtype).clone() if count > 0 else None
@@ -93,7 +67,7 @@ def global_step_totals(
         k: torch.cat([v.to(rewards.device) for v in gather_object(p.detach().cpu())]) for k, p in parts.items()
     }
     keys = sorted(stats)
-    sums = all_sum(torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=rewards.device))
+    sums = all_sum(torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64))
     return rewards_all, parts_all, dict(zip(keys, sums.tolist()))
 
 
@@ -120,7 +94,7 @@ class ReplayDDPStrategy(DDPStrategy):
     def configure_ddp(self) -> None:
         for p in self.model.parameters():
             if p.requires_grad:
-                dist.broadcast(p.data, src=0)
+                broadcast_(p.data)
 
 
 def whole_parameters(model: nn.Module) -> set[nn.Parameter]:
@@ -171,7 +145,7 @@ class ReplayFSDPStrategy(ModelParallelStrategy):
         super().setup(trainer)
         for p in self.lightning_module.parameters():
             if p.requires_grad:
-                dist.broadcast(p.data, src=0)
+                broadcast_(p.data)
 
     @property
     def data_parallel_mesh(self) -> DeviceMesh:

@@ -12,9 +12,10 @@ Kept free of Lightning imports: pte.rollout (hence pte.generate) uses it.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
+
+from pte.collectives import all_max
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -28,17 +29,13 @@ def running_anywhere(alive: torch.Tensor, sync: bool) -> bool:
     With ``sync`` a process whose rows have all finished keeps decoding (its rows emit pads, its results unchanged)
     until every process is done: one small all-reduce per check.
     """
-    if not sync or not dist.is_initialized():
+    if not sync:
         return bool(alive.any())
-    flag = alive.any().to(torch.int32).reshape(1)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+    return bool(all_max(alive.any().to(torch.int32).reshape(1)))
 
 
-def most_over_ranks(counts: list[int], sync: bool, device: torch.device) -> list[int]:
+def most_over_ranks(counts: list[int], sync: bool) -> list[int]:
     """Element-wise maximum of ``counts`` over processes with ``sync`` (else ``counts``): the lock-step counts."""
-    if not sync or not dist.is_initialized() or not counts:
+    if not sync or not counts:
         return counts
-    top = torch.tensor(counts, dtype=torch.int64, device=device)
-    dist.all_reduce(top, op=dist.ReduceOp.MAX)
-    return top.tolist()
+    return all_max(torch.tensor(counts, dtype=torch.int64)).tolist()

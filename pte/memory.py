@@ -1,7 +1,10 @@
 """Peak memory per training phase (rollout, replay, optimiser) on CUDA; the process's resident-set peak on CPU.
 
-CUDA has a resettable allocator peak, so each phase gets its own figure (``torch.cuda.max_memory_allocated`` since
-the phase started). A CPU has no such counter: the resident set only grows to its high-water mark, so per-phase
+CUDA has resettable allocator peaks, so each phase gets its own figures since the phase started: allocated
+(``torch.cuda.max_memory_allocated``, live tensors) and reserved (``torch.cuda.max_memory_reserved``, what the caching
+allocator holds: live tensors plus freed blocks kept for reuse and fragmentation). Reserved is what the device has
+really given the process, what other processes cannot use and what an out-of-memory error is measured against, so
+allocated alone reads low. A CPU has no such counter: the resident set only grows to its high-water mark, so per-phase
 figures would all show the same curve. On CPU only the process-wide peak is reported, under a name that says so.
 """
 
@@ -22,28 +25,32 @@ def max_rss_bytes() -> int:
 class MemoryTracker:
     """Start/stop named phases; ``peaks()`` maps a metric name (what was measured, where) to bytes.
 
-    Names: ``allocated_<phase>`` and ``allocated_process`` on CUDA; ``rss_process`` on CPU.
+    Names: ``allocated_<phase>``, ``reserved_<phase>``, ``allocated_process`` and ``reserved_process`` on CUDA;
+    ``rss_process`` on CPU.
     """
 
     def __init__(self) -> None:
         self.cuda = torch.cuda.is_available()
         self._peaks: dict[str, int] = {}
-        self._process = 0  # the allocator peak is reset per phase, so the run's peak is the max of the phases
+        # The allocator's peaks are reset per phase, so the run's peaks are the maxima over the phases.
+        self._process = {"allocated": 0, "reserved": 0}
 
     def start(self, phase: str) -> None:
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
 
     def stop(self, phase: str) -> None:
-        if self.cuda:
-            peak = torch.cuda.max_memory_allocated()
-            self._peaks[f"allocated_{phase}"] = peak
-            self._process = max(self._process, peak)
+        if not self.cuda:
+            return
+        peaks = {"allocated": torch.cuda.max_memory_allocated(), "reserved": torch.cuda.max_memory_reserved()}
+        for kind, peak in peaks.items():
+            self._peaks[f"{kind}_{phase}"] = peak
+            self._process[kind] = max(self._process[kind], peak)
 
     def peaks(self) -> dict[str, int]:
         if not self.cuda:
             return {"rss_process": max_rss_bytes()}
-        return {**self._peaks, "allocated_process": self._process}
+        return {**self._peaks, **{f"{kind}_process": peak for kind, peak in self._process.items()}}
 
 
 class TensorPeak:

@@ -32,6 +32,7 @@ from transformers import (
 )
 
 from pte.errors import UserError
+from pte.precision import cast_base
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +194,9 @@ def load_model_and_tokenizer(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """Load a frozen base model (eval mode, no grads) and its tokenizer, left padding, pad token set.
 
+    The weights take ``dtype``; buffers keep theirs (rotary frequencies float32, as ``from_pretrained`` leaves them).
+    Adapters attached afterwards are float32 (pte/precision.py).
+
     Args:
         name: ``smollm2``, ``toy-carry``, ``tiny-qwen2``, ``tiny-llama``, a hub id or a local directory.
         dtype: torch dtype name for the weights.
@@ -203,7 +207,8 @@ def load_model_and_tokenizer(
     torch_dtype = getattr(torch, dtype)
     if name.startswith("tiny-"):
         tok = tiny_tokenizer()
-        model = tiny_model(name.removeprefix("tiny-"), len(tok), seed=seed).to(torch_dtype)
+        model = tiny_model(name.removeprefix("tiny-"), len(tok), seed=seed).requires_grad_(False)
+        cast_base(model, torch_dtype)
     else:
         path = named_model_dir(name) or resolve_source(name, revision)
         try:

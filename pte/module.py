@@ -18,6 +18,7 @@ import torch
 from omegaconf import OmegaConf
 
 from pte.checkpoints import deferred_interrupts
+from pte.collectives import all_mean, all_sum
 from pte.config import METHOD_POLICY, Config, as_dict, load_config
 from pte.data import MathDataModule
 from pte.distributed import (
@@ -205,7 +206,7 @@ class GRPOModule(L.LightningModule):
     def _all_finite(self, loss: float, grad_norm: torch.Tensor) -> bool:
         """Loss and gradient norm finite on every process (one decision everywhere, so DDP ranks stay in step)."""
         check = torch.tensor([loss, float(grad_norm)], dtype=torch.float64, device=self.device)
-        return bool(torch.isfinite(self.trainer.strategy.reduce(check, reduce_op="sum")).all())
+        return bool(torch.isfinite(all_sum(check)).all())
 
     def _skip_nonfinite(self, opt) -> None:
         """Drop this step's gradients without an optimiser step, and count it."""
@@ -295,7 +296,7 @@ class GRPOModule(L.LightningModule):
         and memory/). self.log only feeds the progress bar and ``trainer.callback_metrics``."""
         keys = sorted(logs)
         values = torch.tensor([float(logs[k]) for k in keys], dtype=torch.float64, device=self.device)
-        values = self.trainer.strategy.reduce(values, reduce_op="mean")
+        values = all_mean(values)
         self.step_metrics = {f"train/{k}": float(v) for k, v in zip(keys, values.tolist())}
         self.log_dict(self.step_metrics, on_step=True, prog_bar=False, logger=False)
         if "train/reward_mean" in self.step_metrics:

@@ -9,6 +9,12 @@ activation memory is bounded by the window, not by the response length. With ``t
 chunk reads leaf copies of the states instead, and once the caller has backpropagated the last chunk the replay
 sends every chunk's dL/dS through the chain of state updates in one backward (exact state gradient; the evicted
 K/V enter as constants).
+
+Memory bounds (``replay.*``, pte.config.ReplayCfg), none of which changes a log-prob or a gradient: the rows replay
+in blocks of ``micro_batch`` (rows are independent); a chunk longer than ``max_chunk_tokens`` runs as several
+forwards with nothing evicted between them, each attending the earlier ones' K/V live (pte/live_kv.py); the LM head
+runs on ``logits_chunk`` positions at a time from the final hidden states (pte/logprobs.py); and with
+``checkpointing`` every decoder layer is rerun in the backward (pte/forward.py).
 """
 
 from __future__ import annotations
@@ -22,39 +28,42 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from pte.config import ReplayCfg
 from pte.encoder import get_thought, start_thought
-from pte.forward import forward_tokens
+from pte.forward import forward_hidden, forward_tokens, output_head
 from pte.lockstep import is_sharded, most_over_ranks
+from pte.logprobs import token_logprobs
 from pte.rollout import Rollout, new_cache, prompt_positions
 
 
 @dataclass
 class ReplayChunk:
-    """Log-probs of response tokens ``[start, start + n)`` for every row."""
+    """Log-probs of response tokens ``[start, start + n)`` for the rollout's ``rows``."""
 
     start: int
-    logprobs: torch.Tensor  # [B, n], differentiable when grad is enabled
-    entropy: torch.Tensor  # [B, n], detached
+    logprobs: torch.Tensor  # [b, n], differentiable when grad is enabled
+    entropy: torch.Tensor  # [b, n], detached
+    rows: slice = slice(None)
 
     @property
     def stop(self) -> int:
         return self.start + self.logprobs.shape[1]
 
-
-def _chunk_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-prob of ``targets`` and the entropy, from ``logits [B, n, V]`` at the sampling temperature."""
-    logp = torch.log_softmax(logits / temperature if temperature > 0 else logits, dim=-1)
-    chosen = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    with torch.no_grad():
-        entropy = -(logp.exp() * logp).sum(-1)
-    return chosen, entropy
+    @property
+    def at(self) -> tuple[slice, slice]:
+        """Where this chunk's entries sit in the rollout's ``[B, T]`` tensors."""
+        return self.rows, slice(self.start, self.stop)
 
 
-def replay(model: PreTrainedModel, ro: Rollout, full_cache: bool = False) -> Iterator[ReplayChunk]:
-    """Yield per-chunk log-probs of ``ro``'s responses under ``ro.policy``.
+def replay(
+    model: PreTrainedModel, ro: Rollout, full_cache: bool = False, limits: ReplayCfg | None = None
+) -> Iterator[ReplayChunk]:
+    """Yield per-chunk log-probs of all of ``ro``'s rows under ``ro.policy``.
 
-    With ``full_cache`` the responses are scored without any eviction, in one chunk (the reference).
+    With ``full_cache`` the responses are scored without any eviction, in one chunk (the reference). ``limits``
+    (default: ``ReplayCfg()``) bounds each forward; its ``micro_batch`` is for :func:`replay_all` and is not read here.
     """
+    limits = limits or ReplayCfg()
     policy = replace(ro.policy, name="full", sink_tokens=0) if full_cache else ro.policy
     cuts = [] if full_cache else ro.evict_before
     b, p = ro.prompt_ids.shape
@@ -62,10 +71,12 @@ def replay(model: PreTrainedModel, ro: Rollout, full_cache: bool = False) -> Ite
     if t == 0:
         return
     cache = new_cache(model, policy, p, t)
+    cache.init_rows(ro.prompt_mask)  # the first forward may hold only part of the prompt
     encoder = start_thought(model, policy.uses_thought, b)
     chain = policy.uses_thought and encoder.cfg.state_grad == "chain" and torch.is_grad_enabled()
     if chain:
         encoder.link()
+    head = output_head(model)
     lengths = ro.prompt_mask.sum(1)
     resp = ro.response_ids
     bounds = [0, *cuts, t - 1]
@@ -76,7 +87,6 @@ def replay(model: PreTrainedModel, ro: Rollout, full_cache: bool = False) -> Ite
             ids = torch.cat([ro.prompt_ids, resp[:, :z]], dim=1)
             pos = torch.cat([prompt_positions(ro.prompt_mask), pos], dim=1)
             valid = torch.cat([ro.prompt_mask, valid], dim=1)
-            logits = forward_tokens(model, cache, ids, pos, valid, logits_from=p - 1)
         else:
             if chain:
                 encoder.unlink()
@@ -87,12 +97,66 @@ def replay(model: PreTrainedModel, ro: Rollout, full_cache: bool = False) -> Ite
                     encoder.absorb(*evicted)
             if chain:
                 encoder.link()
-            logits = forward_tokens(model, cache, resp[:, a:z], pos, valid)
+            ids = resp[:, a:z]
         start = 0 if k == 0 else a + 1
-        logp, ent = _chunk_stats(logits, resp[:, start : z + 1], ro.temperature)
+        hidden = _chunk_hidden(model, cache, ids, pos, valid, p - 1 if k == 0 else 0, limits)  # [B, z + 1 - start, d]
+        logp, ent = token_logprobs(head, hidden, resp[:, start : z + 1], ro.temperature, limits.logits_chunk)
         yield ReplayChunk(start=start, logprobs=logp, entropy=ent)
     if chain:
         encoder.backward_chain()
+
+
+def _chunk_hidden(
+    model: PreTrainedModel,
+    cache,
+    ids: torch.Tensor,
+    pos: torch.Tensor,
+    valid: torch.Tensor,
+    first: int,
+    limits: ReplayCfg,
+) -> torch.Tensor:
+    """Final hidden states ``[B, q - first, d]`` of one chunk's ``q`` columns from column ``first`` on, in forwards of
+    at most ``limits.max_chunk_tokens`` columns (nothing is evicted between them)."""
+    q = ids.shape[1]
+    step = limits.max_chunk_tokens or q
+    parts = []
+    for s in range(0, q, step):
+        e = min(s + step, q)
+        cols = slice(s, e)
+        more = e < q
+        parts.append(
+            forward_hidden(model, cache, ids[:, cols], pos[:, cols], valid[:, cols], max(first - s, 0), more, limits.checkpointing)
+        )
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def row_blocks(ro: Rollout, rows: int) -> list[tuple[slice, Rollout]]:
+    """``ro`` in blocks of at most ``rows`` rows (0 = one block), each cut to its own longest response.
+
+    A block keeps the padded prompt width and every eviction step of the batch before its end: where none of its rows
+    evicts, the step is a chunk boundary with nothing evicted, as it is for those rows in the whole batch's replay. So
+    every row's log-probs and gradients are the whole batch's.
+    """
+    b = ro.response_ids.shape[0]
+    if rows <= 0 or rows >= b:
+        return [(slice(0, b), ro)]
+    blocks = []
+    for i in range(0, b, rows):
+        sl = slice(i, min(i + rows, b))
+        t = int(ro.response_mask[sl].sum(1).max())
+        block = replace(
+            ro,
+            prompt_ids=ro.prompt_ids[sl],
+            prompt_mask=ro.prompt_mask[sl],
+            response_ids=ro.response_ids[sl, :t],
+            response_mask=ro.response_mask[sl, :t],
+            logprobs=ro.logprobs[sl, :t],
+            truncated=ro.truncated[sl],
+            evict_before=[j for j in ro.evict_before if j < t - 1],
+            logits=None,
+        )
+        blocks.append((sl, block))
+    return blocks
 
 
 def chunk_count(ro: Rollout) -> int:
@@ -110,8 +174,7 @@ def replay_all(
     replays for it (pte.lockstep); unsharded, nothing is added.
     """
     counts = [chunk_count(ro) for ro in rollouts]
-    device = rollouts[0].response_ids.device if rollouts else torch.device("cpu")
-    most = most_over_ranks(counts, is_sharded(model), device)
+    most = most_over_ranks(counts, is_sharded(model))
     for i, (ro, n, top) in enumerate(zip(rollouts, counts, most, strict=True)):
         for chunk in replay(model, ro):
             yield i, chunk

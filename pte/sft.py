@@ -87,8 +87,8 @@ def sft_update(model: nn.Module, rollouts: list[Rollout], backward: Callable[[to
     stats = {"loss": 0.0, "tokens": local, "entropy": 0.0}
     for i, chunk in replay_all(model, rollouts, backward):
         mask = rollouts[i].response_mask[:, chunk.start : chunk.stop]
-        loss = -(chunk.logprobs * mask).sum() / seqs
+        loss = -chunk.logprobs.masked_fill(~mask, 0.0).sum() / seqs  # a pad's -inf or NaN times 0 is NaN
         backward(loss)
         stats["loss"] += float(loss.detach())
-        stats["entropy"] += float((chunk.entropy * mask).sum())
+        stats["entropy"] += float(chunk.entropy.masked_fill(~mask, 0.0).sum())
     return stats

@@ -13,6 +13,9 @@ c_m is the size-independent scale (``state_scale``: 1/m or 1/(m sqrt r)); N is `
 Frobenius). Heads are flattened (K_e: [B, m, H_kv*D]); each layer's state comes from that layer's own
 evicted keys/values; keys are un-rotated back to their pre-rotary form by default (``evicted_keys``)
 so the state depends on content, not on absolute position.
+
+Precision (pte/precision.py): every parameter here is float32 and the state is built and updated in float32, with
+autocast off, whatever the base model's dtype; only ThoughtLinear's update runs in the activation dtype.
 """
 
 from __future__ import annotations
@@ -99,7 +102,7 @@ class LayerThought(nn.Module):
 
     def _increment(self, q_lat: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """c_m (W^a_Q q_g)(W^a_K K)^T (W^a_V V) for K, V ``[B, m, kv_dim]`` -> ``[B, G, r]``."""
-        k_lat, v_lat = self.lat_k(k), self.lat_v(v)  # [B, m, r]
+        k_lat, v_lat = _latent(self.lat_k, k), _latent(self.lat_v, v)  # [B, m, r]
         return q_lat @ k_lat.transpose(-1, -2) @ v_lat * self._scale(k.shape[1])
 
     def _project(self, proj: nn.Module) -> torch.Tensor:
@@ -109,23 +112,38 @@ class LayerThought(nn.Module):
     def initial_state(self, proj: tuple[nn.Module, nn.Module, nn.Module], batch: int) -> torch.Tensor:
         """S_g from the global tokens alone, repeated for ``batch`` rows: ``[B, G, r]`` (float32)."""
         q_proj, k_proj, v_proj = proj
-        s = self._increment(self.lat_q(self._project(q_proj)), self._project(k_proj)[None], self._project(v_proj)[None])
-        return normalize_state(s, self.cfg.normalize).expand(batch, -1, -1)
+        with _no_autocast(self.global_tokens.device):
+            q_lat = _latent(self.lat_q, self._project(q_proj))  # [G, r]
+            s = self._increment(q_lat, self._project(k_proj)[None], self._project(v_proj)[None])
+            return normalize_state(s, self.cfg.normalize).expand(batch, -1, -1)
 
     def update(self, state: torch.Tensor, q_proj: nn.Module, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """S_e <- N(S_e + S'_e) for evicted keys/values already flattened to ``[B, m, kv_dim]``.
 
-        The state is kept in float32 whatever the base dtype (parameters stay float32 too).
+        Runs in float32 whatever the base dtype, the parameters' dtype or an enclosing autocast (pte/precision.py):
+        the state sums every eviction of a sequence, and bf16 rounding would compound along the chain.
         """
-        q_lat = self.lat_q(self._project(q_proj))  # [G, r]
-        return normalize_state(state + self._increment(q_lat, keys.float(), values.float()), self.cfg.normalize)
+        with _no_autocast(keys.device):
+            q_lat = _latent(self.lat_q, self._project(q_proj))  # [G, r]
+            return normalize_state(state.float() + self._increment(q_lat, keys, values), self.cfg.normalize)
+
+
+def _latent(lat: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """W^a x in float32 (a no-op cast when both are float32, the precision rule's case)."""
+    return nn.functional.linear(x.float(), lat.weight.float())
+
+
+def _no_autocast(device: torch.device) -> torch.autocast:
+    """Autocast off, so a ``bf16-mixed`` step still builds the thought state in float32."""
+    return torch.autocast(device.type, enabled=False)
 
 
 class ThoughtLinear(nn.Module):
     """A frozen linear layer plus the state-modulated update (alpha/r) A S_e B x.
 
     The state is read from ``store.states[layer_idx]`` (``[B, G, r]``), set by the engine for the
-    sequences in flight; with ``store.enabled`` False the layer is exactly the base layer.
+    sequences in flight; with ``store.enabled`` False the layer is exactly the base layer. A and B are
+    float32 parameters cast to the activation dtype at use (pte/precision.py), so their gradients are float32.
     """
 
     def __init__(self, base: nn.Linear, cfg: ThoughtConfig, layer_idx: int, store: StateStore) -> None:

@@ -97,7 +97,7 @@ def policy_update(model: nn.Module, exp: Experience, cfg: Config, backward: Call
         stats["loss"] += float(loss.detach())
         stats["clipped"] += float((clipped & mask).sum())
         stats["tokens"] += float(mask.sum())
-        stats["entropy"] += float((chunk.entropy * mask).sum())
+        stats["entropy"] += float(chunk.entropy.masked_fill(~mask, 0.0).sum())  # x * 0 is NaN for x = inf
         if ref_chunk is not None:
             stats["kl"] += float((k3_kl(chunk.logprobs.detach(), ref_chunk, mask) * mask).sum())
     return stats

@@ -11,8 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from pte.bench import decode, memory, train_memory
-from pte.bench.__main__ import build_parser, main
+from pte.bench import common, decode, memory, train_memory
+from pte.bench.__main__ import BENCHMARKS, build_parser, main
+from pte.bench.plot import SPECS
 from pte.cache import CachePolicy
 from pte.config import load_config
 from pte.rollout import attn_flops_per_key
@@ -81,6 +82,12 @@ def test_linears_only_floor_runs_every_linear_layer_once_per_step():
     assert len(seen) == 5 * len(linears) and set(seen) == {(3, m.in_features) for m in linears}
 
 
+GPU_SH = Path(__file__).parents[1] / "benchmarks" / "gpu.sh"
+# gpu.sh's values at CPU size: a random tiny model, short rollouts, one repeat, a small batch and window.
+TINY_VALUES = {"--model": "tiny-llama", "--batch": "2", "--repeats": "1", "--warmup": "4", "--window": "8"}
+TINY_OVERRIDES = {"rollout.max_new_tokens": "16", "cache.window": "8"}
+
+
 def _bench_invocations(script: Path) -> list[tuple[int, list[str]]]:
     """``(time limit, argv)`` of every ``run SECONDS NAME JSON ARGS...`` line of a benchmarks/*.sh script."""
     text = script.read_text().replace("\\\n", " ")
@@ -93,15 +100,53 @@ def _bench_invocations(script: Path) -> list[tuple[int, list[str]]]:
     return calls
 
 
-def test_gpu_script_parses_and_fits_eight_minutes():
-    """make bench-gpu runs only on a lent GPU: a typo in its arguments must fail here, not in the GPU's minutes."""
-    calls = _bench_invocations(Path(__file__).parents[1] / "benchmarks" / "gpu.sh")
+def _tiny(argv: list[str]) -> list[str]:
+    """``argv`` at CPU size: each value in TINY_VALUES / TINY_OVERRIDES shrunk, ``--lengths`` cut to 16, 24, ...
+    tokens, a window and prompt short enough to evict; every other flag (``--dtype``, ``--methods``) as written."""
+    out, flag, n_lengths = [], None, 0
+    for word in argv:
+        key, eq, _ = word.partition("=")
+        if word.startswith("--"):
+            flag = word
+            out.append(word)
+        elif eq and key in TINY_OVERRIDES:
+            out.append(f"{key}={TINY_OVERRIDES[key]}")
+        elif flag == "--lengths" and not eq:
+            out.append(str(16 + 8 * n_lengths))
+            n_lengths += 1
+        else:
+            out.append(TINY_VALUES.get(flag, word) if not eq else word)
+    takes = vars(build_parser().parse_args(out))
+    for f in ("--window", "--prompt-len"):
+        if f[2:].replace("-", "_") in takes and f not in out:
+            out += [f, "8"]
+    return out
+
+
+def test_gpu_script_parses_within_its_budget():
+    """make bench-gpu runs only on a lent GPU: its lines must name every benchmark, keep the 8-minute budget,
+    and pass each benchmark's parser (a typo fails here, not in the GPU's minutes)."""
+    calls = _bench_invocations(GPU_SH)
     assert {argv[0] for _, argv in calls} == {"decode", "rollout-memory", "train-memory", "flops", "step-time"}
     assert sum(limit for limit, _ in calls) <= 8 * 60
-    parser = build_parser()
+    assert '-m pte.bench "$name" --json "$OUT/$json.json" --plot "$OUT/$json.png" "$@"' in GPU_SH.read_text()
     for _, argv in calls:
-        args = parser.parse_args(argv)
+        args = build_parser().parse_args(argv)
         if hasattr(args, "dtype"):
             assert isinstance(getattr(torch, args.dtype), torch.dtype), argv
         if args.name == "step-time":
             load_config(None, [f"model.name={args.model}", *args.overrides])
+
+
+@pytest.mark.parametrize("argv", [a for _, a in _bench_invocations(GPU_SH)], ids=lambda a: a[0])
+def test_gpu_script_line_runs_at_tiny_size(argv, tmp_path, monkeypatch):
+    """Each line of gpu.sh, shrunk to a tiny model, runs on CPU with its own flags (bfloat16 included) and writes
+    its JSON and plot; the benchmarks' per-setting child processes run in this process to save the start-ups."""
+    monkeypatch.setattr(common, "in_child", lambda bench, setting: BENCHMARKS[bench].child(setting))
+    tiny_argv = _tiny(argv)
+    flags = [w for w in argv if w.startswith("--")]
+    assert [w for w in tiny_argv if w.startswith("--")][: len(flags)] == flags  # only a window / prompt appended
+    out = tmp_path / "result"
+    main([*tiny_argv, "--json", f"{out}.json", "--plot", f"{out}.png"])
+    assert json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert out.with_suffix(".png").exists() == (argv[0] in SPECS)  # step-time has no length axis to plot

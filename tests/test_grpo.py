@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+import pte.sft
+import pte.update
+from pte.config import load_config
 from pte.grpo import (
     AGGREGATIONS,
     dapo_weights,
@@ -17,6 +22,10 @@ from pte.grpo import (
     token_loss,
     uniform_groups,
 )
+from pte.sft import sft_update
+from pte.update import Experience, policy_update
+
+TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
 
 
 def test_group_advantages_hand_computed():
@@ -97,3 +106,86 @@ def test_masked_positions_never_make_the_loss_or_gradient_nan():
     real, _ = token_loss(logp[:, :2], old[:, :2], torch.tensor([1.0]), 0.2, 0.2, ref[:, :2], beta=0.1)
     torch.testing.assert_close(loss, (real * w[:, :2]).sum())
     assert torch.isfinite(k3_kl(logp.detach(), ref, mask)).all()
+
+
+# --- garbage at masked positions (bf16 padding): finite loss, exactly zero gradient there -------------------------
+
+GARBAGE = [1e4, -1e4, math.inf, -math.inf, math.nan]  # what a pad position's log-prob may hold
+
+
+def _garbage_batch() -> tuple[torch.Tensor, ...]:
+    """Two real tokens then one masked position per garbage value, in every input: ``(logp leaf, old, ref, mask)``."""
+    real = torch.tensor([-1.0, -2.0])
+    logp = torch.cat([real, torch.tensor(GARBAGE)])[None].requires_grad_()
+    old = torch.cat([real - 0.1, torch.tensor(GARBAGE[::-1])])[None]
+    ref = torch.cat([real - 0.2, torch.tensor(GARBAGE[1:] + GARBAGE[:1])])[None]
+    mask = torch.arange(logp.shape[1])[None] < 2
+    return logp, old, ref, mask
+
+
+def _assert_clean(loss: torch.Tensor, logp: torch.Tensor, mask: torch.Tensor) -> None:
+    assert torch.isfinite(loss).all() and torch.isfinite(logp.grad).all()
+    assert (logp.grad[~mask] == 0).all() and (logp.grad[mask] != 0).all()
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1])
+def test_token_loss_ignores_garbage_at_masked_positions(beta):
+    logp, old, ref, mask = _garbage_batch()
+    loss_tok, clipped = token_loss(logp, old, torch.tensor([1.5]), 0.2, 0.28, ref, beta, mask)
+    (loss_tok * mask / 2).sum().backward()
+    _assert_clean(loss_tok, logp, mask)
+    assert (loss_tok[~mask] == 0).all() and not clipped[~mask].any()
+    clean, _ = token_loss(logp[:, :2], old[:, :2], torch.tensor([1.5]), 0.2, 0.28, ref[:, :2], beta)
+    torch.testing.assert_close(loss_tok[:, :2], clean)
+
+
+def test_k3_kl_ignores_garbage_at_masked_positions():
+    logp, _, ref, mask = _garbage_batch()
+    kl = k3_kl(logp, ref, mask)
+    kl.sum().backward()
+    _assert_clean(kl, logp, mask)
+    assert (kl[~mask] == 0).all()
+
+
+def _chunk_stream(logp: torch.Tensor, entropy: torch.Tensor):
+    """A stand-in for pte.replay.replay_all: the whole response as one chunk of rollout 0."""
+
+    def replay_all(model, rollouts, backward):
+        yield 0, SimpleNamespace(start=0, stop=logp.shape[1], logprobs=logp, entropy=entropy)
+
+    return replay_all
+
+
+def _backward_into(losses: list):
+    def backward(loss: torch.Tensor) -> None:
+        losses.append(loss.detach())
+        loss.backward()
+
+    return backward
+
+
+@pytest.mark.parametrize("agg", sorted(AGGREGATIONS))
+def test_policy_update_stays_finite_with_garbage_at_masked_positions(monkeypatch, agg):
+    """The loss, the KL and entropy statistics and the gradient, through pte.update.policy_update."""
+    logp, old, ref, mask = _garbage_batch()
+    entropy = torch.cat([torch.tensor([0.5, 0.25]), torch.tensor(GARBAGE)])[None]
+    monkeypatch.setattr(pte.update, "replay_all", _chunk_stream(logp, entropy))
+    cfg = load_config(TINY, ["grpo.beta=0.1", f"grpo.loss_agg={agg}"])
+    ro = SimpleNamespace(logprobs=old, response_mask=mask)
+    exp = Experience([ro], [torch.tensor([1.5])], [AGGREGATIONS[agg](mask, mask.shape[1])], [ref])
+    losses: list[torch.Tensor] = []
+    stats = policy_update(None, exp, cfg, _backward_into(losses))
+    _assert_clean(torch.stack(losses), logp, mask)
+    assert all(math.isfinite(v) for v in stats.values()), stats
+    assert stats["entropy"] == 0.75 and stats["tokens"] == 2
+
+
+def test_sft_update_stays_finite_with_garbage_at_masked_positions(monkeypatch):
+    logp, _, _, mask = _garbage_batch()
+    entropy = torch.cat([torch.tensor([0.5, 0.25]), torch.tensor(GARBAGE)])[None]
+    monkeypatch.setattr(pte.sft, "replay_all", _chunk_stream(logp, entropy))
+    ro = SimpleNamespace(response_ids=torch.zeros(mask.shape, dtype=torch.long), response_mask=mask)
+    losses: list[torch.Tensor] = []
+    stats = sft_update(None, [ro], _backward_into(losses))
+    _assert_clean(torch.stack(losses), logp, mask)
+    assert stats == {"loss": 3.0, "tokens": 2.0, "entropy": 0.75}

@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import PreTrainedModel
 
 from pte.memory import max_rss_bytes
 from pte.models import load_model_and_tokenizer, tiny_model
+from pte.precision import cast_base
 
 # Mid-size random models: big enough that matrix work, not Python, dominates a decode step (GQA 8/2 heads).
 MID = {
@@ -37,7 +39,7 @@ def device() -> torch.device:
 
 
 def load(name: str, dtype: str = "float32") -> tuple[PreTrainedModel, int]:
-    """A frozen model on the benchmark device and its vocabulary size.
+    """A frozen model on the benchmark device, its weights in ``dtype``, and its vocabulary size.
 
     ``mid-*`` are random (seed 0) with a 32K vocabulary; the rest come from ``pte.models``.
     """
@@ -51,7 +53,13 @@ def load(name: str, dtype: str = "float32") -> tuple[PreTrainedModel, int]:
         raise ValueError(f"--model {name!r}: expected one of {MODELS}")
     model.generation_config.eos_token_id = None  # every run generates exactly the requested tokens
     model.generation_config.pad_token_id = 0
-    return model.to(device=device(), dtype=getattr(torch, dtype)), vocab
+    return place(model, dtype), vocab
+
+
+def place(model: nn.Module, dtype: str) -> nn.Module:
+    """``model`` on the benchmark device with its frozen base in ``dtype`` and its adapter (if any) in float32, as
+    training holds them (pte/precision.py); ``model.to(dtype=...)`` would cast the adapter too."""
+    return cast_base(model.to(device()), getattr(torch, dtype))
 
 
 def prompts(batch: int, length: int, vocab: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

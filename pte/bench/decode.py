@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> dict:
     base, vocab = common.load(args.model, args.dtype)
     pte_model = copy.deepcopy(base)
     attach_thought(pte_model, ThoughtConfig())
-    pte_model.to(device=common.device(), dtype=getattr(torch, args.dtype))
+    common.place(pte_model, args.dtype)
     rows = []
     result = {
         "benchmark": "decode",

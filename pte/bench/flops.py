@@ -25,11 +25,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--window", type=int, default=256)
     p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--dtype", default="float32", help="weights' dtype (the key counts do not depend on it)")
 
 
 def run(args: argparse.Namespace) -> dict:
-    model, vocab = common.load(args.model)
+    model, vocab = common.load(args.model, args.dtype)
     attach_thought(model, ThoughtConfig())  # A = 0 at init: the thought path costs a little, changes nothing
+    common.place(model, args.dtype)
     ids, mask = common.prompts(args.batch, args.prompt_len, vocab)
     rows = []
     for n in args.lengths:
@@ -50,4 +52,4 @@ def run(args: argparse.Namespace) -> dict:
                 }
             )
     print(common.table(rows, ["policy", "tokens", "keys_attended", "attn_tflops", "vs_full"]))
-    return {"benchmark": "flops", "model": args.model, "window": args.window, "rows": rows}
+    return {"benchmark": "flops", "model": args.model, "dtype": args.dtype, "window": args.window, "rows": rows}

@@ -32,7 +32,7 @@ def child(s: dict) -> dict:
     model, vocab = common.load(s["model"], s["dtype"])
     if s["policy"] == "pte":
         attach_thought(model, ThoughtConfig())
-        model.to(device=common.device(), dtype=getattr(torch, s["dtype"]))
+        common.place(model, s["dtype"])
     ids, mask = common.prompts(s["batch"], s["prompt_len"], vocab)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()

@@ -67,7 +67,7 @@ def child(s: dict) -> dict:
             r=32, lora_alpha=64, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]
         )
         model = get_peft_model(model, lora)
-    model.to(device=common.device(), dtype=getattr(torch, s["dtype"]))
+    common.place(model, s["dtype"])  # frozen base in dtype; adapter and AdamW state in float32, as in training
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-6)
     ids, mask = common.prompts(s["batch"], s["prompt_len"], vocab)
