@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help install test test-full demo eval repro toy-base bench bench-gpu lint clean
+.PHONY: help install test test-full demo eval repro toy-base bench bench-gpu gpu-smoke lint clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -47,8 +47,11 @@ bench: $(STAMP)  ## performance suite on CPU, quick defaults (python -m pte.benc
 bench-gpu: $(STAMP)  ## whole suite on one CUDA GPU in < 8 min, bf16 (results in runs/bench/gpu)
 	sh benchmarks/gpu.sh $(PY) runs/bench/gpu
 
+gpu-smoke: $(STAMP)  ## paper settings on a 2-layer paper-width model, 2 steps + 1 eval, 1 GPU, < 5 min (runs/gpu_smoke)
+	$(PY) -m benchmarks.gpu_smoke --out runs/gpu_smoke
+
 lint: $(STAMP)  ## ruff
-	$(PY) -m ruff check pte tests train.py eval.py
+	$(PY) -m ruff check pte tests benchmarks train.py eval.py
 
 clean:  ## remove runs and caches (keeps .venv)
 	rm -rf runs .pytest_cache .ruff_cache

@@ -8,6 +8,9 @@ Writes into ``eval.out_dir`` (default ``<checkpoint dir>/eval``, or ``<trainer.o
 model): ``records.jsonl`` (one line per setting, benchmark and problem; a rerun skips what is there),
 ``results.json``, ``results.md``, PNG plots and, last, the resolved ``config.yaml`` (its ``ckpt_path`` is the
 evaluated checkpoint), so a failed run never leaves a config that does not describe the results beside it.
+
+Generation runs with the base in ``model.dtype`` and the adapter in float32 (pte/precision.py); ``trainer.precision``
+is a training setting, so evaluate a bf16-trained run in bf16 with ``model.dtype=bfloat16``.
 """
 
 from __future__ import annotations

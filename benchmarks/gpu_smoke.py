@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -170,6 +171,7 @@ def run(out: Path, method: str, tiny: bool, extra: list[str]) -> dict[str, Any]:
     window = max(cfg.eval.windows or [cfg.cache.window])
     eval_args = [f"ckpt={run_dir / 'adapter'}", *EVAL, f"limit={cfg.eval.max_rows}", f"windows=[{window}]"]
     eval_args += [f"policies=[{cfg.eval_policy}]", f"eval.out_dir={out / 'eval'}"]
+    shutil.rmtree(out / "eval", ignore_errors=True)  # eval.py skips the records it finds: a rerun must measure again
     start = time.perf_counter()
     eval_cli.main(eval_args)  # the checkpoint brings the run's config, eval section included
     result["eval"] = {"seconds": time.perf_counter() - start, "args": eval_args, "memory": device_peaks()}

@@ -3,8 +3,9 @@
 The periodic evaluation is the docs/method.md §5 protocol in miniature: greedy decoding of held-out prompts under the
 run's own cache policy and window, graded like the benchmarks. The memory curves are the two views behind the
 paper's memory claims: KV bytes held against generated position (flat once the window is full) and the peak memory
-of each training phase (rollout, replay, optimizer) tracked by ``GRPOModule.memory`` (on CUDA; on CPU only the process's resident-set peak,
-see pte/memory.py).
+of each training phase (rollout, replay, optimizer) tracked by ``GRPOModule.memory`` (on CUDA; on CPU only the
+process's resident-set peak, see pte/memory.py). The evaluation runs under the precision plugin's forward context,
+so a ``bf16-mixed`` run evaluates under the autocast its rollouts ran in.
 """
 
 from __future__ import annotations

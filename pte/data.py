@@ -6,21 +6,17 @@ trains on DAPO-Math-17K) and local JSONL / Parquet files, read through field pat
 1), holds out a validation set disjoint by question text, and streams training batches whose position survives
 checkpoint and resume. Prompts come out fully formatted: encode them with ``encode_prompts(..., chat=False)``.
 
-Repeated rows (same question and answer) are dropped at load: DAPO-Math-17K on the hub holds its ~17.9K prompts
-~100 times over (1.79M rows). Examples are kept as Arrow columns (:class:`ExampleTable`), Hugging Face and Parquet
-sources are read in Arrow batches from their memory-mapped files, and an :class:`Example` is built only when a
-process takes it for its own share of a batch, so no process holds the whole set as Python objects.
+Repeated rows (same question and answer) are dropped at load and the rest kept as Arrow columns (pte.examples):
+Hugging Face and Parquet sources are read in Arrow batches from their memory-mapped files, and each process builds
+only the examples of its own share of every batch.
 """
 
 from __future__ import annotations
 
-import decimal
 import itertools
 import json
 import logging
-import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from transformers import PreTrainedTokenizerBase
 
 from pte.collectives import rank_world
-from pte.config import ConfigError
+from pte.examples import BATCH_ROWS, DataError, Example, ExampleTable, arrow_examples, to_examples
 from pte.prompts import DEFAULT_FEW_SHOT, DEFAULT_INSTRUCTION, format_prompt
 
 log = logging.getLogger(__name__)
@@ -44,69 +40,6 @@ DEFAULT_TASK_CONFIGS: dict[str, dict[str, Any]] = {
     "chain_sum": {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2},
 }
 SOURCES = ("reasoning_gym", "carry", "hf", "file")
-BATCH_ROWS = 65_536  # rows read at a time from a file or dataset: bounds what loading holds beside the kept rows
-
-
-@dataclass(frozen=True)
-class Example:
-    """One training prompt: a stable id (``<source>/<row>``), the bare question, its gold final answer and, where
-    the source has one, a worked solution (the target of ``objective: sft``)."""
-
-    id: str
-    question: str
-    answer: str
-    solution: str | None = None
-
-
-class DataError(ConfigError):
-    """Bad data or data config; the message names the file, dataset, row, field or config key at fault."""
-
-
-def get_field(row: Any, path: str, where: str) -> Any:
-    """Follow a field path such as ``reward_model.ground_truth`` or ``prompt[0].content`` through nested rows.
-
-    Raises:
-        DataError: naming ``where`` (source and row) and ``path``, when a key or index is missing or the value is null.
-    """
-    value = row
-    for part in path.replace("[", ".").replace("]", "").split("."):
-        if isinstance(value, Mapping) and part in value:
-            value = value[part]
-        elif isinstance(value, (list, tuple)) and part.lstrip("-").isdigit() and -len(value) <= int(part) < len(value):
-            value = value[int(part)]
-        else:
-            found = sorted(value) if isinstance(value, Mapping) else type(value).__name__
-            raise DataError(f"{where}: missing field {path!r} (no {part!r} in {found})")
-    if value is None:
-        raise DataError(f"{where}: field {path!r} is null")
-    return value
-
-
-def _as_text(value: Any, path: str, where: str) -> str:
-    """Render a question or gold value as a non-empty string; refuse lists, dicts, booleans and non-finite numbers.
-
-    Floats are written positionally (27.0 -> "27", 1e-07 -> "0.0000001"): graders read ``1e-07`` as ``e - 7``.
-    """
-    if not isinstance(value, (str, int, float)):
-        raise DataError(f"{where}: field {path!r} is a {type(value).__name__}, expected a string or a number")
-    if isinstance(value, bool) or (isinstance(value, float) and not math.isfinite(value)):
-        raise DataError(f"{where}: field {path!r} is {value!r}, not a question or an answer")
-    if isinstance(value, float):
-        return str(int(value)) if value.is_integer() else format(decimal.Decimal(repr(value)), "f")
-    text = str(value).strip()
-    if not text:
-        raise DataError(f"{where}: field {path!r} is empty")
-    return text
-
-
-def _to_examples(rows: Iterable[tuple[int, Any]], prefix: str, where: str, fields: tuple[str, str]) -> list[Example]:
-    """Build Examples (id ``<prefix>/<row>``) from numbered raw rows through the question and answer field paths."""
-    examples = []
-    for row, item in rows:
-        at = f"{where}, row {row}"
-        question, answer = (_as_text(get_field(item, field, at), field, at) for field in fields)
-        examples.append(Example(f"{prefix}/{row}", question, answer))
-    return examples
 
 
 def reasoning_gym_examples(
@@ -135,7 +68,7 @@ def reasoning_gym_examples(
         except (ValueError, TypeError, AssertionError) as err:
             raise DataError(f"data.tasks / data.task_configs.{task}: reasoning-gym refused {options}: {err}") from err
         where = f"reasoning_gym task {task!r} seed {seed}"
-        per_task.append(_to_examples(enumerate(dataset), f"{task}/{seed}", where, ("question", "answer")))
+        per_task.append(list(to_examples(enumerate(dataset), f"{task}/{seed}", where, ("question", "answer"))))
     longest = max(len(items) for items in per_task)
     return [items[j] for j in range(longest) for items in per_task if j < len(items)]
 
@@ -159,11 +92,12 @@ def hf_examples(
     config: str | None = None,
     revision: str = "main",
     limit: int | None = None,
-) -> list[Example]:
+) -> ExampleTable:
     """Load a Hugging Face dataset (hub id, local directory or cached copy) as Examples.
 
     ``question_field`` / ``answer_field`` are field paths (DAPO-Math-17K: ``prompt.0.content``,
-    ``reward_model.ground_truth``); ``limit`` keeps the first rows. Ids are ``<name>/<split>/<row from 0>``.
+    ``reward_model.ground_truth``); ``limit`` keeps the first rows. Ids are ``<name>/<split>/<row from 0>``. The
+    dataset stays memory-mapped: it is read in Arrow batches, and only its distinct rows are kept.
     """
     import datasets  # deferred: importing it costs ~1 s
 
@@ -176,8 +110,9 @@ def hf_examples(
         ) from err
     if limit is not None:
         dataset = dataset.select(range(min(limit, len(dataset))))
+    batches = dataset.with_format("arrow").iter(batch_size=BATCH_ROWS)
     fields = (question_field, answer_field)
-    return _to_examples(enumerate(dataset), f"{name}/{split}", f"dataset {name!r} split {split!r}", fields)
+    return arrow_examples(batches, f"{name}/{split}", f"dataset {name!r} split {split!r}", fields)
 
 
 def _jsonl_rows(path: Path, limit: int | None) -> Iterator[tuple[int, Any]]:
@@ -191,23 +126,37 @@ def _jsonl_rows(path: Path, limit: int | None) -> Iterator[tuple[int, Any]]:
                 raise DataError(f"file {path}, row {number}: invalid JSON ({err.msg})") from err
 
 
-def file_examples(path: str | Path, question_field: str, answer_field: str, limit: int | None = None) -> list[Example]:
+def file_examples(path: str | Path, question_field: str, answer_field: str, limit: int | None = None) -> ExampleTable:
     """Load a local JSONL (``.jsonl``) or Parquet (``.parquet``) file as Examples, fields as in :func:`hf_examples`.
 
-    Ids are ``<file stem>/<row>``: JSONL rows are line numbers (from 1), Parquet rows indices (from 0).
+    Ids are ``<file stem>/<row>``: JSONL rows are line numbers (from 1), Parquet rows indices (from 0). Either is read
+    ``BATCH_ROWS`` rows at a time, and only the distinct rows are kept.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data.path: {path} is not a file")
+    fields, where = (question_field, answer_field), f"file {path}"
     if path.suffix == ".jsonl":
-        rows: Iterator[tuple[int, Any]] = _jsonl_rows(path, limit)
-    elif path.suffix == ".parquet":
+        return ExampleTable.from_examples(to_examples(_jsonl_rows(path, limit), path.stem, where, fields))
+    if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        rows = enumerate(pq.read_table(path).to_pylist()[:limit])
-    else:
-        raise DataError(f"data.path: {path} must end in .jsonl or .parquet")
-    return _to_examples(rows, path.stem, f"file {path}", (question_field, answer_field))
+        batches = pq.ParquetFile(path, memory_map=True).iter_batches(batch_size=BATCH_ROWS)
+        tables = (pa.Table.from_batches([b]) for b in batches)
+        return arrow_examples(_limited(tables, limit), path.stem, where, fields)
+    raise DataError(f"data.path: {path} must end in .jsonl or .parquet")
+
+
+def _limited(tables: Iterable[pa.Table], limit: int | None) -> Iterator[pa.Table]:
+    """The first ``limit`` rows (all with None) of a stream of tables."""
+    if limit is None:
+        yield from tables
+        return
+    for table in tables:
+        if limit <= 0:
+            return
+        yield table.slice(0, limit)
+        limit -= len(table)
 
 
 def _check_int(key: str, value: Any, low: int, optional: bool) -> None:
@@ -303,37 +252,35 @@ class MathDataModule(lightning.LightningDataModule):
             "carry": f"carry task seed {seed}",
             "file": f"file {path}",
         }.get(source, f"dataset {name!r} split {split!r}")
-        self.train_examples: list[Example] = []
+        self.train_examples: Sequence[Example] = []  # an ExampleTable after setup
         self.val_examples: list[Example] = []
         self._offset = 0
         self._permutations: dict[int, np.ndarray] = {}
         self._prompts: dict[str, str] = {}
 
-    def _require_setup(self) -> list[Example]:
+    def _require_setup(self) -> Sequence[Example]:
         if not self.train_examples:
             raise RuntimeError("MathDataModule: call setup() first")
         return self.train_examples
 
-    def _load(self) -> list[Example]:
-        """Read the configured source."""
+    def _load(self) -> ExampleTable:
+        """Read the configured source, keeping the first of every repeated (question, answer)."""
         h = self.hparams
         if h.source == "reasoning_gym":
-            return reasoning_gym_examples(h.tasks, h.size, h.seed, h.task_configs)
+            return ExampleTable.from_examples(reasoning_gym_examples(h.tasks, h.size, h.seed, h.task_configs))
         if h.source == "carry":
-            return carry_examples(h.size, h.seed, h.carry_steps, h.carry_values)
+            return ExampleTable.from_examples(carry_examples(h.size, h.seed, h.carry_steps, h.carry_values))
         fields = (h.question_field, h.answer_field)
         if h.source == "hf":
             return hf_examples(h.name, h.split, *fields, config=h.config, revision=h.revision, limit=h.limit)
         return file_examples(h.path, *fields, limit=h.limit)
 
-    def _check_golds(self, examples: list[Example]) -> None:
+    def _check_golds(self, examples: ExampleTable) -> None:
         """Parse every distinct gold answer once, so a broken gold fails the run at load time, naming its row."""
         from pte.rewards import GoldAnswerError, parse_gold
 
-        checked: set[str] = set()
-        for example in examples:
-            if example.answer in checked:
-                continue
+        for row in examples.first_rows(["answer"]):
+            example = examples[row]
             try:
                 parse_gold(example.answer, example.id)
             except GoldAnswerError as err:
@@ -342,23 +289,19 @@ class MathDataModule(lightning.LightningDataModule):
                     f"{self.where}, row {row} (id {example.id!r}): gold answer {example.answer!r} cannot be parsed "
                     f"by the grader ({err})"
                 ) from err
-            checked.add(example.answer)
 
-    def _split(self, examples: list[Example]) -> tuple[list[Example], list[Example]]:
+    def _split(self, examples: ExampleTable) -> tuple[list[Example], ExampleTable]:
         """Hold out ``val_size`` distinct questions; every copy of a held-out question leaves the training set."""
-        first: dict[str, Example] = {}
-        for example in examples:
-            first.setdefault(example.question, example)
+        first = examples.first_rows(["question"])  # [distinct questions], in order of appearance
         if self.hparams.val_size >= len(first):
             raise DataError(
                 f"data.val_size: {self.hparams.val_size} leaves no training data ({len(first)} distinct questions)"
             )
         rng = np.random.default_rng([self.hparams.seed, 1])
         picked = sorted(rng.choice(len(first), size=self.hparams.val_size, replace=False).tolist())
-        unique = list(first.values())
-        val = [unique[i] for i in picked]
-        held_out = {example.question for example in val}
-        return val, [example for example in examples if example.question not in held_out]
+        val = [examples[first[i]] for i in picked]
+        held_out = pc.is_in(examples.table["question"], value_set=pa.array([e.question for e in val], pa.string()))
+        return val, examples.where(pc.invert(held_out))
 
     def setup(self, stage: str | None = None) -> None:
         """Load, validate and split the examples (once; later calls do nothing)."""
@@ -367,6 +310,13 @@ class MathDataModule(lightning.LightningDataModule):
         examples = self._load()
         if not examples:
             raise DataError(f"data: {self.where} gave an empty dataset")
+        if examples.repeats:
+            log.info(
+                "data: %s: dropped %d repeated rows (same question and answer as an earlier row), %d remain",
+                self.where,
+                examples.repeats,
+                len(examples),
+            )
         self._check_golds(examples)
         self.val_examples, train = self._split(examples)
         if self.hparams.prompts_per_step > len(train):

@@ -50,6 +50,8 @@ def add_adapter(model: PreTrainedModel, cfg: Config) -> nn.Module:
 def build_model(cfg: Config) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """Base model plus the method's adapter, ready to train (only adapter parameters require grad).
 
+    The base takes ``model.dtype``; the adapter is float32 whatever it is (the precision rule, pte/precision.py).
+
     With ``model.adapter`` the adapter starts from that export's weights (e.g. an SFT warm start for GRPO).
     """
     model, tok = load_base(cfg)

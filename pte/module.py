@@ -18,7 +18,7 @@ import torch
 from omegaconf import OmegaConf
 
 from pte.checkpoints import deferred_interrupts
-from pte.collectives import all_mean, all_sum
+from pte.collectives import all_max, all_mean, all_sum
 from pte.config import METHOD_POLICY, Config, as_dict, load_config
 from pte.data import MathDataModule
 from pte.distributed import (
@@ -161,13 +161,18 @@ class GRPOModule(L.LightningModule):
             opt.zero_grad()
             self.memory.start("replay")
             stats = policy_update(self.model, exp, cfg, self.manual_backward)
+            if k == 0:  # the weights that sampled the rollouts: the gap is the replay's numerics, not policy drift
+                gap = {key: stats[key] for key in ("logp_gap_sum", "logp_gap_max")}
             reduce_gradients(self.trainable_parameters())  # one all-reduce per step; a no-op in one process
             self.memory.stop("replay")
             grad_norm = self._optimizer_step(opt, stats["loss"], first=k == 0)
             if self.step_skipped:
                 break
         self._finish_step()
+        stats |= gap
+        gap_max = all_max(torch.tensor(stats.pop("logp_gap_max"), dtype=torch.float64, device=self.device))
         rewards, parts, stats = global_step_totals(rewards, parts, stats)
+        stats["logp_gap_max"] = float(gap_max)
         self._log_step(rollouts, rewards, parts, stats, grad_norm, t_rollout, time.perf_counter() - t1)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
@@ -238,7 +243,7 @@ class GRPOModule(L.LightningModule):
         opt = self.optimizers()
         opt.zero_grad()
         self.memory.start("replay")
-        stats = sft_update(self.model, rollouts, self.manual_backward)
+        stats = sft_update(self.model, rollouts, self.manual_backward, self.cfg.replay)
         self.memory.stop("replay")
         reduce_gradients(self.trainable_parameters())
         self.step_skipped = False
@@ -279,6 +284,8 @@ class GRPOModule(L.LightningModule):
             "kl": stats["kl"] / max(stats["tokens"], 1.0),
             "clip_frac": stats["clipped"] / max(stats["tokens"], 1.0),
             "entropy": stats["entropy"] / max(stats["tokens"], 1.0),
+            "logp_gap_mean": stats["logp_gap_sum"] / max(stats["tokens"], 1.0),
+            "logp_gap_max": stats["logp_gap_max"],
             "grad_norm": float(grad_norm),
             "lr": self.optimizers().param_groups[0]["lr"],
             "time_rollout_s": t_rollout,

@@ -22,12 +22,13 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from pte.cache import BoundedKVCache
 from pte.config import ReplayCfg
 from pte.encoder import get_thought, start_thought
 from pte.forward import forward_hidden, forward_tokens, output_head
@@ -43,7 +44,7 @@ class ReplayChunk:
     start: int
     logprobs: torch.Tensor  # [b, n], differentiable when grad is enabled
     entropy: torch.Tensor  # [b, n], detached
-    rows: slice = slice(None)
+    rows: slice = field(default_factory=lambda: slice(None))
 
     @property
     def stop(self) -> int:
@@ -108,7 +109,7 @@ def replay(
 
 def _chunk_hidden(
     model: PreTrainedModel,
-    cache,
+    cache: BoundedKVCache,
     ids: torch.Tensor,
     pos: torch.Tensor,
     valid: torch.Tensor,
@@ -121,12 +122,9 @@ def _chunk_hidden(
     step = limits.max_chunk_tokens or q
     parts = []
     for s in range(0, q, step):
-        e = min(s + step, q)
-        cols = slice(s, e)
-        more = e < q
-        parts.append(
-            forward_hidden(model, cache, ids[:, cols], pos[:, cols], valid[:, cols], max(first - s, 0), more, limits.checkpointing)
-        )
+        cols = slice(s, min(s + step, q))
+        args = (ids[:, cols], pos[:, cols], valid[:, cols], max(first - s, 0))
+        parts.append(forward_hidden(model, cache, *args, more=s + step < q, checkpointing=limits.checkpointing))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
@@ -159,25 +157,33 @@ def row_blocks(ro: Rollout, rows: int) -> list[tuple[slice, Rollout]]:
     return blocks
 
 
-def chunk_count(ro: Rollout) -> int:
-    """How many chunks :func:`replay` yields for ``ro``: one per eviction point, plus the first."""
-    return len(ro.evict_before) + 1 if ro.response_ids.shape[1] else 0
+def chunk_count(ro: Rollout, rows: int = 0) -> int:
+    """How many chunks :func:`replay_all` yields for ``ro`` in blocks of ``rows`` rows (0 = all): per block, one per
+    eviction point before its longest response ends, plus the first."""
+    return sum(len(b.evict_before) + 1 for _, b in row_blocks(ro, rows) if b.response_ids.shape[1])
 
 
 def replay_all(
-    model: nn.Module, rollouts: list[Rollout], backward: Callable[[torch.Tensor], None]
+    model: nn.Module,
+    rollouts: list[Rollout],
+    backward: Callable[[torch.Tensor], None],
+    limits: ReplayCfg | None = None,
 ) -> Iterator[tuple[int, ReplayChunk]]:
-    """``(i, chunk)`` for every chunk of each ``rollouts[i]`` in order; the caller backpropagates each chunk's loss.
+    """``(i, chunk)`` for every chunk of each ``rollouts[i]`` in order, row block by row block (``limits.micro_batch``;
+    ``chunk.rows`` says which); the caller backpropagates each chunk's loss.
 
     On a sharded model (FSDP) every chunk's forward and backward are collectives, so after each rollout this
     process runs zero-loss chunks (:func:`idle_loss`, through ``backward``) up to the most chunks any process
-    replays for it (pte.lockstep); unsharded, nothing is added.
+    replays for it (pte.lockstep); unsharded, nothing is added. Every process splits the same number of rows into
+    the same blocks, so only the chunk counts differ.
     """
-    counts = [chunk_count(ro) for ro in rollouts]
+    limits = limits or ReplayCfg()
+    counts = [chunk_count(ro, limits.micro_batch) for ro in rollouts]
     most = most_over_ranks(counts, is_sharded(model))
     for i, (ro, n, top) in enumerate(zip(rollouts, counts, most, strict=True)):
-        for chunk in replay(model, ro):
-            yield i, chunk
+        for rows, block in row_blocks(ro, limits.micro_batch):
+            for chunk in replay(model, block, limits=limits):
+                yield i, replace(chunk, rows=rows)
         for _ in range(top - n):
             backward(idle_loss(model, ro))
 
@@ -195,23 +201,32 @@ def idle_loss(model: nn.Module, ro: Rollout) -> torch.Tensor:
     return logits.sum() * 0.0
 
 
-def full_replay(model: PreTrainedModel, ro: Rollout) -> torch.Tensor:
+def full_replay(model: PreTrainedModel, ro: Rollout, limits: ReplayCfg | None = None) -> torch.Tensor:
     """Log-probs ``[B, T]`` of ``ro`` under ``ro.policy`` in one tensor (no grad; for checks and eval)."""
-    with torch.no_grad():
-        return torch.cat([c.logprobs for c in replay(model, ro)], dim=1)
+    return _scores(model, ro, False, limits or ReplayCfg())
 
 
-def reference_logprobs(model: PreTrainedModel, ro: Rollout) -> torch.Tensor:
-    """pi_ref: full cache, adapters off (docs/method.md section 4). ``[B, T]``, no grad."""
+def reference_logprobs(model: PreTrainedModel, ro: Rollout, limits: ReplayCfg | None = None) -> torch.Tensor:
+    """pi_ref: full cache, adapters off (docs/method.md section 4). ``[B, T]``, no grad, in ``limits``' bounds."""
     encoder = get_thought(model)
-    with torch.no_grad(), adapters_disabled(model):
+    with adapters_disabled(model):
         if encoder is not None:
             encoder.store.enabled = False
         try:
-            return torch.cat([c.logprobs for c in replay(model, ro, full_cache=True)], dim=1)
+            return _scores(model, ro, True, limits or ReplayCfg())
         finally:
             if encoder is not None:
                 encoder.store.enabled = True
+
+
+def _scores(model: PreTrainedModel, ro: Rollout, full_cache: bool, limits: ReplayCfg) -> torch.Tensor:
+    """Every chunk's log-probs in one ``[B, T]`` tensor, row block by row block; 0 past a block's longest response."""
+    out = torch.zeros_like(ro.logprobs)
+    with torch.no_grad():
+        for rows, block in row_blocks(ro, limits.micro_batch):
+            for c in replay(model, block, full_cache, limits):
+                out[rows, c.start : c.stop] = c.logprobs
+    return out
 
 
 def adapters_disabled(model: PreTrainedModel) -> contextlib.AbstractContextManager:

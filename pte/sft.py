@@ -17,7 +17,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from pte.cache import CachePolicy
-from pte.config import Config
+from pte.config import Config, ReplayCfg
 from pte.distributed import all_sum
 from pte.generate import encode_prompts
 from pte.replay import replay_all
@@ -71,8 +71,14 @@ def teacher_forced(
     )
 
 
-def sft_update(model: nn.Module, rollouts: list[Rollout], backward: Callable[[torch.Tensor], None]) -> dict:
-    """Backpropagate the NLL of every response, summed over its tokens and averaged over sequences, chunk by chunk.
+def sft_update(
+    model: nn.Module,
+    rollouts: list[Rollout],
+    backward: Callable[[torch.Tensor], None],
+    limits: ReplayCfg | None = None,
+) -> dict:
+    """Backpropagate the NLL of every response, summed over its tokens and averaged over sequences, chunk by chunk
+    within the replay's memory bounds ``limits`` (``replay.*``).
 
     A sequence-level sum (not a per-token mean): the tokens that need the carried state are a few per response, and
     divided by every token their gradient falls to the size of Adam's epsilon, where PTE stops learning.
@@ -85,8 +91,8 @@ def sft_update(model: nn.Module, rollouts: list[Rollout], backward: Callable[[to
     rows = sum(ro.response_ids.shape[0] for ro in rollouts)
     seqs = float(all_sum(torch.tensor(rows, dtype=torch.float64, device=device)))  # global normaliser under DDP
     stats = {"loss": 0.0, "tokens": local, "entropy": 0.0}
-    for i, chunk in replay_all(model, rollouts, backward):
-        mask = rollouts[i].response_mask[:, chunk.start : chunk.stop]
+    for i, chunk in replay_all(model, rollouts, backward, limits):
+        mask = rollouts[i].response_mask[chunk.at]
         loss = -chunk.logprobs.masked_fill(~mask, 0.0).sum() / seqs  # a pad's -inf or NaN times 0 is NaN
         backward(loss)
         stats["loss"] += float(loss.detach())

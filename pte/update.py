@@ -68,7 +68,7 @@ def build_experience(model: nn.Module, rollouts: list[Rollout], rewards: torch.T
     weights = AGGREGATIONS[g.loss_agg](padded, cfg.rollout.max_new_tokens, all_sum)  # global normaliser
     sizes = [m.shape[0] for m in masks]
     w_split = [w[:, : m.shape[1]] for w, m in zip(weights.split(sizes), masks)]
-    refs = [reference_logprobs(model, ro) if g.beta > 0 else None for ro in rollouts]
+    refs = [reference_logprobs(model, ro, cfg.replay) if g.beta > 0 else None for ro in rollouts]
     return Experience(rollouts, list(adv.split(sizes)), w_split, refs)
 
 
@@ -79,21 +79,26 @@ def policy_update(model: nn.Module, exp: Experience, cfg: Config, backward: Call
     process runs as many forwards and backwards (pte.lockstep).
 
     Returns:
-        Sums for logging: loss, weighted KL, clipped and masked token counts, entropy.
+        Sums for logging: loss, weighted KL, clipped and masked token counts, entropy; and the rollout/replay gap
+        |replay log-prob - rollout log-prob| over response tokens (``logp_gap_sum``, ``logp_gap_max``): 0 up to
+        rounding when the replay reproduces the rollout (float32), the kernels' rounding in bf16.
     """
     g = cfg.grpo
     stats = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "tokens": 0.0, "entropy": 0.0}
-    for i, chunk in replay_all(model, exp.rollouts, backward):
-        ro, adv, w, ref = exp.rollouts[i], exp.advantages[i], exp.weights[i], exp.ref_logprobs[i]
-        sl = slice(chunk.start, chunk.stop)
-        ref_chunk = ref[:, sl] if ref is not None else None
-        weighted = w[:, sl] != 0
-        loss_tok, clipped = token_loss(
-            chunk.logprobs, ro.logprobs[:, sl], adv, g.clip_low, g.clip_high, ref_chunk, g.beta, weighted
-        )
-        loss = (loss_tok * w[:, sl]).sum()
+    stats |= {"logp_gap_sum": 0.0, "logp_gap_max": 0.0}
+    for i, chunk in replay_all(model, exp.rollouts, backward, cfg.replay):
+        ro, w, ref = exp.rollouts[i], exp.weights[i], exp.ref_logprobs[i]
+        at, adv = chunk.at, exp.advantages[i][chunk.rows]
+        ref_chunk = ref[at] if ref is not None else None
+        weighted = w[at] != 0
+        old = ro.logprobs[at]
+        loss_tok, clipped = token_loss(chunk.logprobs, old, adv, g.clip_low, g.clip_high, ref_chunk, g.beta, weighted)
+        loss = (loss_tok * w[at]).sum()
         backward(loss)
-        mask = ro.response_mask[:, sl]
+        mask = ro.response_mask[at]
+        gap = (chunk.logprobs.detach() - old).abs().masked_fill(~mask, 0.0)
+        stats["logp_gap_sum"] += float(gap.sum())
+        stats["logp_gap_max"] = max(stats["logp_gap_max"], float(gap.max()))
         stats["loss"] += float(loss.detach())
         stats["clipped"] += float((clipped & mask).sum())
         stats["tokens"] += float(mask.sum())

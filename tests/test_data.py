@@ -3,18 +3,30 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
 
 import lightning
 import pyarrow as pa
+import pyarrow.json
 import pyarrow.parquet as pq
 import pytest
 import torch
 
+import pte.data
+import pte.examples
 from pte.config import ConfigError
-from pte.data import DataError, Example, MathDataModule, file_examples, hf_examples, reasoning_gym_examples
+from pte.data import (
+    DataError,
+    Example,
+    ExampleTable,
+    MathDataModule,
+    file_examples,
+    hf_examples,
+    reasoning_gym_examples,
+)
 from pte.models import tiny_tokenizer
 from pte.prompts import DEFAULT_FEW_SHOT, DEFAULT_INSTRUCTION, format_prompt
 
@@ -38,6 +50,11 @@ def dapo_rows() -> list[dict]:
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def write_parquet(path: Path, rows: list[dict]) -> Path:
+    pq.write_table(pa.Table.from_pylist(rows), path)
     return path
 
 
@@ -99,7 +116,7 @@ def test_file_jsonl_reads_nested_dapo_fields():
     assert [e.answer for e in examples] == DAPO_ANSWERS
     assert [e.id for e in examples] == [f"dapo_math_17k_5/{i}" for i in range(1, 6)]
     assert examples[0].question.startswith("In triangle $ABC$, $AB = 5$")
-    assert file_examples(FIXTURE, "prompt[0].content", DAPO[1], limit=2) == examples[:2]
+    assert list(file_examples(FIXTURE, "prompt[0].content", DAPO[1], limit=2)) == list(examples)[:2]
 
 
 def _shape(value):
@@ -179,6 +196,99 @@ def test_hf_examples_from_a_local_dataset_dir(tmp_path):
         hf_examples(str(tmp_path / "missing"), "train", *DAPO)
 
 
+# --- repeated rows: dropped at load, in Arrow, and each process builds only its own prompts ----------------------
+
+
+def _small_batches(monkeypatch, rows: int) -> None:
+    """Read ``rows`` rows at a time, so that repeats straddle batches."""
+    monkeypatch.setattr(pte.data, "BATCH_ROWS", rows)
+    monkeypatch.setattr(pte.examples, "BATCH_ROWS", rows)
+
+
+def _load_kind(tmp_path: Path, kind: str, rows: list[dict]) -> ExampleTable:
+    if kind == "jsonl":
+        return file_examples(write_jsonl(tmp_path / "pool.jsonl", rows), *DAPO)
+    if kind == "parquet":
+        return file_examples(write_parquet(tmp_path / "pool.parquet", rows), *DAPO)
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    return hf_examples(str(tmp_path), "train", *DAPO)
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet", "hf"])
+def test_repeated_rows_keep_their_first_occurrence(tmp_path, monkeypatch, kind):
+    """The hub's DAPO-Math-17K repeats every prompt ~100 times; here 4 times, read 3 rows at a time."""
+    _small_batches(monkeypatch, 3)
+    if kind != "jsonl":
+        monkeypatch.setattr(pte.examples, "to_examples", None)  # string fields never leave Arrow row by row
+    rows = dapo_rows()
+    other_answer = {**rows[0], "reward_model": {"ground_truth": "7", "style": "rule"}}
+    examples = _load_kind(tmp_path, kind, rows * 4 + [other_answer])
+    assert [e.answer for e in examples] == [*DAPO_ANSWERS, "7"]
+    first = 1 if kind == "jsonl" else 0  # JSONL rows are line numbers
+    assert [int(e.id.rsplit("/", 1)[1]) - first for e in examples] == [0, 1, 2, 3, 4, 20]
+    assert examples.repeats == 15
+
+
+def test_arrow_and_python_readers_agree(tmp_path, monkeypatch):
+    _small_batches(monkeypatch, 2)
+    rows = [
+        {"q": " A ", "a": "1"},
+        {"q": "A", "a": "1"},
+        {"q": "B\n", "a": " 2"},
+        {"q": "B", "a": "2"},
+        {"q": "C", "a": "3"},
+    ]
+    jsonl = file_examples(write_jsonl(tmp_path / "ws.jsonl", rows), "q", "a")
+    parquet = file_examples(write_parquet(tmp_path / "ws.parquet", rows), "q", "a")
+    expected = [("A", "1"), ("B", "2"), ("C", "3")]
+    assert [(e.question, e.answer) for e in parquet] == [(e.question, e.answer) for e in jsonl] == expected
+    numbers = write_parquet(tmp_path / "numbers.parquet", [{"q": "A", "a": 27.0}, {"q": "B", "a": 0.5}])
+    assert [e.answer for e in file_examples(numbers, "q", "a")] == ["27", "0.5"]
+    rows[3]["a"] = None
+    with pytest.raises(DataError, match=r"row 3: field 'a' is null"):
+        file_examples(write_parquet(tmp_path / "null.parquet", rows), "q", "a")
+    with pytest.raises(DataError, match=r"row 0: missing field 'prompt\.1\.content'"):
+        file_examples(write_parquet(tmp_path / "dapo.parquet", dapo_rows()), "prompt.1.content", DAPO[1])
+
+
+@pytest.mark.skipif(not SOURCE.is_file(), reason="shared DAPO file not present")
+def test_real_dapo_three_times_over_gives_its_distinct_prompts(tmp_path):
+    """17,917 rows, 17,267 distinct (question, answer) once trimmed; three copies load as the same distinct rows."""
+    path = tmp_path / "dapo3.parquet"
+    pq.write_table(pa.concat_tables([pyarrow.json.read_json(SOURCE)] * 3), path)
+    examples = file_examples(path, *DAPO)
+    first: dict[tuple[str, str], int] = {}
+    for i, line in enumerate(SOURCE.read_text(encoding="utf-8").splitlines()):
+        row = json.loads(line)
+        first.setdefault((row["prompt"][0]["content"].strip(), row["reward_model"]["ground_truth"].strip()), i)
+    assert [(e.question, e.answer) for e in examples] == list(first)
+    assert [e.id for e in examples] == [f"dapo3/{i}" for i in first.values()]
+    assert examples.repeats == 3 * (i + 1) - len(first)
+
+
+def test_ranks_build_only_their_own_disjoint_prompts(tmp_path, tok, monkeypatch, caplog):
+    """Two ranks over one epoch: disjoint shards that cover the distinct prompts, each building only its own."""
+    rows = [{"q": f"What is {i} + 1?", "a": str(i + 1)} for i in range(12)]
+    path = write_jsonl(tmp_path / "sums.jsonl", rows * 5)
+    with caplog.at_level(logging.INFO, logger="pte.data"):
+        dm = make_dm(
+            tok, source="file", path=str(path), question_field="q", answer_field="a", val_size=0, prompts_per_step=6
+        )
+    assert "dropped 48 repeated rows" in caplog.text and "12 remain" in caplog.text
+    built: list[int] = []
+    getitem = ExampleTable.__getitem__
+    monkeypatch.setattr(ExampleTable, "__getitem__", lambda table, i: built.append(int(i)) or getitem(table, i))
+    shards = []
+    for rank in range(2):
+        monkeypatch.setattr(pte.data, "rank_world", lambda rank=rank: (rank, 2))
+        built.clear()
+        shard = [i for offset in range(0, 12, 6) for i in dm._train_batch(offset)["ids"]]
+        assert len(built) == len(shard) == 6
+        shards.append(set(shard))
+    assert not shards[0] & shards[1]
+    assert shards[0] | shards[1] == {e.id for e in dm.train_examples} and len(dm.train_examples) == 12
+
+
 # --- prompt templates ---------------------------------------------------------------------------------------------
 
 
@@ -251,14 +361,17 @@ def test_validation_is_held_out_and_each_epoch_covers_train_once(tok):
 
 def test_duplicate_questions_never_leak_into_training(tmp_path, tok):
     rows = dapo_rows()
-    pool = rows[:1] * 20 + rows[1:]  # one question 20 times, four once
+    variants = [{**rows[0], "reward_model": {"ground_truth": str(k), "style": "rule"}} for k in range(3)]
+    pool = rows[:1] * 20 + variants + rows[1:]  # one question 20 times and 3 times with other answers, four once
     path = write_jsonl(tmp_path / "dup.jsonl", pool)
-    dm = make_dm(tok, source="file", path=str(path), question_field=DAPO[0], answer_field=DAPO[1], val_size=3)
+    fields = {"question_field": DAPO[0], "answer_field": DAPO[1]}
+    dm = make_dm(tok, source="file", path=str(path), **fields, val_size=3, prompts_per_step=1)
     held_out = {e.question for e in dm.val_examples}
     kept = {e.question for e in dm.train_examples}
     assert len(dm.val_examples) == len(held_out) == 3  # val_size counts distinct questions
     assert not held_out & kept and len(kept) == 2
-    assert len(dm.train_examples) == sum(row["prompt"][0]["content"] in kept for row in pool)
+    pairs = {(row["prompt"][0]["content"], row["reward_model"]["ground_truth"]) for row in pool}
+    assert len(dm.train_examples) == sum(question in kept for question, _ in pairs)
 
 
 def test_seed_alone_changes_split_and_order(tmp_path, tok):
@@ -269,7 +382,7 @@ def test_seed_alone_changes_split_and_order(tmp_path, tok):
         make_dm(tok, source="file", path=str(path), question_field="q", answer_field="a", seed=s, val_size=0)
         for s in (0, 1)
     ]
-    assert whole[0].train_examples == whole[1].train_examples
+    assert list(whole[0].train_examples) == list(whole[1].train_examples)
     assert [b["ids"] for b in take(whole[0], 3)] != [b["ids"] for b in take(whole[1], 3)]
 
 

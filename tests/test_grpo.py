@@ -22,6 +22,7 @@ from pte.grpo import (
     token_loss,
     uniform_groups,
 )
+from pte.replay import ReplayChunk
 from pte.sft import sft_update
 from pte.update import Experience, policy_update
 
@@ -150,8 +151,8 @@ def test_k3_kl_ignores_garbage_at_masked_positions():
 def _chunk_stream(logp: torch.Tensor, entropy: torch.Tensor):
     """A stand-in for pte.replay.replay_all: the whole response as one chunk of rollout 0."""
 
-    def replay_all(model, rollouts, backward):
-        yield 0, SimpleNamespace(start=0, stop=logp.shape[1], logprobs=logp, entropy=entropy)
+    def replay_all(model, rollouts, backward, *limits):
+        yield 0, ReplayChunk(start=0, logprobs=logp, entropy=entropy)
 
     return replay_all
 

@@ -110,8 +110,8 @@ def test_positions_masks_and_retained_prompt(monkeypatch):
     calls = []
     real_mask, real_evict = pte.cache.BoundedKVCache.mask, pte.cache.BoundedKVCache.evict_due
 
-    def spy_mask(self, q_pos, q_valid, dtype):
-        out = real_mask(self, q_pos, q_valid, dtype)
+    def spy_mask(self, q_pos, q_valid, dtype, more=False):
+        out = real_mask(self, q_pos, q_valid, dtype, more)
         k_pos, k_valid = self.columns(q_pos, q_valid)  # the keys this forward attends, in mask order
         calls.append((q_pos.clone(), q_valid.clone(), k_pos.clone(), k_valid.clone(), out[:, 0] == 0))
         return out

@@ -47,17 +47,18 @@ def sampling(s: Setup, rows: int, temperature: float, top_p: float, top_k: int) 
 def prefill(s: Setup, rows: int, tokens: int) -> int:
     """Peak of a no-grad forward over ``rows x tokens`` (the prompt), reached in the last layer's MLP.
 
-    Held then: the additive mask ``[rows, 1, q, q]`` in the weights' dtype, the rotary cos/sin, four hidden-sized
-    tensors (the embedding output, the residual stream before and after attention, the normed MLP input) and the
-    SwiGLU's three ``[q, I]`` tensors (SiLU(gate), up, their product). Attention's working set (query, keys and
-    values repeated to the query heads, output) is smaller whenever 3 I > 5 H_q D.
+    Held throughout: the additive mask ``[rows, 1, q, q]`` in the weights' dtype and the rotary cos/sin. In the last
+    layer: four hidden-sized tensors (the embedding output, the residual stream before and after attention, the
+    normed MLP input) and the SwiGLU's three ``[q, I]`` tensors (SiLU(gate), up, their product); attention's working
+    set (query, keys and values repeated to the query heads, output) is smaller whenever 3 I > 5 H_q D. At the LM
+    head: two hidden-sized tensors and, on a CPU, :func:`cpu_head_copy`.
     """
     a, ar = s.a, s.arch
     n = rows * tokens
-    shared = rows * tokens * tokens * s.w + 2 * n * ar.head_dim * a + 4 * n * ar.hidden * a
-    mlp = 3 * n * ar.intermediate * a
-    attn = n * (5 * ar.q_dim + 2 * ar.kv_dim) * a
-    return shared + max(mlp, attn) + cpu_head_copy(s, rows)
+    shared = rows * tokens * tokens * s.w + 2 * n * ar.head_dim * a
+    layer = 4 * n * ar.hidden * a + max(3 * n * ar.intermediate * a, n * (5 * ar.q_dim + 2 * ar.kv_dim) * a)
+    head = 2 * n * ar.hidden * a + cpu_head_copy(s, rows)
+    return shared + max(layer, head)
 
 
 def cpu_head_copy(s: Setup, rows: int) -> int:
@@ -74,11 +75,14 @@ def eviction(s: Setup, rows: int) -> int:
     return 2 * piece * s.a + (piece * F32 if s.method == "pte" else 0)
 
 
-def rollout(s: Setup, rows: int, cap: int, temperature: float, top_p: float, top_k: int) -> dict[str, int]:
-    """A rollout (or an evaluation batch) of ``rows`` sequences with ``cap`` K/V slots each."""
+def rollout(
+    s: Setup, rows: int, cap: int, max_new: int, temperature: float, top_p: float, top_k: int = 0
+) -> dict[str, int]:
+    """A rollout (or an evaluation batch) of ``rows`` sequences with ``cap`` K/V slots each: what it holds
+    throughout, plus the largest of its moments (the prompt's forward, a decode step, an eviction)."""
     parts = {
         f"K/V cache {rows} rows x {cap} slots": kv_cache(s, rows, cap),
-        "responses (ids, log-probs, mask)": rows * s.max_new * (8 + F32 + 1),
+        "responses (ids, log-probs, mask)": rows * max_new * (8 + F32 + 1),
         "thought state": thought_state(s, rows),
     }
     step = {
@@ -88,3 +92,22 @@ def rollout(s: Setup, rows: int, cap: int, temperature: float, top_p: float, top
     }
     worst = max(step, key=step.get)
     return {**parts, worst: step[worst]}
+
+
+def experience(s: Setup) -> int:
+    """A step's rollouts on this rank: prompt ids and mask, response ids, mask, log-probs, loss weights (and the
+    reference log-probs when beta > 0), kept from sampling to the end of the update."""
+    per_token = 8 + 1 + F32 + F32 + (F32 if s.beta > 0 else 0)
+    return s.seqs * (s.prompt_len * 9 + s.max_new * per_token)
+
+
+def optimizer(s: Setup) -> int:
+    """AdamW's step (foreach on a GPU): a float32 temporary the size of the adapter (the sqrt of the second moment).
+    The CPU's single-tensor AdamW needs it for the largest parameter only; counted whole either way."""
+    return s.adapter_params() * F32
+
+
+def fsdp_units(s: Setup) -> int:
+    """FSDP2 all-gathers a unit before its forward: the root (embedding, final norm, LM head) stays gathered while
+    the model runs, and a decoder layer is gathered while the next one is prefetched."""
+    return (s.arch.outer_params() + 2 * s.arch.layer_params()) * s.w if s.fsdp else 0
