@@ -14,6 +14,8 @@ settings, so the planner is checked against a GPU. ``--tiny`` runs the identical
 from __future__ import annotations
 
 import argparse
+import gc
+import itertools
 import json
 import logging
 import shutil
@@ -23,13 +25,15 @@ from typing import Any
 
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import eval as eval_cli
 import train
-from pte.config import load_config
+from pte.config import Config, load_config
 from pte.memory import max_rss_bytes
 from pte.models import tiny_tokenizer
+from pte.module import build_datamodule
+from pte.plan import plan
 
 log = logging.getLogger("gpu_smoke")
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,10 +47,15 @@ PAPER_WIDTH = {
     "vocab_size": 128256,
     "rope_theta": 500000.0,
 }
-TINY_WIDTH = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2}
-TINY_WIDTH["vocab_size"] = 256
-# One process of the paper run, offline: one rollout micro-batch (2 prompts x G 8 = 16 rows, the per-micro-batch
-# peak of the paper's 64 rows per GPU), arithmetic prompts, no hub, a fresh run directory.
+TINY_WIDTH = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 256,
+}
+# One process of the paper run, offline: one rollout micro-batch (4 prompts x 8 = 32 rows, the per-micro-batch peak
+# of the paper's 64 rows per GPU), arithmetic prompts, no hub, a fresh run directory.
 COMMON = [
     "trainer.devices=1",
     "trainer.strategy=auto",
@@ -55,13 +64,13 @@ COMMON = [
     "trainer.ckpt_every=0",
     "trainer.overwrite=true",
     "trainer.run_name=train",
-    "rollout.batch_size=16",
+    "rollout.batch_size=32",
     "data.source=reasoning_gym",
     "data.template=chat",
     "reward.workers=1",
 ]
 # Eval at the config's eval.max_rows, its longest window and generation limit: one row batch of max_rows problems.
-EVAL = ["benchmarks=[arithmetic]", "n_samples=1", "eval.temperature=1.0"]
+EVAL = ["benchmarks=[arithmetic]", "n_samples=1"]
 # The same path at toy size on a CPU: short rollouts and a window that still evicts.
 TINY = [
     "trainer.accelerator=cpu",
@@ -79,7 +88,22 @@ TINY = [
     "eval.windows=[8]",
     "thought.rank=4",
     "thought.global_tokens=4",
+    "data.size=32",
+    "data.val_size=4",
 ]
+
+
+def llama_config(width: dict[str, Any], pad_id: int = 0, eos_id: int = 1) -> LlamaConfig:
+    """A 2-layer Llama of ``width`` with an untied LM head (as R1-Distill-Llama-8B's)."""
+    return LlamaConfig(
+        **width,
+        num_hidden_layers=2,
+        max_position_embeddings=32768,
+        tie_word_embeddings=False,
+        pad_token_id=pad_id,
+        eos_token_id=eos_id,
+        bos_token_id=None,
+    )
 
 
 def build_model_dir(path: Path, width: dict[str, Any], dtype: torch.dtype) -> Path:
@@ -89,15 +113,7 @@ def build_model_dir(path: Path, width: dict[str, Any], dtype: torch.dtype) -> Pa
     responses run to the generation limit, the memory worst case.
     """
     tok = tiny_tokenizer()
-    config = LlamaConfig(
-        **width,
-        num_hidden_layers=2,
-        max_position_embeddings=32768,
-        tie_word_embeddings=False,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=None,
-    )
+    config = llama_config(width, tok.pad_token_id, tok.eos_token_id)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     with torch.device(device):  # initialise where it runs: seconds on a GPU instead of a minute on its host
@@ -128,16 +144,52 @@ def device_peaks() -> dict[str, float]:
     }
 
 
-def planner_prediction(overrides: list[str]) -> dict[str, Any]:
-    """The memory planner's figures for these settings, or why there are none (pte.plan is optional here)."""
-    try:
-        from pte import plan
-    except ImportError as err:
-        return {"error": f"no planner: {err}"}
-    try:
-        return plan.predict(load_config(CONFIG, overrides))
-    except Exception as err:  # the smoke run's own figures still count when the planner cannot price a setting
-        return {"error": f"{type(err).__name__}: {err}"}
+def longest_prompt(cfg: Config) -> int:
+    """Tokens in the longest prompt of the batches training draws: the planner's P (and W, under the paper's rule)."""
+    tok = AutoTokenizer.from_pretrained(cfg.model.name)
+    data = build_datamodule(cfg, tok)
+    data.setup()
+    batches = itertools.islice(iter(data.train_dataloader()), cfg.trainer.max_steps)
+    return max(len(tok(prompt).input_ids) for batch in batches for prompt in batch["prompts"])
+
+
+def planner_prediction(cfg: Config) -> dict[str, Any]:
+    """pte.plan's per-phase MiB for ``cfg`` on one device of this machine's size, at the run's real prompt length."""
+    cuda = torch.cuda.is_available()
+    gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else 40.0
+    p_len = longest_prompt(cfg)
+    p = plan(cfg, gpu_mem_gb=gpu_gib, world=1, prompt_len=p_len, device="cuda" if cuda else "cpu")
+    return {
+        "prompt_len": p_len,
+        "gpu_mem_gib": gpu_gib,
+        "phases_mib": {ph.name: ph.total / 2**20 for ph in p.phases},
+        "train_peak_mib": p.train_peak / 2**20,
+        "fits": p.fits,
+        "table": str(p).splitlines(),
+    }
+
+
+def measured_over_planned(result: dict[str, Any]) -> dict[str, float]:
+    """CUDA peak allocated over the planner's figure, for training (process-wide) and eval.py; empty on a CPU."""
+    planned, train_mem, eval_mem = result["planner"], result["train"]["memory"], result["eval"]["memory"]
+    if "peak_allocated_process_mib" not in train_mem:
+        return {}
+    return {
+        "train": train_mem["peak_allocated_process_mib"] / planned["train_peak_mib"],
+        "eval": eval_mem["peak_allocated_mib"] / planned["phases_mib"]["eval"],
+    }
+
+
+def smoke_overrides(model_dir: Path, method: str, out: Path, tiny: bool, extra: list[str]) -> list[str]:
+    """The overrides of CONFIG for this run: the local model, one short offline process, toy sizes if ``tiny``."""
+    return [
+        f"model.name={model_dir}",
+        f"method={method}",
+        f"trainer.out_dir={out}",
+        *COMMON,
+        *(TINY if tiny else []),
+        *extra,
+    ]
 
 
 def run(out: Path, method: str, tiny: bool, extra: list[str]) -> dict[str, Any]:
@@ -146,14 +198,7 @@ def run(out: Path, method: str, tiny: bool, extra: list[str]) -> dict[str, Any]:
     width = TINY_WIDTH if tiny else PAPER_WIDTH
     start = time.perf_counter()
     model_dir = build_model_dir(out / "model", width, torch.bfloat16)
-    overrides = [
-        f"model.name={model_dir}",
-        f"method={method}",
-        f"trainer.out_dir={out}",
-        *COMMON,
-        *(TINY if tiny else []),
-        *extra,
-    ]
+    overrides = smoke_overrides(model_dir, method, out, tiny, extra)
     cfg = load_config(CONFIG, overrides)
     result: dict[str, Any] = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
@@ -161,21 +206,25 @@ def run(out: Path, method: str, tiny: bool, extra: list[str]) -> dict[str, Any]:
         "method": method,
         "overrides": overrides,
         "build_s": time.perf_counter() - start,
+        "planner": planner_prediction(cfg),  # first: a setting the planner cannot price fails before any training
     }
     start = time.perf_counter()
     metrics = train.main(["--config", str(CONFIG), *overrides])
     run_dir = out / cfg.trainer.run_name
     result["train"] = {"seconds": time.perf_counter() - start, "metrics": metrics, "memory": train_peaks(run_dir)}
+    gc.collect()  # training's module and trainer, so eval.py's peak is its own
     if torch.cuda.is_available():
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    held = {"held_at_start_mib": torch.cuda.memory_allocated() / 2**20} if torch.cuda.is_available() else {}
     window = max(cfg.eval.windows or [cfg.cache.window])
     eval_args = [f"ckpt={run_dir / 'adapter'}", *EVAL, f"limit={cfg.eval.max_rows}", f"windows=[{window}]"]
     eval_args += [f"policies=[{cfg.eval_policy}]", f"eval.out_dir={out / 'eval'}"]
     shutil.rmtree(out / "eval", ignore_errors=True)  # eval.py skips the records it finds: a rerun must measure again
     start = time.perf_counter()
     eval_cli.main(eval_args)  # the checkpoint brings the run's config, eval section included
-    result["eval"] = {"seconds": time.perf_counter() - start, "args": eval_args, "memory": device_peaks()}
-    result["planner"] = planner_prediction(overrides)
+    result["eval"] = {"seconds": time.perf_counter() - start, "args": eval_args, "memory": {**device_peaks(), **held}}
+    result["measured_over_planned"] = measured_over_planned(result)
     (out / "smoke.json").write_text(json.dumps(result, indent=2, default=str))
     return result
 

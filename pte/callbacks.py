@@ -30,6 +30,23 @@ log = logging.getLogger(__name__)
 VAL_KEYS = ("response_length", "truncated_frac", "evictions", "tokens_per_s", "gold_errors")
 
 
+def format_bytes(n: float) -> str:
+    """``12.3 KiB``: bytes in the largest binary unit that keeps the number below 1024."""
+    for unit in ("B", "KiB", "MiB"):
+        if abs(n) < 1024:
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def eval_line(step: int, metrics: Mapping[str, float]) -> str:
+    """``step 25: val/accuracy 0.640, kv held 12.3 KiB/seq``: the console's view of one evaluation."""
+    line = f"step {step}: val/accuracy {metrics['val/accuracy']:.3f}"
+    if "val/kv_bytes_held_per_seq" in metrics:
+        line += f", kv held {format_bytes(metrics['val/kv_bytes_held_per_seq'])}/seq"
+    return line
+
+
 def log_scalars(trainer: L.Trainer, metrics: Mapping[str, float], step: int) -> None:
     """Send scalars to every logger at ``step`` (directly, so they do not wait for ``log_every_n_steps``)."""
     for logger in trainer.loggers:
@@ -53,7 +70,8 @@ def _due(step: int, last: int, every: int) -> bool:
 class EvalCallback(L.Callback):
     """Every ``every`` optimiser steps, greedy evaluation on the held-out prompts under the run's cache policy and
     window; logs ``val/accuracy``, ``val/response_length``, ``val/kv_bytes_{held,peak}_per_seq`` etc. and the KV
-    bytes held per sequence against generated position (a ``memory/kv_curve`` image).
+    bytes held per sequence against generated position (a ``memory/kv_curve`` image), and prints the accuracy and
+    the K/V held per sequence on the console (``eval_line``).
 
     Args:
         cfg: the run config (cache window, micro-batch size, generation length ``rollout.max_new_tokens``).
@@ -77,6 +95,8 @@ class EvalCallback(L.Callback):
         if result is None:
             return
         metrics, curve = result
+        if trainer.is_global_zero:  # the step line shows training only; a run that learns nothing shows here
+            log.info(eval_line(step, metrics))
         log_scalars(trainer, metrics, step)
         if curve:
             log_figure(trainer, "memory/kv_curve", kv_memory_curves({f"step {step}": curve}), step)

@@ -197,15 +197,20 @@ def check_shards(r: RolloutCfg, world: int) -> None:
 
 @dataclass
 class ReplayCfg:
-    """Bounds on the training pass's memory, none of which changes a log-prob (docs/scale.md).
+    """Bounds on the training pass's memory, none of which changes a log-prob or a gradient (docs/scale.md). They
+    hold for the GRPO replay, the full-cache replay of ``lora``, the reference of the KL term and SFT (pte/replay.py).
 
-    micro_batch: rows per replay forward + backward, independent of the rollout's rows (0 = a rollout micro-batch).
+    micro_batch: rows per replay forward + backward, independent of the rollout's rows (0 = a rollout micro-batch);
+        a block of rows keeps the batch's prompt width and eviction steps, and ends at its own longest response.
     max_chunk_tokens: tokens per row in one replay forward; a longer stretch between evictions (the first chunk holds
-        prompt + window, ``lora`` replays the whole response) is cut into pieces with nothing evicted between them
-        (0 = no cap).
+        prompt + window, ``lora`` replays the whole response) is cut into pieces with nothing evicted between them,
+        each attending the earlier pieces' K/V with their gradient (0 = no cap; must be 0 under fsdp).
     logits_chunk: positions (rows x tokens) per LM-head piece when log-probs and entropy are computed, so no
-        ``[rows, tokens, vocab]`` float32 tensor is ever built (0 = one piece).
-    checkpointing: recompute each decoder layer's activations in the backward instead of keeping them.
+        ``[rows, tokens, vocab]`` float32 tensor is ever built; with grad each piece is rebuilt in the backward
+        (0 = one piece).
+    checkpointing: recompute each decoder layer's activations in the backward instead of keeping them (the rerun
+        attends what the forward attended and stores no K/V; each chunk's loss must be backpropagated before the
+        next chunk, as training does).
     """
 
     micro_batch: int = 0
@@ -379,6 +384,13 @@ class Config:
             require(self.cache.policy != "pte", "cache.policy", f"method={self.method} has no thought encoder")
         if self.trainer.world_size:
             check_shards(self.rollout, self.trainer.world_size)
+        require(
+            self.trainer.strategy != "fsdp" or self.replay.max_chunk_tokens == 0,
+            "replay.max_chunk_tokens",
+            "must be 0 under trainer.strategy=fsdp: pieces of a chunk make the processes' forwards and backwards "
+            "differ, and sharded ones must run in lock-step (bound the replay with replay.micro_batch and "
+            "replay.checkpointing instead)",
+        )
 
     @property
     def eval_policy(self) -> str:

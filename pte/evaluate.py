@@ -15,7 +15,7 @@ import json
 import logging
 import time
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -31,8 +31,9 @@ from pte.config import CacheCfg, Config, ConfigError, require, to_yaml
 from pte.generate import decode_responses, encode_prompts, eos_ids
 from pte.plots import average, summarize, write_report
 from pte.prompts import config_prompt, few_shot_examples
+from pte.records import RecordStore, Sampled, batch_records
 from pte.rewards import GoldAnswerError, Grader, extract_answer
-from pte.rollout import Rollout, SamplingConfig, rollout
+from pte.rollout import SamplingConfig, rollout
 
 log = logging.getLogger(__name__)
 
@@ -137,16 +138,6 @@ def output_dir(cfg: Config) -> Path:
     return Path(cfg.trainer.out_dir) / f"eval-{cfg.model.name.strip('/').replace('/', '_')}"
 
 
-@dataclass
-class Sampled:
-    """One generation batch: decoded responses, their extracted answers, the rollout and its wall time."""
-
-    texts: list[str]
-    answers: list[str | None]
-    rollout: Rollout
-    seconds: float
-
-
 def sample_batch(
     model: nn.Module,
     tok: PreTrainedTokenizerBase,
@@ -155,16 +146,21 @@ def sample_batch(
     policy_name: str,
     sampling: SamplingConfig,
     generator: torch.Generator | None = None,
+    max_rows: int = 0,
 ) -> Sampled:
-    """Generate for formatted prompts under policy ``policy_name`` of ``cache`` (window resolved for this batch)."""
+    """Generate for formatted prompts under policy ``policy_name`` of ``cache`` (window resolved per rollout), in
+    rollouts of at most ``max_rows`` prompts one after another (0 = one rollout), so that at most that many rows'
+    K/V are held at once."""
     device = next(model.parameters()).device
-    ids, mask = encode_prompts(tok, prompts, chat=False, device=device)
-    policy = cache.policy_for(int(mask.sum(1).max()), policy_name)
-    start = time.perf_counter()
-    ro = rollout(model, ids, mask, policy, sampling, eos_ids(tok, model), tok.pad_token_id, generator)
+    size = max_rows or len(prompts)
+    start, parts = time.perf_counter(), []
+    for i in range(0, len(prompts), size):
+        ids, mask = encode_prompts(tok, prompts[i : i + size], chat=False, device=device)
+        policy = cache.policy_for(int(mask.sum(1).max()), policy_name)
+        parts.append(rollout(model, ids, mask, policy, sampling, eos_ids(tok, model), tok.pad_token_id, generator))
     seconds = time.perf_counter() - start
-    texts = decode_responses(tok, ro)
-    return Sampled(texts, [extract_answer(t) for t in texts], ro, seconds)
+    texts = [t for ro in parts for t in decode_responses(tok, ro)]
+    return Sampled(texts, [extract_answer(t) for t in texts], parts, seconds)
 
 
 def grade_groups(
@@ -194,94 +190,6 @@ def _grade_one(grader: Grader, answers: Sequence[str | None], gold: str, pid: st
         return grader.grade(list(answers), [gold] * len(answers), [pid] * len(answers))
     except GoldAnswerError as err:
         return str(err)
-
-
-def kv_curve(ro: Rollout) -> list[list[float]]:
-    """Per-sequence KV bytes held against generated tokens, kept only at slope changes (exact when joined)."""
-    y = [n * ro.slot_bytes for n in ro.used_slots]
-    keep = [0, *(j for j in range(1, len(y) - 1) if y[j] - y[j - 1] != y[j + 1] - y[j]), len(y) - 1]
-    return [[j + 1, y[j]] for j in sorted(set(keep))] if y else []
-
-
-def batch_records(
-    fp: str, setting: Setting, bench: str, batch: list[Problem], out: Sampled, grades: list
-) -> list[dict]:
-    """One record per problem of a finished batch; the first carries the batch's KV curve for the memory plot."""
-    ro, n = out.rollout, len(out.texts) // len(batch)
-    rows, stats = len(out.texts), ro.stats()
-    lengths, truncated = ro.response_mask.sum(1).tolist(), ro.truncated.tolist()
-    common = {
-        "fingerprint": fp,
-        "setting": setting.name,
-        "benchmark": bench,
-        "window": ro.policy.window,
-        "evictions": stats["evictions"],
-        "kv_bytes_held": stats["kv_bytes_held"] / rows,
-        "kv_bytes_peak": stats["kv_bytes_peak"] / rows,
-        "seconds": out.seconds / len(batch),
-    }
-    records = []
-    for j, problem in enumerate(batch):
-        rows_j = slice(j * n, (j + 1) * n)
-        grade = grades[j]
-        records.append(
-            {
-                **common,
-                "id": problem.id,
-                "gold": problem.answer,
-                "correct": grade if isinstance(grade, list) else None,
-                "gold_error": grade if isinstance(grade, str) else None,
-                "answers": out.answers[rows_j],
-                "lengths": lengths[rows_j],
-                "truncated": truncated[rows_j],
-                "responses": out.texts[rows_j],
-            }
-        )
-    records[0]["kv_curve"] = kv_curve(ro)
-    return records
-
-
-class RecordStore:
-    """Per-(fingerprint, benchmark, problem) records in an append-only JSONL; the last line for a key wins.
-
-    Lines cut short by an interrupted write are dropped from the file once, with one warning, so their
-    problems are redone and later runs read a clean file.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.records: dict[tuple[str, str, str], dict] = {}
-        if path.exists():
-            self._load()
-
-    def _load(self) -> None:
-        text = self.path.read_text(encoding="utf-8")
-        good, dropped = [], 0
-        for line in text.splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                dropped += 1
-                continue
-            good.append(line)
-            self.records[rec["fingerprint"], rec["benchmark"], rec["id"]] = rec
-        if dropped or (text and not text.endswith("\n")):
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(line + "\n" for line in good), encoding="utf-8")
-            tmp.replace(self.path)
-            if dropped:
-                log.warning("%s: dropped %d incomplete line(s); their problems will be recomputed", self.path, dropped)
-
-    def get(self, fp: str, bench: str, pid: str) -> dict | None:
-        return self.records.get((fp, bench, pid))
-
-    def append(self, records: Iterable[dict]) -> None:
-        """Append and flush (the file is closed after every batch)."""
-        records = list(records)
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.writelines(json.dumps(r) + "\n" for r in records)
-        for r in records:
-            self.records[r["fingerprint"], r["benchmark"], r["id"]] = r
 
 
 class Evaluator:
@@ -323,7 +231,9 @@ class Evaluator:
             generator = torch.Generator(device=device).manual_seed(seed)
             prompts = [self.format(p.question) for p in batch for _ in range(n)]
             cache = setting.cache(self.cfg.cache)
-            out = sample_batch(self.model, self.tok, prompts, cache, setting.policy, self.sampling, generator)
+            rows = self.cfg.eval.max_rows
+            rows = rows - rows % n if rows >= n else rows  # whole problems per rollout when they fit
+            out = sample_batch(self.model, self.tok, prompts, cache, setting.policy, self.sampling, generator, rows)
             groups = [out.answers[j * n : (j + 1) * n] for j in range(len(batch))]
             grades = grade_groups(self.grader, groups, [p.answer for p in batch], [p.id for p in batch])
             self.store.append(batch_records(fp, setting, bench, batch, out, grades))

@@ -14,6 +14,7 @@ import resource
 import sys
 
 import torch
+from typing_extensions import Self
 
 
 def max_rss_bytes() -> int:
@@ -67,7 +68,7 @@ class TensorPeak:
         self._prof: torch.profiler.profile | None = None
         self._base = 0
 
-    def __enter__(self) -> TensorPeak:
+    def __enter__(self) -> Self:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)

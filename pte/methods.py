@@ -53,8 +53,12 @@ def build_model(cfg: Config) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     The base takes ``model.dtype``; the adapter is float32 whatever it is (the precision rule, pte/precision.py).
 
     With ``model.adapter`` the adapter starts from that export's weights (e.g. an SFT warm start for GRPO).
+
+    The adapter's initialisation draws from the global torch generator, seeded here with ``seed`` so that it does
+    not depend on what loading the base drew before (a toy base built now, or loaded from the cache).
     """
     model, tok = load_base(cfg)
+    torch.manual_seed(cfg.seed)
     model = add_adapter(model, cfg)
     if cfg.model.adapter:
         warm_start(model, cfg.method, Path(cfg.model.adapter))

@@ -14,16 +14,7 @@ import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
-from pte.callbacks import log_scalars
-
-
-def _bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB"):
-        if abs(n) < 1024:
-            return f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
+from pte.callbacks import format_bytes, log_scalars
 
 # (label, train/ scalar, format) of the stdout step line; a quantity the objective does not log (e.g. the
 # reward under objective=sft) is left out.
@@ -40,7 +31,7 @@ def step_line(step: int, max_steps: int, m: dict[str, float], seconds: float) ->
     parts = [f"step {step}/{max_steps}"]
     parts += [f"{label} {fmt.format(m[key])}" for label, key, fmt in LINE_FIELDS if key in m]
     if "train/kv_bytes_held_per_seq" in m:
-        parts.append(f"kv_held {_bytes(m['train/kv_bytes_held_per_seq'])}/seq")
+        parts.append(f"kv_held {format_bytes(m['train/kv_bytes_held_per_seq'])}/seq")
     return " ".join([*parts, f"{seconds:.2f} s"])
 
 

@@ -13,8 +13,11 @@ import argparse
 import hashlib
 import json
 import logging
+import random
 import time
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -109,8 +112,29 @@ def full_cache_accuracy(model, tok, problems: list[CarryProblem], batch: int = 1
     return sum(correct) / len(problems)
 
 
+@contextmanager
+def global_rng_untouched() -> Iterator[None]:
+    """Restore the global random streams (torch CPU, numpy, python ``random``) on exit.
+
+    ``model.name: toy-carry`` builds the base inside the first run, after ``seed_everything``; without this its
+    initialisation and training would shift the run's streams, so a fresh clone would train another adapter than
+    every later run that loads the cached base.
+    """
+    np_state, py_state = np.random.get_state(), random.getstate()
+    with torch.random.fork_rng(devices=[]):  # the build runs on the CPU
+        try:
+            yield
+        finally:
+            np.random.set_state(np_state)
+            random.setstate(py_state)
+
+
+@global_rng_untouched()
 def train_toy_base(spec: ToySpec, out_dir: Path, tok: PreTrainedTokenizerFast) -> dict:
-    """Train the toy base, check it on held-out problems, save it to ``out_dir``; return the build record."""
+    """Train the toy base, check it on held-out problems, save it to ``out_dir``; return the build record.
+
+    Seeded by ``spec.seed`` alone, and the caller's global random streams are left as they were.
+    """
     t0 = time.perf_counter()
     held_out = carry_problems(spec.eval_problems, seed=10_000 + spec.seed, steps=spec.steps, carry=spec.values)
     banned = {p.question for p in held_out}
@@ -155,10 +179,14 @@ def train_toy_base(spec: ToySpec, out_dir: Path, tok: PreTrainedTokenizerFast) -
     return record
 
 
-def toy_base_dir(spec: ToySpec = ToySpec()) -> Path:
-    """The cached toy base for ``spec``, trained now if it is not there yet."""
+DEFAULT_SPEC = ToySpec()  # what ``model.name: toy-carry`` loads (tests swap in a tiny spec)
+
+
+def toy_base_dir(spec: ToySpec | None = None) -> Path:
+    """The cached toy base for ``spec`` (default ``DEFAULT_SPEC``), trained now if it is not there yet."""
     from pte.models import cache_dir, tiny_tokenizer
 
+    spec = DEFAULT_SPEC if spec is None else spec
     out = cache_dir() / spec.name
     if not (out / "toy_base.json").exists():
         log.info("building the toy base model %s (once, a few minutes on a CPU)", spec.name)

@@ -7,10 +7,11 @@ import torch
 
 from pte.cache import BoundedKVCache, CachePolicy
 from pte.encoder import attach_thought
-from pte.forward import forward_tokens
+from pte.forward import forward_hidden, forward_tokens, output_head
 from pte.generate import encode_prompts
+from pte.memory import TensorPeak
 from pte.replay import replay
-from pte.rollout import prompt_positions
+from pte.rollout import new_cache, prompt_positions
 from pte.thought import ThoughtConfig
 from tests.helpers import PROMPTS, run, tiny, tiny_pte
 
@@ -102,3 +103,37 @@ def test_eviction_moves_nothing_and_hands_over_the_stored_kv(monkeypatch, retain
     monkeypatch.setattr(BoundedKVCache, "evict_due", spy)
     run(model, tok, PROMPTS, CachePolicy("pte", window=window, evict_ratio=ratio, retain_prompt=retain), 40)
     assert len(rounds) >= 3 and all(rounds) == retain
+
+
+def test_select_rows_copies_one_layer_at_a_time():
+    """Dropping finished rows holds at most one layer's kept keys beyond the cache (not a second cache), and keeps
+    exactly the kept rows' K/V."""
+    model, tok = tiny(num_hidden_layers=4)
+    ids, mask = encode_prompts(tok, PROMPTS * 2)  # 6 rows
+    cache = new_cache(model, CachePolicy("window", window=8), ids.shape[1], 8)
+    with torch.no_grad():
+        forward_tokens(model, cache, ids, prompt_positions(mask), mask)
+    rows = [0, 2, 3, 5]
+    before = [k[rows].clone() for k in cache.keys]
+    layer = before[0].numel() * before[0].element_size()  # one layer's kept keys
+    held = sum(t.numel() * t.element_size() for t in (*cache.keys, *cache.values))
+    with TensorPeak() as peak:  # on CPU only blocks allocated inside the block report their release: copy them in
+        cache.keys, cache.values = [k.clone() for k in cache.keys], [v.clone() for v in cache.values]
+        cache.select_rows(rows)
+    assert peak.peak <= held + layer + 4096, (peak.peak, held, layer)
+    assert all(torch.equal(k, b) for k, b in zip(cache.keys, before))
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_hidden_states_through_the_head_are_the_logits(family):
+    """The replay's path (final hidden states taken at the LM head's input, the head applied after) gives the logits
+    the model's own forward gives, to the bit."""
+    model, tok = tiny(family)
+    ids, mask = encode_prompts(tok, PROMPTS)
+    policy, p = CachePolicy("full"), ids.shape[1]
+    with torch.no_grad():
+        caches = [BoundedKVCache(2, policy, p, policy.capacity(p, 0)) for _ in range(2)]
+        logits = forward_tokens(model, caches[0], ids, prompt_positions(mask), mask, logits_from=5)
+        hidden = forward_hidden(model, caches[1], ids, prompt_positions(mask), mask, hidden_from=5)
+        assert torch.equal(output_head(model)(hidden).float(), logits)
+        assert torch.equal(caches[0].keys[1], caches[1].keys[1])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -10,7 +11,7 @@ import numpy as np
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train
-from pte.callbacks import EvalCallback, MemoryCurveCallback, build_callbacks
+from pte.callbacks import EvalCallback, MemoryCurveCallback, build_callbacks, eval_line
 from pte.config import load_config
 from pte.plots import figure_array, memory_phases
 from pte.progress import StepProgressBar, step_line
@@ -39,14 +40,22 @@ def test_step_line_names_each_quantity_with_its_unit():
     assert step_line(1, 2, {"train/loss": 1.5}, 0.5) == "step 1/2 loss 1.5 0.50 s"  # objective=sft: no reward
 
 
+def test_eval_line_shows_accuracy_and_kv_held():
+    metrics = {"val/accuracy": 0.64, "val/kv_bytes_held_per_seq": 12.3 * 1024, "val/response_length": 40.0}
+    assert eval_line(25, metrics) == "step 25: val/accuracy 0.640, kv held 12.3 KiB/seq"
+    assert eval_line(5, {"val/accuracy": 1.0}) == "step 5: val/accuracy 1.000"  # no KV record: no KV part
+
+
 def test_figure_array_is_rgb():
     image = figure_array(memory_phases({"rollout": [(1, 2.0**20), (2, 3 * 2.0**20)]}))
     assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
     assert image.min() < 128 < image.max()  # something was drawn on the white background
 
 
-def test_training_logs_validation_and_memory_curves(tmp_path):
-    """Two steps with val_every=2: memory scalars every step, evaluation and plots at step 2 only."""
+def test_training_logs_validation_and_memory_curves(tmp_path, caplog):
+    """Two steps with val_every=2: memory scalars every step, evaluation and plots at step 2 only, and the
+    evaluation's accuracy on the console."""
+    caplog.set_level(logging.INFO, logger="pte.callbacks")
     train.main(
         [
             "--config",
@@ -64,6 +73,9 @@ def test_training_logs_validation_and_memory_curves(tmp_path):
 
     accuracy = scalars["val/accuracy"]
     assert [step for step, _ in accuracy] == [2] and 0.0 <= accuracy[0][1] <= 1.0
+    printed = [r.getMessage() for r in caplog.records if r.name == "pte.callbacks" and "val/accuracy" in r.getMessage()]
+    assert len(printed) == 1 and re.fullmatch(r"step 2: val/accuracy \d\.\d{3}, kv held [\d.]+ (B|KiB)/seq", printed[0])
+    assert f"val/accuracy {accuracy[0][1]:.3f}" in printed[0]
     assert 0 < scalars["val/response_length"][0][1] <= 6
     assert scalars["val/gold_errors"] == [(2, 0.0)]
     assert scalars["val/kv_bytes_peak_per_seq"][0][1] >= scalars["val/kv_bytes_held_per_seq"][0][1] > 0

@@ -10,6 +10,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from pte.config import Config, ConfigError, load_config, load_yaml
+from pte.plan import plan
 
 CONFIGS = sorted(Path(__file__).resolve().parent.parent.joinpath("configs").glob("*.yaml"))
 PAPER = [p for p in CONFIGS if p.stem.startswith(("paper", "qwen", "deepseek"))]
@@ -122,3 +123,11 @@ def test_bad_config_names_the_key(override, key):
 def test_method_and_policy_must_agree():
     with pytest.raises(ConfigError, match="cache.policy"):
         load_config(None, ["method=lora_c", "cache.policy=pte"])
+
+
+@pytest.mark.parametrize("method", ["pte", "lora_c"])
+@pytest.mark.parametrize("path", OVERLAYS, ids=lambda p: p.stem)
+def test_paper_configs_fit_40_gib_per_gpu(path, method):
+    """The paper's hardware (8 x A100-40GB): the planner fits training and eval.py of pte and lora_c per GPU."""
+    p = plan(load_config(path, [f"method={method}"]), gpu_mem_gb=40)
+    assert p.setup.world == 8 and p.fits, str(p)

@@ -112,6 +112,25 @@ def test_changed_settings_are_not_reused(pte_adapter, tmp_path, monkeypatch):
     assert len(_lines(tmp_path / "records.jsonl")) == 2
 
 
+@pytest.mark.parametrize(("max_rows", "expected"), [(3, [2, 2, 2]), (1, [1] * 6)])
+def test_max_rows_bounds_each_rollout_and_changes_no_record(pte_adapter, tmp_path, monkeypatch, max_rows, expected):
+    """3 problems x 2 greedy samples in one batch of 6 rows: at most ``eval.max_rows`` rows per rollout (whole problems
+    when they fit), and every record as without the bound but the KV bytes (a smaller batch pads its prompts less)."""
+    args = [f"ckpt={pte_adapter}", "policies=[pte]", "windows=[4]", "n_samples=2", "eval.batch_size=3", "limit=3"]
+    args += [*FAST, "eval.temperature=0.0"]
+    rows = _count_rollouts(monkeypatch)
+    eval_cli.main([*args, f"eval.out_dir={tmp_path / 'all'}"])
+    assert rows == [6]
+    rows.clear()
+    eval_cli.main([*args, f"eval.out_dir={tmp_path / 'bounded'}", f"eval.max_rows={max_rows}"])
+    assert rows == expected
+    skip = {"seconds", "kv_curve", "kv_bytes_held", "kv_bytes_peak"}
+    whole, bounded = (_lines(tmp_path / d / "records.jsonl") for d in ("all", "bounded"))
+    assert [{k: v for k, v in r.items() if k not in skip} for r in bounded] == [
+        {k: v for k, v in r.items() if k not in skip} for r in whole
+    ]
+
+
 def test_base_model_eval(tmp_path, monkeypatch):
     """A base model by name, two benchmarks (one generated offline), the full cache against a window."""
     monkeypatch.chdir(tmp_path)

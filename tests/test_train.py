@@ -35,6 +35,8 @@ LOGGED = {
     "train/time_rollout_s",
     "train/tokens_per_s",
     "train/nonfinite_steps",
+    "train/logp_gap_max",
+    "train/logp_gap_mean",
     "memory/peak_rss_process_mib",  # CPU: the process's resident-set peak, not per phase
 }
 
@@ -70,6 +72,16 @@ def test_train_each_method(tmp_path, method, digit_reward):
     assert trained and all(torch.equal(p, exported[n]) for n, p in trained.items())
     name = "lr_a" if method == "pte" else "lora_B"
     assert any(name in n and p.abs().sum() > 0 for n, p in trained.items()), "training changed nothing"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_rollout_replay_gap_is_logged(tmp_path, dtype):
+    """train/logp_gap_max and train/logp_gap_mean every step: rounding in float32, finite and > 0 in bf16."""
+    acc = EventAccumulator(str(_train(tmp_path, "trainer.max_steps=1", f"model.dtype={dtype}") / "tb"))
+    acc.Reload()
+    gap_max, gap_mean = (acc.Scalars(f"train/logp_gap_{k}")[0].value for k in ("max", "mean"))
+    assert math.isfinite(gap_max) and 0 <= gap_mean <= gap_max
+    assert gap_max < 1e-4 if dtype == "float32" else 0 < gap_mean < 0.5
 
 
 def test_resume_is_exact(tmp_path, digit_reward):

@@ -31,29 +31,29 @@ class Piece:
     logits: int
 
 
-def pieces(s: Setup) -> list[Piece]:
-    """The distinct replay forwards of a worst-case rollout (every row runs to ``max_new_tokens``).
+def chunks(s: Setup) -> list[tuple[Piece, ...]]:
+    """The distinct replay chunks of a worst-case rollout (every row runs to ``max_new_tokens``), as their forwards.
 
-    The first stretch is prompt + W tokens (prompt + T under the full cache), scored from the last prompt token on;
+    The first chunk is prompt + W tokens (prompt + T under the full cache), scored from the last prompt token on;
     each later chunk is the e tokens between two evictions and attends the stored P + W slots plus itself.
-    ``replay.max_chunk_tokens`` cuts a stretch into pieces that attend the pieces before them.
+    ``replay.max_chunk_tokens`` runs a chunk as several forwards, each attending the ones before it live; all of a
+    chunk's forwards keep their graphs until its loss is backpropagated.
     """
     p = s.prompt_len
-    first = p + (s.policy.window if s.policy.bounded else s.max_new)
-    out = _cut(first, 0, p - 1, s.max_chunk_tokens)
+    out = [_cut(p + (s.policy.window if s.policy.bounded else s.max_new), 0, p - 1, s.max_chunk_tokens)]
     if s.policy.bounded and s.max_new > s.policy.window:
-        out += _cut(min(s.policy.evict_tokens, s.max_new - s.policy.window), s.cap, 0, s.max_chunk_tokens)
-    return sorted(set(out), key=lambda x: (x.n, x.keys))
+        out.append(_cut(min(s.policy.evict_tokens, s.max_new - s.policy.window), s.cap, 0, s.max_chunk_tokens))
+    return out
 
 
-def _cut(length: int, stored: int, scored_from: int, cap: int) -> list[Piece]:
-    """Pieces of at most ``cap`` tokens (0 = one piece) of a ``length``-token stretch after ``stored`` slots."""
+def _cut(length: int, stored: int, scored_from: int, cap: int) -> tuple[Piece, ...]:
+    """Forwards of at most ``cap`` tokens (0 = one) of a ``length``-token chunk that follows ``stored`` slots."""
     step = cap or length
     out = []
     for start in range(0, length, step):
         n = min(step, length - start)
         out.append(Piece(n, stored + start + n, max(0, start + n - max(start, scored_from))))
-    return out
+    return tuple(out)
 
 
 def adapter_per_token(s: Setup) -> int:
@@ -86,62 +86,81 @@ def per_key(s: Setup) -> int:
     return 2 * s.arch.q_dim * s.a
 
 
-def shared(s: Setup, rows: int, pc: Piece) -> int:
-    """Tensors every layer's backward reads: the additive mask, the rotary cos/sin, the final norm's input."""
+def common(s: Setup, rows: int, pc: Piece) -> int:
+    """Per forward, what every layer's backward reads: the additive mask ``[rows, 1, n, k]`` and the rotary cos/sin."""
+    return rows * pc.n * (pc.keys * s.w + 2 * s.arch.head_dim * s.a)
+
+
+def head_inputs(s: Setup, rows: int, pc: Piece) -> int:
+    """Per forward, what the LM head keeps until its backward: the final norm's float32 input and its output, and
+    the scored positions' hidden states as the head pieces take them (a contiguous copy)."""
+    return rows * (pc.n * s.arch.hidden * (F32 + s.a) + pc.logits * s.arch.hidden * s.a)
+
+
+def layer_saved(s: Setup, rows: int, pc: Piece) -> int:
+    return rows * (pc.n * per_token(s) + pc.keys * per_key(s))
+
+
+def forward_saved(s: Setup, rows: int, chunk: tuple[Piece, ...]) -> int:
+    """What a chunk's forwards keep until its backward: every layer's saved activations (with checkpointing only each
+    layer's input), the shared tensors, and the live K/V that later forwards of the chunk attend."""
     ar = s.arch
-    return rows * pc.n * (pc.keys * s.w + 2 * ar.head_dim * s.a + ar.hidden * F32)
+    total = 0
+    for i, pc in enumerate(chunk):
+        layer = rows * pc.n * ar.hidden * s.a if s.checkpointing else layer_saved(s, rows, pc)
+        live = 2 * rows * pc.n * ar.kv_dim * s.a if i < len(chunk) - 1 else 0
+        total += ar.layers * (layer + live) + common(s, rows, pc) + head_inputs(s, rows, pc)
+    return total
 
 
-def saved(s: Setup, rows: int, pc: Piece) -> int:
-    """Activations kept for the backward: every layer's, or with checkpointing every layer's input plus the one
-    layer being recomputed."""
-    layer = rows * (pc.n * per_token(s) + pc.keys * per_key(s))
-    if s.checkpointing:
-        return s.arch.layers * rows * pc.n * s.arch.hidden * s.a + layer + shared(s, rows, pc)
-    return s.arch.layers * layer + shared(s, rows, pc)
-
-
-def head(s: Setup, rows: int, pc: Piece) -> int:
-    """The LM head of one piece: at most ``replay.logits_chunk`` positions of ``[positions, V]`` float32 at once.
-
-    Held at the worst moment: the float32 logits, their log-softmax (kept for the backward) and two entropy
-    temporaries, plus the 16-bit logits while they are cast.
-    """
-    positions = rows * pc.logits
+def head(s: Setup, rows: int, chunk: tuple[Piece, ...]) -> int:
+    """The LM head's worst piece: ``replay.logits_chunk`` positions (0 = all the chunk's) of ``[positions, V]``
+    float32 tensors, four at once: the logits, their log-softmax and the entropy's two temporaries, in the forward
+    and again when the backward recomputes the piece."""
+    positions = rows * sum(pc.logits for pc in chunk)
     if s.logits_chunk:
         positions = min(positions, s.logits_chunk)
     return positions * s.arch.vocab * 4 * F32
 
 
-def backward_layer(s: Setup, rows: int, pc: Piece) -> int:
-    """Gradients alive in one layer's backward: the MLP's three ``[n, I]`` gradients, or attention's gradients of
-    the query and of the repeated keys and values."""
-    ar, a = s.arch, s.a
+def backward_layer(s: Setup, rows: int, chunk: tuple[Piece, ...]) -> int:
+    """The top layer's backward of the chunk's last forward, over what the forwards kept less the LM head's inputs
+    (its backward has run): with checkpointing the layer's recomputed activations (its input is already kept), the
+    gradients alive in it (the MLP's three ``[n, I]`` or attention's of the query and the repeated keys and values,
+    plus the incoming hidden-sized one), and the gradients gathering for the earlier forwards' live K/V."""
+    ar, a, pc = s.arch, s.a, chunk[-1]
     mlp = 3 * rows * pc.n * ar.intermediate * a
     attn = rows * (pc.n * ar.q_dim + 2 * pc.keys * ar.q_dim) * a
-    return max(mlp, attn) + 2 * rows * pc.n * ar.hidden * a
+    recompute = 0
+    if s.checkpointing:
+        recompute = layer_saved(s, rows, pc) - (rows * pc.n * ar.hidden * F32 if a == F32 else 0)
+    earlier = sum(p.n for p in chunk[:-1])
+    live_grads = 2 * ar.layers * rows * earlier * ar.kv_dim * a
+    kept = sum(head_inputs(s, rows, p) for p in chunk)
+    return recompute + max(mlp, attn) + rows * pc.n * ar.hidden * a + live_grads - kept
 
 
 def replay(s: Setup) -> dict[str, int]:
-    """The replay phase's transient for its worst piece: the replay's own cache and state, the saved activations,
-    and the larger of the LM-head peak (end of the forward) and one layer's backward working set."""
+    """The replay phase's transient for its worst chunk: the replay's own cache and state, what the chunk's forwards
+    keep, and the larger of the LM-head peak and the top layer's backward."""
     rows = s.replay_rows
 
-    def total(pc: Piece) -> int:
-        return saved(s, rows, pc) + max(head(s, rows, pc), backward_layer(s, rows, pc))
+    def tops(chunk: tuple[Piece, ...]) -> dict[str, int]:
+        positions = rows * sum(pc.logits for pc in chunk)
+        return {
+            f"LM head ({min(positions, s.logits_chunk or positions)} positions x V)": head(s, rows, chunk),
+            f"top layer's backward{' (recomputed)' if s.checkpointing else ''}": backward_layer(s, rows, chunk),
+        }
 
-    pc = max(pieces(s), key=total)
-    mode = "layer inputs + one layer" if s.checkpointing else "all layers"
-    tops = {
-        f"LM head ({min(rows * pc.logits, s.logits_chunk or rows * pc.logits)} positions x V)": head(s, rows, pc),
-        "backward working set (one layer)": backward_layer(s, rows, pc),
-    }
-    top = max(tops, key=tops.get)
+    chunk = max(chunks(s), key=lambda c: forward_saved(s, rows, c) + max(tops(c).values()))
+    top = max(tops(chunk).items(), key=lambda kv: kv[1])
+    tokens = sum(pc.n for pc in chunk)
+    what = "layer inputs" if s.checkpointing else "activations"
     return {
         f"replay K/V cache {rows} rows x {s.cap} slots": kv_cache(s, rows, s.cap),
         "thought state": thought_state(s, rows),
-        f"saved activations ({mode}), {pc.n} tokens x {pc.keys} keys": saved(s, rows, pc),
-        top: tops[top],
+        f"saved {what}: {tokens}-token chunk in {len(chunk)} forward(s)": forward_saved(s, rows, chunk),
+        top[0]: top[1],
     }
 
 
