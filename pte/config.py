@@ -290,6 +290,8 @@ class TrainerCfg:
         and adapter are deleted); without it such a directory is refused unless ``ckpt_path`` resumes it.
     max_nonfinite: consecutive steps with a NaN/inf loss or gradient (each skipped, no optimiser step) after which
         the run saves and stops; 0 = never stop.
+    precision: Lightning precision; the half ``-true`` values cast only the frozen base (pte/precision.py), so the
+        adapter, the thought state and the optimiser state stay float32.
     """
 
     max_steps: int = 10

@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 
 import pte.replay
 from pte.cache import CachePolicy
-from pte.config import ReplayCfg, load_config
+from pte.config import ConfigError, ReplayCfg, load_config
 from pte.encoder import attach_thought, decoder_layers, get_thought
 from pte.forward import output_head
 from pte.generate import encode_prompts
@@ -150,6 +150,11 @@ def test_checkpointing_refuses_a_backward_after_the_next_chunk():
     chunks = list(replay(model, ro, limits=KNOBS["checkpointing"]))  # every graph kept: evictions happened since
     with pytest.raises(RuntimeError, match="replay.checkpointing"):
         torch.stack([c.logprobs.sum() for c in chunks]).sum().backward()
+
+
+def test_chunk_cap_is_refused_under_fsdp():
+    with pytest.raises(ConfigError, match="replay.max_chunk_tokens"):
+        load_config("configs/tiny.yaml", ["trainer.strategy=fsdp", "replay.max_chunk_tokens=8"])
 
 
 # --- memory: flat in vocabulary, response length and rows at fixed bounds ----------------------------------------
