@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import cache
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
 
 from pte.cache import BoundedKVCache
 from pte.encoder import decoder_layers, unwrap
@@ -114,7 +115,7 @@ def _run(
     valid: torch.Tensor,
     keep: int,
     more: bool = False,
-):
+) -> ModelOutput:
     """The model's forward over ``input_ids`` with logits for the last ``keep`` positions; ``cache`` advanced."""
     dtype = next(model.parameters()).dtype
     mask = cache.mask(positions, valid, dtype, more)
@@ -150,7 +151,7 @@ def checkpointed_layers(model: nn.Module, cache: BoundedKVCache) -> Iterator[Non
             del layer.forward
 
 
-def _checkpointed(layer: nn.Module, cache: BoundedKVCache):
+def _checkpointed(layer: nn.Module, cache: BoundedKVCache) -> Callable[..., torch.Tensor]:
     """``layer.forward`` under ``torch.utils.checkpoint`` when grad is on; the first call is the forward, any later
     one a rerun under the forward's ticket."""
     forward = type(layer).forward.__get__(layer)

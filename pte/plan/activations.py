@@ -92,25 +92,45 @@ def common(s: Setup, rows: int, pc: Piece) -> int:
 
 
 def head_inputs(s: Setup, rows: int, pc: Piece) -> int:
-    """Per forward, what the LM head keeps until its backward: the final norm's float32 input and its output, and
-    the scored positions' hidden states as the head pieces take them (a contiguous copy)."""
-    return rows * (pc.n * s.arch.hidden * (F32 + s.a) + pc.logits * s.arch.hidden * s.a)
+    """Per forward, the final norm's float32 input (kept for its backward) and its output (the head's input)."""
+    return rows * pc.n * s.arch.hidden * (F32 + s.a)
+
+
+def scored_copy(s: Setup, rows: int, chunk: tuple[Piece, ...], first: bool) -> int:
+    """The scored positions' hidden states as one contiguous tensor: the concatenation of a chunk's forwards, or of
+    the first chunk the copy that drops the prompt's positions; a later chunk of one forward needs none."""
+    return rows * sum(pc.logits for pc in chunk) * s.arch.hidden * s.a if first or len(chunk) > 1 else 0
 
 
 def layer_saved(s: Setup, rows: int, pc: Piece) -> int:
     return rows * (pc.n * per_token(s) + pc.keys * per_key(s))
 
 
-def forward_saved(s: Setup, rows: int, chunk: tuple[Piece, ...]) -> int:
+def forward_saved(s: Setup, rows: int, chunk: tuple[Piece, ...], first: bool) -> int:
     """What a chunk's forwards keep until its backward: every layer's saved activations (with checkpointing only each
-    layer's input), the shared tensors, and the live K/V that later forwards of the chunk attend."""
+    layer's input), the shared tensors, the live K/V that later forwards of the chunk attend, the scored copy."""
     ar = s.arch
     total = 0
     for i, pc in enumerate(chunk):
         layer = rows * pc.n * ar.hidden * s.a if s.checkpointing else layer_saved(s, rows, pc)
         live = 2 * rows * pc.n * ar.kv_dim * s.a if i < len(chunk) - 1 else 0
         total += ar.layers * (layer + live) + common(s, rows, pc) + head_inputs(s, rows, pc)
-    return total
+    return total + scored_copy(s, rows, chunk, first)
+
+
+def state_graph(s: Setup, rows: int, later: bool) -> int:
+    """PTE: what the backward through the thought state keeps per layer: the frozen projections of the global tokens
+    ``G x (H_q D + 2 H_kv D)`` and, after an eviction, the float32 evicted keys and values the latent projections
+    read; ``thought.state_grad: chain`` keeps every eviction's until the micro-batch ends."""
+    if s.method != "pte":
+        return 0
+    ar = s.arch
+    per_update = ar.layers * F32 * s.global_tokens * (ar.q_dim + 2 * ar.kv_dim)
+    evicted = ar.layers * F32 * rows * s.policy.evict_tokens * 2 * ar.kv_dim
+    if s.state_grad == "chain":
+        evictions = max(0, (s.max_new - s.policy.window) // s.policy.evict_tokens)
+        return per_update + evictions * (per_update + evicted)
+    return per_update + (evicted if later else 0)
 
 
 def head(s: Setup, rows: int, chunk: tuple[Piece, ...]) -> int:
@@ -123,21 +143,27 @@ def head(s: Setup, rows: int, chunk: tuple[Piece, ...]) -> int:
     return positions * s.arch.vocab * 4 * F32
 
 
-def backward_layer(s: Setup, rows: int, chunk: tuple[Piece, ...]) -> int:
-    """The top layer's backward of the chunk's last forward, over what the forwards kept less the LM head's inputs
-    (its backward has run): with checkpointing the layer's recomputed activations (its input is already kept), the
+def backward_layer(s: Setup, rows: int, chunk: tuple[Piece, ...], first: bool) -> int:
+    """The top layer's backward of the chunk's last forward, over what the forwards kept (the head's backward has
+    freed the last forward's final-norm input, and the scored copy of a one-forward chunk; a chunk of several
+    forwards holds the scored positions' hidden gradient until its first forward's norm has run): with checkpointing the layer's recomputed activations (its input is already kept), the
     gradients alive in it (the MLP's three ``[n, I]`` or attention's of the query and the repeated keys and values,
-    plus the incoming hidden-sized one), and the gradients gathering for the earlier forwards' live K/V."""
+    plus the incoming hidden-sized one), the layer's adapter gradients before they are accumulated, and, for a chunk
+    run as several forwards, the key/value gradients of every layer held for the earlier forwards (each a view of
+    the whole ``[rows, H_kv, k, D]`` gradient)."""
     ar, a, pc = s.arch, s.a, chunk[-1]
     mlp = 3 * rows * pc.n * ar.intermediate * a
     attn = rows * (pc.n * ar.q_dim + 2 * pc.keys * ar.q_dim) * a
     recompute = 0
     if s.checkpointing:
         recompute = layer_saved(s, rows, pc) - (rows * pc.n * ar.hidden * F32 if a == F32 else 0)
-    earlier = sum(p.n for p in chunk[:-1])
-    live_grads = 2 * ar.layers * rows * earlier * ar.kv_dim * a
-    kept = sum(head_inputs(s, rows, p) for p in chunk)
-    return recompute + max(mlp, attn) + rows * pc.n * ar.hidden * a + live_grads - kept
+    live_grads = 2 * ar.layers * rows * pc.keys * ar.kv_dim * a if len(chunk) > 1 else 0
+    if len(chunk) == 1:
+        freed = rows * pc.n * ar.hidden * F32 + scored_copy(s, rows, chunk, first)
+    else:
+        freed = head_inputs(s, rows, pc) - rows * sum(p.logits for p in chunk) * ar.hidden * a
+    adapter_grads = s.adapter_params() // ar.layers * F32
+    return recompute + max(mlp, attn) + rows * pc.n * ar.hidden * a + live_grads + adapter_grads - freed
 
 
 def replay(s: Setup) -> dict[str, int]:
@@ -145,21 +171,25 @@ def replay(s: Setup) -> dict[str, int]:
     keep, and the larger of the LM-head peak and the top layer's backward."""
     rows = s.replay_rows
 
-    def tops(chunk: tuple[Piece, ...]) -> dict[str, int]:
+    def tops(i: int, chunk: tuple[Piece, ...]) -> dict[str, int]:
         positions = rows * sum(pc.logits for pc in chunk)
         return {
             f"LM head ({min(positions, s.logits_chunk or positions)} positions x V)": head(s, rows, chunk),
-            f"top layer's backward{' (recomputed)' if s.checkpointing else ''}": backward_layer(s, rows, chunk),
+            f"top layer's backward{' (recomputed)' if s.checkpointing else ''}": backward_layer(s, rows, chunk, i == 0),
         }
 
-    chunk = max(chunks(s), key=lambda c: forward_saved(s, rows, c) + max(tops(c).values()))
-    top = max(tops(chunk).items(), key=lambda kv: kv[1])
+    def kept(i: int, chunk: tuple[Piece, ...]) -> int:
+        return forward_saved(s, rows, chunk, i == 0) + state_graph(s, rows, i > 0)
+
+    i, chunk = max(enumerate(chunks(s)), key=lambda c: kept(*c) + max(tops(*c).values()))
+    top = max(tops(i, chunk).items(), key=lambda kv: kv[1])
     tokens = sum(pc.n for pc in chunk)
     what = "layer inputs" if s.checkpointing else "activations"
     return {
         f"replay K/V cache {rows} rows x {s.cap} slots": kv_cache(s, rows, s.cap),
         "thought state": thought_state(s, rows),
-        f"saved {what}: {tokens}-token chunk in {len(chunk)} forward(s)": forward_saved(s, rows, chunk),
+        f"saved {what}: {tokens}-token chunk in {len(chunk)} forward(s)": forward_saved(s, rows, chunk, i == 0),
+        "thought-state graph": state_graph(s, rows, i > 0),
         top[0]: top[1],
     }
 

@@ -50,6 +50,7 @@ class Setup:
     eval_caps: tuple[int, ...]
     eval_top_p: float
     eval_temperature: float
+    state_grad: str = "detach"
     device: str = "cuda"
 
     @property
@@ -124,6 +125,7 @@ def resolve(
         eval_caps=eval_caps(cfg, prompt_len),
         eval_top_p=e.top_p,
         eval_temperature=e.temperature,
+        state_grad=cfg.thought.state_grad,
         device=device,
     )
 
