@@ -195,22 +195,28 @@ def replay(s: Setup) -> dict[str, int]:
 
 
 def reference(s: Setup) -> dict[str, int]:
-    """pi_ref's log-probs (grpo.beta > 0): a no-grad full-cache replay of P + T tokens, adapters off."""
-    rows = s.replay_rows
+    """pi_ref's log-probs (grpo.beta > 0): a no-grad full-cache replay of P + T tokens, adapters off, in blocks of
+    ``replay.micro_batch`` rows and forwards of at most ``replay.max_chunk_tokens`` tokens.
+
+    Its peak is the larger of a forward's last layer (mask, cos/sin and a prompt-forward-like working set) and the
+    LM head: the hidden states kept for it and four ``[positions, V]`` float32 tensors (logits, log-softmax and the
+    entropy's two temporaries) per ``replay.logits_chunk`` piece.
+    """
+    rows, ar, a = s.replay_rows, s.arch, s.a
     cap = s.prompt_len + s.max_new
-    full = _cut(cap, 0, s.prompt_len - 1, s.max_chunk_tokens)
-    ar, a = s.arch, s.a
+    chunk = _cut(cap, 0, s.prompt_len - 1, s.max_chunk_tokens)
 
-    def moment(pc: Piece) -> int:
+    def layer(pc: Piece) -> int:
         n = rows * pc.n
-        layer = 4 * n * ar.hidden * a + max(
-            3 * n * ar.intermediate * a, (3 * n * ar.q_dim + 2 * rows * pc.keys * ar.q_dim) * a
-        )
-        logits = min(rows * pc.logits, s.logits_chunk or rows * pc.logits) * ar.vocab * 2 * F32
-        return rows * pc.n * (pc.keys * s.w + 2 * ar.head_dim * a) + max(layer, logits + cpu_head_copy(s, rows))
+        work = max(3 * n * ar.intermediate * a, (3 * n * ar.q_dim + 2 * rows * pc.keys * ar.q_dim) * a)
+        return common(s, rows, pc) + 4 * n * ar.hidden * a + work
 
-    worst = max(full, key=moment)
-    return {
-        f"reference K/V cache {rows} rows x {cap} slots": kv_cache(s, rows, cap),
-        f"no-grad forward, {worst.n} tokens x {worst.keys} keys": moment(worst),
+    scored = rows * sum(pc.logits for pc in chunk)
+    hidden = rows * sum(pc.n for pc in chunk) * ar.hidden * a + scored_copy(s, rows, chunk, True)
+    logits = min(scored, s.logits_chunk or scored) * ar.vocab * 4 * F32
+    moments = {
+        f"no-grad forward, {max(pc.n for pc in chunk)} tokens x {cap} keys": max(layer(pc) for pc in chunk),
+        f"LM head ({min(scored, s.logits_chunk or scored)} positions x V)": hidden + logits,
     }
+    top = max(moments, key=moments.get)
+    return {f"reference K/V cache {rows} rows x {cap} slots": kv_cache(s, rows, cap), top: moments[top]}
