@@ -23,7 +23,7 @@ eviction moves nothing and ``used`` is the held size. Which (row, slot) pairs ma
 evictions, so a decode step builds no mask. Keys are stored after rotary embedding, so every token keeps
 its absolute position; slot order does not matter to attention, only the mask built from positions does.
 A later policy may therefore evict any (row, slot), and a finished row's slots may be refilled; ``select_rows``
-drops finished rows from the batch. A forward with gradients (the replay) attends the stored slots detached plus the
+drops finished rows from the batch, or copies a prompt prefilled once to the rows of its group. A forward with gradients (the replay) attends the stored slots detached plus the
 live K/V of its chunk (pte/live_kv.py).
 The object is passed to Hugging Face models as their cache (``update``/``get_seq_length``), so the
 models run unpatched.
@@ -32,13 +32,14 @@ models run unpatched.
 from __future__ import annotations
 
 import contextlib
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator
 
 import torch
 
 from pte.live_kv import LiveKV, Ticket
 from pte.policy import POLICIES, CachePolicy
+from pte.shapes import KVStore
 
 __all__ = ["POLICIES", "BoundedKVCache", "CachePolicy", "Eviction"]  # the policy is re-exported: one import site
 
@@ -58,12 +59,21 @@ class BoundedKVCache:
         capacity: slots to allocate per layer (``policy.capacity``).
         static: attend all ``capacity`` slots and write through a device index, so every decode step has the
             same shapes and no Python-int dependence inside the model (``torch.compile`` / CUDA graphs).
+        store: K/V storage to take the buffers from (pte/shapes.py), so they keep their addresses across rollouts;
+            a static cache without one gets its own.
     """
 
     def __init__(
-        self, num_layers: int, policy: CachePolicy, prompt_len: int, capacity: int, static: bool = False
+        self,
+        num_layers: int,
+        policy: CachePolicy,
+        prompt_len: int,
+        capacity: int,
+        static: bool = False,
+        store: KVStore | None = None,
     ) -> None:
         self.policy, self.prompt_len, self.capacity, self.static = policy, prompt_len, capacity, static
+        self.store = store if store is not None or not static else KVStore()
         self.keys: list[torch.Tensor | None] = [None] * num_layers  # each [B, H, capacity, D]
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.pos: torch.Tensor | None = None  # [B, capacity] absolute rotary position (stale where not valid)
@@ -116,7 +126,7 @@ class BoundedKVCache:
         (:meth:`recomputing`) gets what its forward attended and writes nothing.
         """
         if self.keys[layer_idx] is None:
-            self._alloc_kv(layer_idx, key_states, value_states)
+            self.keys[layer_idx], self.values[layer_idx] = self._new_kv(layer_idx, key_states, key_states.shape[0])
         k_buf, v_buf = self.keys[layer_idx], self.values[layer_idx]
         if self._recompute is not None:
             t = self._recompute
@@ -134,13 +144,12 @@ class BoundedKVCache:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.used
 
-    def _alloc_kv(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        b, h, _, d = key_states.shape
-        self.keys[layer_idx] = key_states.new_zeros((b, h, self.capacity, d))
-        self.values[layer_idx] = value_states.new_zeros((b, h, self.capacity, d))
-        if self.static:  # written in place by a captured graph: the compiler must not copy them per call
-            torch._dynamo.mark_static_address(self.keys[layer_idx])
-            torch._dynamo.mark_static_address(self.values[layer_idx])
+    def _new_kv(self, layer_idx: int, like: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zeroed K and V buffers ``[rows, H, capacity, D]`` shaped after ``like [*, H, *, D]`` (store views if any)."""
+        if self.store is not None:
+            return self.store.views(layer_idx, like, rows, self.capacity)
+        _, h, _, d = like.shape
+        return like.new_zeros((rows, h, self.capacity, d)), like.new_zeros((rows, h, self.capacity, d))
 
     def _put(self, t: torch.Tensor, value: torch.Tensor, dim: int) -> None:
         """Write ``value`` into the pending slots of ``t`` along its slot dimension ``dim``.
@@ -351,18 +360,31 @@ class BoundedKVCache:
                     self.free.append(slot)
 
     def select_rows(self, rows: list[int]) -> None:
-        """Keep only batch ``rows`` (in that order): finished rows stop costing attention, memory and evictions.
+        """Hold batch ``rows`` in this order, repeats allowed: finished rows leave the batch (they stop costing
+        attention, memory and evictions), or a prompt prefilled once is copied to each row of its group.
 
-        Slots that no kept row holds go back to the free list. One layer is copied at a time and its old buffer is
-        dropped before the next is copied, so the step holds at most one layer's kept rows beyond the cache itself.
-        Not for ``static`` caches, whose shapes are fixed.
+        Holders are recounted and slots that no row holds go back to the free list. One layer is copied at a time and
+        its old buffer is dropped before the next is copied, so the step holds at most one layer's rows beyond the
+        cache itself (with a store, the rows are copied into its views). Not for dropping rows of a ``static``
+        cache, whose shapes are fixed.
         """
-        kept = set(rows)
-        self._release([self._held_slots(b) for b in range(len(self._pads)) if b not in kept])
+        counts = Counter(rows)
+        for b in range(len(self._pads)):
+            if counts[b] == 0:
+                self._release([self._held_slots(b)])
+            elif counts[b] > 1:  # its copies hold its slots too
+                for slot in self._held_slots(b):
+                    self._holders[slot] += counts[b] - 1
         idx = torch.tensor(rows, device=self.pos.device)
         for i in range(len(self.keys)):
-            self.keys[i] = self.keys[i].index_select(0, idx)
-            self.values[i] = self.values[i].index_select(0, idx)
+            if self.store is not None:  # [B', H, capacity, D] copied into the store's views
+                k, v = self.keys[i].index_select(0, idx), self.values[i].index_select(0, idx)
+                self.keys[i], self.values[i] = self._new_kv(i, k, len(rows))
+                self.keys[i].copy_(k)
+                self.values[i].copy_(v)
+            else:
+                self.keys[i] = self.keys[i].index_select(0, idx)
+                self.values[i] = self.values[i].index_select(0, idx)
         self.pos, self.valid, self.bias = (t.index_select(0, idx) for t in (self.pos, self.valid, self.bias))
         self.keep_pos = self.keep_pos.index_select(0, idx)
         self._pads, self._keep, self._done = ([x[b] for b in rows] for x in (self._pads, self._keep, self._done))

@@ -1,7 +1,7 @@
 """Checkpoints that never lose training: atomic writes, failure checkpoints only past the newest one on disk,
 SIGTERM / Ctrl-C turned into a clean save-and-exit, and resume checks.
 
-Files under ``<run>/checkpoints/`` (README "Resume and checkpoints"):
+Files under ``<run>/checkpoints/`` (docs/resume.md):
 
 - ``step-<N>.ckpt``: every ``trainer.ckpt_every`` optimiser steps, the newest ``trainer.keep_last`` kept;
 - ``last.ckpt``: a copy of the newest periodic one, and the final state when training ends;

@@ -146,18 +146,31 @@ class DataCfg:
 class RolloutCfg:
     """Sampling of the GRPO groups. batch_size sequences = (batch_size / group_size) prompts x group_size.
 
-    ``compile`` runs the one-token decode steps through ``torch.compile(mode="reduce-overhead")`` over a cache with
-    fixed shapes (CUDA graphs on a GPU). Off by default: compiling costs minutes per model up front and only pays on a
-    GPU, where per-token launch overhead dominates small batches; on a CPU it runs but gains little.
+    micro_batch: the update's micro-batch: rows per replay forward + backward when ``replay.micro_batch`` is 0, per
+        SFT batch and per validation batch. It does not set how many rows are decoded at once (``decode_batch``).
+    decode_batch: rows each process decodes at once (0 = all of its rows, batch_size / processes). One decode step
+        reads every weight once whatever the rows, so fewer, wider steps are faster as long as the rows' K/V fit
+        (the bounded window keeps them small: ``python -m pte.plan``). Each block of rows is one rollout, its padded
+        prompt and, under the paper's rule, its window W set by its own longest prompt; with a fixed window the
+        tokens do not depend on this value (every row samples from its own stream, pte/noise.py).
+    prompt_buckets: with ``compile``, cache shapes by longest prompt: a block whose longest prompt has L tokens gets
+        the slots of the smallest bucket >= L (bucket + the largest window its prompts can get), so the compiled
+        decode step is built once per bucket, and a compilation past that stops the run (pte/shapes.py). A longer
+        prompt is refused. Unused without ``compile``.
+    compile: run the one-token decode steps through ``torch.compile(mode="reduce-overhead")`` over a cache with
+        fixed shapes (CUDA graphs on a GPU). Off by default: compiling costs minutes per model up front and only pays
+        on a GPU, where per-token launch overhead dominates small batches; on a CPU it runs but gains little.
     """
 
     batch_size: int = 8
     group_size: int = 4
     micro_batch: int = 8
+    decode_batch: int = 0
     max_new_tokens: int = 128
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    prompt_buckets: list[int] = field(default_factory=list)
     compile: bool = False
 
     def __post_init__(self) -> None:
@@ -172,7 +185,18 @@ class RolloutCfg:
             "rollout.micro_batch",
             f"must divide rollout.batch_size={self.batch_size}",
         )
+        require(
+            self.decode_batch >= 0 and self.batch_size % (self.decode_batch or self.batch_size) == 0,
+            "rollout.decode_batch",
+            f"must divide rollout.batch_size={self.batch_size} (0 = all of a process's rows)",
+        )
         require(self.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
+        require(all(n >= 1 for n in self.prompt_buckets), "rollout.prompt_buckets", "lengths must be >= 1")
+        require(
+            not self.compile or bool(self.prompt_buckets),
+            "rollout.prompt_buckets",
+            "rollout.compile needs prompt-length buckets, e.g. [256, 512, 1024]: one compiled decode step per bucket",
+        )
 
     @property
     def prompts_per_step(self) -> int:
@@ -180,19 +204,21 @@ class RolloutCfg:
 
 
 def check_shards(r: RolloutCfg, world: int) -> None:
-    """Each of ``world`` processes takes whole groups of the global batch, in whole micro-batches."""
+    """Each of ``world`` processes takes whole groups of the global batch, in whole micro-batches and decode blocks."""
     require(
         r.prompts_per_step % world == 0,
         "rollout.batch_size",
         f"{r.batch_size} sequences = {r.prompts_per_step} prompts x rollout.group_size={r.group_size} cannot be "
         f"shared by {world} processes (trainer.devices x trainer.num_nodes): the prompts must divide evenly",
     )
-    require(
-        (r.batch_size // world) % r.micro_batch == 0,
-        "rollout.micro_batch",
-        f"must divide the {r.batch_size // world} sequences each of the {world} processes samples "
-        f"(rollout.batch_size / (trainer.devices x trainer.num_nodes))",
-    )
+    for key in ("micro_batch", "decode_batch"):
+        rows = getattr(r, key)
+        require(
+            (r.batch_size // world) % (rows or 1) == 0,
+            f"rollout.{key}",
+            f"must divide the {r.batch_size // world} sequences each of the {world} processes samples "
+            f"(rollout.batch_size / (trainer.devices x trainer.num_nodes))",
+        )
 
 
 @dataclass
@@ -280,7 +306,7 @@ class TrainerCfg:
     holding the whole base, gradients summed once per step) or ``fsdp`` (pte.distributed.ReplayFSDPStrategy, for a
     base that does not fit one device: the frozen base sharded over all processes with FSDP2, one unit per decoder
     layer, the adapter whole on every process and reduced as under ddp; rollouts, replay chunks and evaluation
-    batches run in lock-step, README "Running at scale"). ``devices`` is per node (-1 = all), ``num_nodes`` the
+    batches run in lock-step, docs/distributed.md). ``devices`` is per node (-1 = all), ``num_nodes`` the
     number of machines. ``rollout.batch_size`` is the global batch over all processes.
 
     ckpt_every: optimiser steps between periodic checkpoints ``checkpoints/step-<N>.ckpt`` (+ ``last.ckpt``), written
@@ -318,7 +344,7 @@ class TrainerCfg:
             self.strategy in STRATEGIES,
             "trainer.strategy",
             f"expected one of {STRATEGIES} (ddp: the whole base on every process; fsdp: the frozen base sharded "
-            f"over the processes, README 'Running at scale'), got {self.strategy!r}",
+            f"over the processes, docs/distributed.md), got {self.strategy!r}",
         )
         require(
             self.strategy != "fsdp" or self.precision in FSDP_PRECISIONS,

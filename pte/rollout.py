@@ -1,13 +1,16 @@
 """Batched sampling under a bounded cache (docs/method.md sections 2-4): the rollout of cache-aware GRPO.
 
-Notation: B rows (prompts x samples), P padded prompt length, T generated tokens, V vocabulary.
+Notation: B rows (prompts x samples), U distinct prompts, P padded prompt length, T generated tokens, V vocabulary.
 Response token r_j is sampled from the logits of the forward of r_{j-1} (r_0 from the prompt). Evictions
 happen right before a forward that would overflow the window; ``evict_before`` records the index i of
 every forwarded token r_i that an eviction preceded, so replay can cut its chunks at the same points.
+The prompt's forward runs once per distinct prompt (a GRPO group's samples share one) and its K/V are copied to
+the group's rows. Each row draws its own uniforms (pte/noise.py), so its tokens do not depend on its batch-mates.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -15,9 +18,11 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from pte.cache import BoundedKVCache, CachePolicy
-from pte.encoder import decoder_layers, start_thought, unwrap
+from pte.encoder import ThoughtEncoder, decoder_layers, get_thought, start_thought, unwrap
 from pte.forward import compiled, forward_tokens
 from pte.lockstep import is_sharded, running_anywhere
+from pte.noise import RowNoise
+from pte.shapes import KVStore, compile_budget, kv_store
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,8 @@ class SamplingConfig:
         check, finished rows leave the batch (see :func:`rollout`).
     compile: run the one-token decode steps through ``torch.compile(mode="reduce-overhead")`` over a cache with
         fixed shapes (CUDA graphs on a GPU); the prompt's forward stays eager. Compiling costs minutes up front.
+    max_compiles: with ``compile``, compiled versions of the decode step this process may build (one per cache
+        shape, pte/shapes.py); one more raises instead of silently decoding eagerly.
     """
 
     temperature: float = 1.0
@@ -39,6 +46,7 @@ class SamplingConfig:
     max_new_tokens: int = 256
     stop_check_every: int = 8
     compile: bool = False
+    max_compiles: int = 8
 
 
 @dataclass
@@ -101,15 +109,13 @@ def prompt_positions(prompt_mask: torch.Tensor) -> torch.Tensor:
     return (prompt_mask.long().cumsum(1) - 1).clamp(min=0)
 
 
-def sample(
-    logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw one token per row from ``logits [B, V]`` with temperature / top-k / top-p.
+def sample(logits: torch.Tensor, cfg: SamplingConfig, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per row from ``logits [B, V]`` with temperature / top-k / top-p, row b with uniform ``u[b]``.
 
     One log-softmax feeds both the draw and the returned log-prob ``[B]`` of the drawn token, which is
     taken under the temperature alone (top-k/top-p only restrict the draw). Greedy (temperature 0)
     scores at temperature 1. The draw inverts the CDF with one uniform per row (``torch.multinomial`` draws an
-    exponential per vocabulary entry, ten times the cost on a CPU).
+    exponential per vocabulary entry, ten times the cost on a CPU, and from a generator shared by the batch).
     """
     if cfg.temperature <= 0:
         logp = torch.log_softmax(logits, dim=-1)
@@ -125,24 +131,23 @@ def sample(
             probs = sorted_logp.softmax(-1)
             drop = probs.cumsum(-1) - probs > cfg.top_p  # keep the smallest prefix with mass >= top_p
             allowed = allowed.scatter(-1, order, sorted_logp.masked_fill(drop, float("-inf")))
-        tok = draw(allowed.exp(), generator)
+        tok = draw(allowed.exp(), u)
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
 
-def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """One index per row of ``probs [B, V]`` (unnormalised, >= 0) with probability proportional to its entry.
 
-    Inverse CDF with one uniform ``u`` in (0, 1] per row, in two levels so no cumulative sum runs over the whole
-    vocabulary: the first block of ``DRAW_BLOCK`` entries whose cumulative mass (float64) reaches ``u * total``,
-    then the first entry inside it that reaches the rest. The rest is clamped to the block's own float64 sum,
-    so rounding never selects an entry of zero mass.
+    Inverse CDF with the row's uniform ``u [B]`` (float64 in (0, 1]), in two levels so no cumulative sum runs over
+    the whole vocabulary: the first block of ``DRAW_BLOCK`` entries whose cumulative mass (float64) reaches
+    ``u * total``, then the first entry inside it that reaches the rest. The rest is clamped to the block's own
+    float64 sum, so rounding never selects an entry of zero mass.
     """
     b, v = probs.shape
     pad = -v % DRAW_BLOCK
     blocks = (nn.functional.pad(probs, (0, pad)) if pad else probs).view(b, -1, DRAW_BLOCK)  # [B, nb, block]
     coarse = blocks.sum(-1, dtype=torch.float64).cumsum(-1)  # [B, nb] mass up to the end of each block
-    u = 1.0 - torch.rand(b, 1, generator=generator, device=probs.device, dtype=torch.float64)
-    target = u * coarse[:, -1:]  # [B, 1] in (0, total]
+    target = u[:, None] * coarse[:, -1:]  # [B, 1] in (0, total]
     k = torch.searchsorted(coarse, target).clamp_(max=coarse.shape[1] - 1)  # [B, 1] the block that reaches it
     before = torch.where(k > 0, coarse.gather(1, (k - 1).clamp(min=0)), 0.0)  # mass of the blocks before k
     fine = blocks.gather(1, k[:, :, None].expand(b, 1, DRAW_BLOCK))[:, 0].double().cumsum(-1)  # [B, block]
@@ -151,10 +156,17 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor
 
 
 def new_cache(
-    model: PreTrainedModel, policy: CachePolicy, prompt_len: int, max_new: int, static: bool = False
+    model: PreTrainedModel,
+    policy: CachePolicy,
+    prompt_len: int,
+    max_new: int,
+    static: bool = False,
+    capacity: int = 0,
+    store: KVStore | None = None,
 ) -> BoundedKVCache:
-    capacity = policy.capacity(prompt_len, max_new)
-    return BoundedKVCache(len(decoder_layers(model)), policy, prompt_len, capacity, static)
+    """A cache for a batch padded to ``prompt_len``, with at least ``capacity`` slots (pte/shapes.py buckets)."""
+    slots = max(capacity, policy.capacity(prompt_len, max_new))
+    return BoundedKVCache(len(decoder_layers(model)), policy, prompt_len, slots, static, store)
 
 
 def attn_flops_per_key(model: PreTrainedModel) -> int:
@@ -162,6 +174,52 @@ def attn_flops_per_key(model: PreTrainedModel) -> int:
     c = unwrap(model).config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     return 4 * c.num_attention_heads * head_dim * c.num_hidden_layers
+
+
+def prefill(
+    model: PreTrainedModel,
+    cache: BoundedKVCache,
+    thought: bool,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    once: bool = True,
+) -> torch.Tensor:
+    """The prompt's forward into ``cache``; the last position's logits ``[B, V]``.
+
+    With ``once``, only the U distinct rows are forwarded, then the cache (and, with ``thought``, the encoder's states)
+    copies each one to the rows that share it: a GRPO group's G samples pay one prompt forward, not G.
+    """
+    key = prompt_ids * 2 + prompt_mask  # [B, P] ids and pads together: a row is its prompt and its padding
+    distinct, inverse = torch.unique(key, dim=0, return_inverse=True)  # [U, P], [B]
+    last = prompt_ids.shape[1] - 1
+    if not once or len(distinct) == len(key):
+        return forward_tokens(model, cache, prompt_ids, prompt_positions(prompt_mask), prompt_mask, last)[:, -1]
+    encoder = get_thought(model) if thought else None
+    if encoder is not None:
+        encoder.select_rows(torch.zeros(len(distinct), dtype=torch.long, device=key.device))  # S_g for U rows
+    ids, mask = distinct // 2, (distinct % 2).bool()
+    logits = forward_tokens(model, cache, ids, prompt_positions(mask), mask, last)[:, -1]  # [U, V]
+    cache.select_rows(inverse.tolist())
+    if encoder is not None:
+        encoder.select_rows(inverse)
+    return logits.index_select(0, inverse)
+
+
+@dataclass
+class _Live:
+    """The rows in the cache, indexed like its batch: finished rows leave at stop checks (see :func:`rollout`)."""
+
+    rows: torch.Tensor  # [B'] each one's row in the rollout
+    alive: torch.Tensor  # [B'] bool, not finished
+    pos: torch.Tensor  # [B', 1] position of the last forwarded token, bumped in place
+    last: torch.Tensor  # [B', 1] the token fed to the next decode step
+    ones: torch.Tensor  # [B', 1] bool, the decode step's validity
+    noise: RowNoise
+
+    def keep(self, stay: torch.Tensor) -> None:
+        """Keep the rows at positions ``stay [B'']`` of the current batch."""
+        self.rows, self.alive, self.pos = self.rows[stay], self.alive[stay], self.pos[stay]
+        self.last, self.ones, self.noise = self.last[stay], self.ones[stay], self.noise[stay]
 
 
 @torch.no_grad()
@@ -175,6 +233,9 @@ def rollout(
     pad_id: int,
     generator: torch.Generator | None = None,
     keep_logits: bool = False,
+    noise: RowNoise | None = None,
+    capacity: int = 0,
+    prefill_once: bool = True,
 ) -> Rollout:
     """Generate up to ``max_new_tokens`` for each row under ``policy``; finished rows stop counting.
 
@@ -184,13 +245,19 @@ def rollout(
     attention and evictions; this is skipped where the batch shape must stay: compiled steps, a sharded model
     (FSDP; its loop stops only once every process is done, pte.lockstep) and per-row eviction, whose steps
     ``evict_before`` must keep for every row.
+
+    Args:
+        generator: seeds the rows' uniform streams (one draw) when ``noise`` is not given.
+        noise: the rows' streams (pte/noise.py), e.g. this block's share of a whole step's rows.
+        capacity: at least this many cache slots (a prompt bucket's, pte/shapes.py).
+        prefill_once: forward each distinct prompt once (:func:`prefill`); False forwards every row's (a baseline).
     """
     prompt_mask = prompt_mask.bool()
     b, p = prompt_ids.shape
     device = prompt_ids.device
     t_max = sampling.max_new_tokens
-    cache = new_cache(model, policy, p, t_max, static=sampling.compile)
-    step_model = compiled(model) if sampling.compile else model
+    store = kv_store(model) if sampling.compile else None  # compiled steps keep their buffers' addresses
+    cache = new_cache(model, policy, p, t_max, sampling.compile, capacity, store)
     encoder = start_thought(model, policy.uses_thought, b)
     lockstep = is_sharded(model)
     shrinks = not (sampling.compile or lockstep or (policy.bounded and not policy.retain_prompt))
@@ -198,51 +265,52 @@ def rollout(
     tokens = torch.full((b, t_max), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(b, t_max, device=device)
     mask = torch.zeros(b, t_max, dtype=torch.bool, device=device)
-    rows = torch.arange(b, device=device)  # [B'] the batch rows still in the cache
-    alive = torch.ones(b, dtype=torch.bool, device=device)  # [B'] from here on, indexed like rows
-    ones = torch.ones(b, 1, dtype=torch.bool, device=device)
-    pos = prompt_mask.sum(1, keepdim=True) - 1  # [B', 1] position of the last forwarded token, bumped in place
-    last = torch.empty(b, 1, dtype=torch.long, device=device)  # the token fed to the next decode step
+    live = _Live(
+        rows=torch.arange(b, device=device),
+        alive=torch.ones(b, dtype=torch.bool, device=device),
+        pos=prompt_mask.sum(1, keepdim=True) - 1,
+        last=torch.empty(b, 1, dtype=torch.long, device=device),
+        ones=torch.ones(b, 1, dtype=torch.bool, device=device),
+        noise=noise if noise is not None else RowNoise.draw(generator, b, t_max, device),
+    )
+    step_model = compiled(model) if sampling.compile else model
     evict_before: list[int] = []
     used: list[int] = []
     held: list[int] = []
     kept: list[torch.Tensor] = []
 
-    logits = forward_tokens(model, cache, prompt_ids, prompt_positions(prompt_mask), prompt_mask, p - 1)[:, -1]
+    logits = prefill(model, cache, policy.uses_thought, prompt_ids, prompt_mask, prefill_once)
     steps = 0
-    for j in range(t_max):
-        if j > 0:
-            evictions = cache.evict_due()
-            if evictions:
-                if policy.encodes_evicted:
-                    for evicted in evictions:
-                        encoder.absorb(*evicted)
-                evict_before.append(j - 1)
-            pos.add_(1)
-            if sampling.compile:  # a new step: the previous step's graph outputs are dead (CUDA graphs reuse them)
-                torch.compiler.cudagraph_mark_step_begin()
-            logits = forward_tokens(step_model, cache, last, pos, ones)[:, -1]
-        if keep_logits:
-            kept.append(logits.new_zeros(b, logits.shape[-1]).index_copy_(0, rows, logits))
-        tok, logp = sample(logits, sampling, generator)
-        tok = tok.masked_fill_(~alive, pad_id)
-        last.copy_(tok[:, None])
-        tokens[rows, j] = tok
-        logprobs[rows, j] = logp.masked_fill_(~alive, 0.0)
-        mask[rows, j] = alive
-        alive &= ~torch.isin(tok, eos)
-        used.append(cache.used)
-        held.append(len(rows))
-        steps = j + 1
-        if steps % sampling.stop_check_every == 0:
-            if not running_anywhere(alive, lockstep):
-                break
-            if shrinks and not bool(alive.all()):
-                stay = alive.nonzero().squeeze(1)  # [B''] positions in the current batch
-                cache.select_rows(stay.tolist())
-                if policy.uses_thought:
-                    encoder.select_rows(stay)
-                rows, alive, pos, last, ones = rows[stay], alive[stay], pos[stay], last[stay], ones[stay]
+    with compile_budget(sampling.max_compiles) if sampling.compile else contextlib.nullcontext():
+        for j in range(t_max):
+            if j > 0:
+                if _evict(cache, encoder, policy):
+                    evict_before.append(j - 1)
+                live.pos.add_(1)
+                if sampling.compile:  # a new step: the previous step's graph outputs are dead (CUDA graphs reuse them)
+                    torch.compiler.cudagraph_mark_step_begin()
+                logits = forward_tokens(step_model, cache, live.last, live.pos, live.ones)[:, -1]
+            if keep_logits:
+                kept.append(logits.new_zeros(b, logits.shape[-1]).index_copy_(0, live.rows, logits))
+            tok, logp = sample(logits, sampling, live.noise.uniform(j))
+            tok = tok.masked_fill_(~live.alive, pad_id)
+            live.last.copy_(tok[:, None])
+            tokens[live.rows, j] = tok
+            logprobs[live.rows, j] = logp.masked_fill_(~live.alive, 0.0)
+            mask[live.rows, j] = live.alive
+            live.alive &= ~torch.isin(tok, eos)
+            used.append(cache.used)
+            held.append(len(live.rows))
+            steps = j + 1
+            if steps % sampling.stop_check_every == 0:
+                if not running_anywhere(live.alive, lockstep):
+                    break
+                if shrinks and not bool(live.alive.all()):
+                    stay = live.alive.nonzero().squeeze(1)  # [B''] positions in the current batch
+                    cache.select_rows(stay.tolist())
+                    if policy.uses_thought:
+                        encoder.select_rows(stay)
+                    live.keep(stay)
 
     t = int(mask.sum(1).max()) if steps else 0
     return Rollout(
@@ -251,7 +319,7 @@ def rollout(
         response_ids=tokens[:, :t],
         response_mask=mask[:, :t],
         logprobs=logprobs[:, :t],
-        truncated=torch.zeros(b, dtype=torch.bool, device=device).index_copy_(0, rows, alive),
+        truncated=torch.zeros(b, dtype=torch.bool, device=device).index_copy_(0, live.rows, live.alive),
         policy=policy,
         temperature=sampling.temperature,
         evict_before=[i for i in evict_before if i < t - 1],
@@ -261,3 +329,12 @@ def rollout(
         slot_bytes=cache.slot_bytes,
         attn_flops_per_key=attn_flops_per_key(model),
     )
+
+
+def _evict(cache: BoundedKVCache, encoder: ThoughtEncoder | None, policy: CachePolicy) -> bool:
+    """Evict what is due before the next decode step, folding it into the thought state under ``pte``."""
+    evictions = cache.evict_due()
+    if policy.encodes_evicted:
+        for evicted in evictions:
+            encoder.absorb(*evicted)
+    return bool(evictions)

@@ -110,12 +110,13 @@ class LayerThought(nn.Module):
         return proj(self.global_tokens.to(proj.weight.dtype)).float()
 
     def initial_state(self, proj: tuple[nn.Module, nn.Module, nn.Module], batch: int) -> torch.Tensor:
-        """S_g from the global tokens alone, repeated for ``batch`` rows: ``[B, G, r]`` (float32)."""
+        """S_g from the global tokens alone, repeated for ``batch`` rows: ``[B, G, r]`` (float32), contiguous like every
+        later state, so a compiled decode step sees one layout (an expanded view would cost a recompilation)."""
         q_proj, k_proj, v_proj = proj
         with _no_autocast(self.global_tokens.device):
             q_lat = _latent(self.lat_q, self._project(q_proj))  # [G, r]
             s = self._increment(q_lat, self._project(k_proj)[None], self._project(v_proj)[None])
-            return normalize_state(s, self.cfg.normalize).expand(batch, -1, -1)
+            return normalize_state(s, self.cfg.normalize).repeat(batch, 1, 1)
 
     def update(self, state: torch.Tensor, q_proj: nn.Module, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """S_e <- N(S_e + S'_e) for evicted keys/values already flattened to ``[B, m, kv_dim]``.

@@ -9,9 +9,11 @@ import pytest
 import torch
 
 import pte.forward
+import pte.rollout
 from pte.cache import CachePolicy
 from pte.encoder import get_thought
 from pte.generate import encode_prompts
+from pte.noise import RowNoise
 from pte.replay import full_replay
 from pte.rollout import DRAW_BLOCK, SamplingConfig, draw, rollout
 from tests.helpers import PROMPTS, run, tiny, tiny_pte
@@ -257,9 +259,13 @@ def test_sink_batch_invariance_when_windows_and_sinks_interleave(window):
         torch.testing.assert_close(batch.logprobs[i], alone.logprobs[0], atol=1e-4, rtol=0)
 
 
+def uniforms(rows: int) -> torch.Tensor:
+    return RowNoise.draw(torch.Generator().manual_seed(0), rows, 1, "cpu").uniform(0)
+
+
 def test_draw_follows_the_probabilities_and_never_picks_zero_mass():
     probs = torch.tensor([[0.0, 0.2, 0.0, 0.5, 0.3, 0.0]]).repeat(20000, 1)
-    tokens = draw(probs, torch.Generator().manual_seed(0))
+    tokens = draw(probs, uniforms(len(probs)))
     freq = torch.bincount(tokens, minlength=6).double() / len(tokens)
     assert (freq[probs[0] == 0] == 0).all()
     torch.testing.assert_close(freq, probs[0].double(), atol=0.015, rtol=0)
@@ -272,7 +278,7 @@ def test_draw_across_blocks_hits_block_edges_and_skips_empty_blocks():
     hot = {0: 0.1, DRAW_BLOCK - 1: 0.2, DRAW_BLOCK: 0.3, 3 * DRAW_BLOCK + 4: 0.4}  # block 2 is empty
     for i, p in hot.items():
         probs[i] = p
-    tokens = draw(probs.repeat(20000, 1), torch.Generator().manual_seed(0))
+    tokens = draw(probs.repeat(20000, 1), uniforms(20000))
     freq = torch.bincount(tokens, minlength=v).double() / len(tokens)
     assert set(tokens.unique().tolist()) == set(hot)
     torch.testing.assert_close(freq, probs.double(), atol=0.015, rtol=0)
@@ -289,3 +295,31 @@ def test_compiled_decode_matches_eager():
     assert len(ours.evict_before) >= 3
     assert torch.equal(ours.response_ids, eager.response_ids)
     torch.testing.assert_close(ours.logprobs, eager.logprobs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("kind", "retain"), [("pte", True), ("window", False), ("full", True)])
+def test_prefill_runs_once_per_group_and_changes_no_output(kind, retain, monkeypatch):
+    """Two groups of three samples: the prompt's forward holds one row per distinct prompt, and every row's sampled
+    tokens and log-probs equal its run alone with its own stream (whose prompt forward is its own). Without a
+    retained prompt the 42-token prompt is longer than the 8-token window, so rows evict right after the prompt."""
+    model, tok = tiny_pte() if kind == "pte" else tiny()
+    policy = CachePolicy(kind, window=8, evict_ratio=0.25, retain_prompt=retain)
+    prompts = [PROMPTS[1]] * 3 + [PROMPTS[2]] * 3
+    ids, mask = encode_prompts(tok, prompts)
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=30)
+    noise = RowNoise.draw(torch.Generator().manual_seed(0), len(prompts), 30, "cpu")
+    widths = []
+    real_forward = pte.rollout.forward_tokens
+    monkeypatch.setattr(
+        pte.rollout, "forward_tokens", lambda m, c, i, *a: widths.append(i.shape) or real_forward(m, c, i, *a)
+    )
+    batch = rollout(model, ids, mask, policy, sampling, [], tok.pad_token_id, noise=noise)
+    assert widths[0] == (2, ids.shape[1]) and set(widths[1:]) == {(6, 1)}
+    assert len(set(map(tuple, batch.response_ids.tolist()))) == 6, "each sample draws its own tokens"
+    for b in range(len(prompts)):
+        alone = rollout(
+            model, ids[b : b + 1], mask[b : b + 1], policy, sampling, [], tok.pad_token_id, noise=noise[b : b + 1]
+        )
+        assert torch.equal(batch.response_ids[b], alone.response_ids[0])
+        torch.testing.assert_close(batch.logprobs[b], alone.logprobs[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(full_replay(model, batch) * batch.response_mask, batch.logprobs, atol=1e-4, rtol=0)

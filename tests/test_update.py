@@ -10,7 +10,8 @@ import torch
 from pte.cache import CachePolicy
 from pte.config import load_config
 from pte.precision import cast_base
-from pte.update import build_experience, policy_update
+from pte.prompts import config_prompt
+from pte.update import build_experience, generate_rollouts, policy_update
 from tests.helpers import PROMPTS, run, tiny_pte
 
 CFG = load_config("configs/tiny.yaml", ["rollout.group_size=3", "rollout.batch_size=3", "rollout.micro_batch=3"])
@@ -79,3 +80,28 @@ def test_rollout_replay_gap(dtype):
         assert gap_max < 1e-4
     else:
         assert 0 < gap_mean <= gap_max < 0.5
+
+
+def test_decode_batch_changes_no_token_and_replay_still_matches():
+    """Eight rows (two groups of four, prompts of 21 and 42 tokens) decoded in blocks of four or all at once: same
+    seed, same tokens and log-probs, though each block pads its prompts to its own longest; the update's replay of
+    the one 8-row rollout, in its own micro-batches of four, reproduces the rollout's log-probs."""
+    model, tok = tiny_pte()
+    over = ["rollout.batch_size=8", "rollout.group_size=4", "rollout.micro_batch=4", "cache.window=8"]
+    prompts = [config_prompt(tok, CFG.data, q) for q in ("Hi", "What is 12 + 30? Think.") for _ in range(4)]
+    outs = {}
+    for rows in (4, 0):
+        cfg = load_config("configs/tiny.yaml", [*over, f"rollout.decode_batch={rows}", "rollout.max_new_tokens=30"])
+        outs[rows] = generate_rollouts(model, tok, prompts, cfg, "pte", torch.Generator().manual_seed(5))
+    blocks, (whole,) = outs[4], outs[0]
+    assert len(blocks) == 2 and blocks[0].prompt_ids.shape[1] < whole.prompt_ids.shape[1]
+    assert len(whole.evict_before) >= 3
+    t = whole.response_ids.shape[1]
+    pad = [torch.nn.functional.pad(x, (0, t - x.shape[1])) for x in (blocks[0].response_ids, blocks[1].response_ids)]
+    assert torch.equal(torch.cat(pad), whole.response_ids)
+    logp = [torch.nn.functional.pad(x, (0, t - x.shape[1])) for x in (blocks[0].logprobs, blocks[1].logprobs)]
+    torch.testing.assert_close(torch.cat(logp), whole.logprobs, atol=1e-5, rtol=0)
+    exp = build_experience(model, [whole], torch.tensor([1.0, 0.0, 0.5, 0.0, 1.0, 1.0, 0.0, 0.5]), cfg)
+    widths = []
+    stats = policy_update(model, exp, cfg, lambda loss: widths.append(1) or loss.backward())
+    assert stats["logp_gap_max"] < 1e-4 and len(widths) == 2 * (len(whole.evict_before) + 1)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from pte.bench import common, decode, flops, memory, step_time, train_memory
+from pte.bench import common, decode, flops, memory, rollout_throughput, step_time, train_memory
 from pte.bench.plot import plot_result
 
 BENCHMARKS = {
     "decode": decode,
+    "rollout-throughput": rollout_throughput,
     "rollout-memory": memory,
     "train-memory": train_memory,
     "step-time": step_time,

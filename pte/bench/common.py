@@ -133,7 +133,8 @@ def conditions() -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "threads": torch.get_num_threads(),
-        # glibc's mmap threshold moves generate()'s CPU speed by up to 1.7x (README, Benchmarks): say if it was fixed
+        "load_average": os.getloadavg(),  # 1, 5, 15 min: other work on the machine slows every figure
+        # glibc's mmap threshold moves generate()'s CPU speed by up to 1.7x (docs/benchmarks.md): say if it was fixed
         "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_", "glibc default (dynamic)"),
     }
     return info

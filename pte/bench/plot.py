@@ -10,6 +10,7 @@ from matplotlib.figure import Figure
 # benchmark -> (x key, y key, line key, y label)
 SPECS = {
     "decode": ("tokens", "tokens_per_s", "method", "generated tokens/s"),
+    "rollout-throughput": ("tokens", "rows_per_s", "method", "rows/s of a rollout phase"),
     "rollout-memory": ("length", "kv_mib", "policy", "K/V held (MiB)"),
     "train-memory": ("length", "peak_mib", "method", "peak memory of one update (MiB)"),
     "flops": ("tokens", "attn_tflops", "policy", "attention TFLOPs per rollout"),

@@ -17,7 +17,7 @@ from pte.plan.arch import Arch, arch_for
 from pte.plan.setup import DEFAULT_PROMPT_LEN, Setup, resolve
 
 GIB = 2**30
-NAMES = {2: "bf16", 4: "fp32"}
+NAMES = {2: "16-bit", 4: "fp32"}
 
 __all__ = ["DEFAULT_PROMPT_LEN", "Arch", "Phase", "Plan", "arch_for", "plan"]
 
@@ -101,18 +101,26 @@ def plan(
         f"experience ({s.seqs} sequences)": phases.experience(s),
     }
     r = cfg.rollout
-    out = [Phase("rollout", train, {**gathered, **phases.rollout(s, s.rollout_rows, s.cap, s.max_new, r.temperature,
-                                                                 r.top_p, r.top_k)})]
+    roll = phases.rollout(
+        s, s.rollout_rows, s.rollout_prompts, s.rollout_slots, s.max_new, r.temperature, r.top_p, r.top_k
+    )
+    if s.compiled_buckets:  # the compiled decode's K/V store and graph pools outlive the rollout
+        kept = {k: roll.pop(k) for k in list(roll) if k.startswith("K/V cache")}
+        train = {
+            **train,
+            **{f"{k} (compiled: kept)": v for k, v in kept.items()},
+            "CUDA-graph pools (estimate)": phases.graph_pools(s),
+        }
+    out = [Phase("rollout", train, {**gathered, **roll})]
     if s.beta > 0:
         out.append(Phase("reference", train, {**gathered, **activations.reference(s)}))
     out.append(Phase("replay", train, {**gathered, **activations.replay(s)}))
-    out.append(Phase("optimizer", train, {"AdamW step temporaries": phases.optimizer(s)}))
+    out.append(Phase("optimizer", train, {"gradient all-reduce / AdamW temporaries": phases.optimizer(s)}))
     e = cfg.eval
     evaluation = {f"base weights ({NAMES[s.w]}, whole)": s.arch.params() * s.w, "adapter (fp32)": n * phases.F32}
-    out.append(
-        Phase("eval", evaluation, phases.rollout(s, s.eval_rows, max(s.eval_caps), e.max_new_tokens, e.temperature,
-                                                 e.top_p))
-    )
+    cap = max(s.eval_caps)
+    evaluate = phases.rollout(s, s.eval_rows, s.eval_prompts, cap, e.max_new_tokens, e.temperature, e.top_p)
+    out.append(Phase("eval", evaluation, evaluate))
     return Plan(s, out, int(gpu_mem_gb * GIB), reserve)
 
 
@@ -124,13 +132,17 @@ def render(p: Plan) -> str:
     """The plan as a table: persistent components, each phase's own components and total, the verdict."""
     s, ar = p.setup, p.setup.arch
     window = f"W = {s.policy.window}" if s.policy.bounded else "full cache"
+    source = f" for {p.source}" if p.source else ""
     lines = [
-        f"memory plan{' for ' + p.source if p.source else ''}: method={s.method}, {s.world} rank(s), "
-        f"{NAMES[s.w]} base, {NAMES[s.a]} activations",
-        f"model: hidden {ar.hidden}, {ar.layers} layers, {ar.heads}/{ar.kv_heads} heads, MLP {ar.intermediate}, "
-        f"vocab {ar.vocab}, {ar.params() / 1e9:.2f}B parameters; adapter {s.adapter_params() / 1e6:.1f}M",
-        f"assumed prompt length P = {s.prompt_len} tokens (--prompt-len); {window}, T = {s.max_new}; per rank: "
-        f"{s.seqs} sequences, rollout {s.rollout_rows} rows, replay {s.replay_rows} rows",
+        f"memory plan{source}: method={s.method}, {s.world} rank(s), {NAMES[s.w]} base, {NAMES[s.a]} activations",
+        (
+            f"model: hidden {ar.hidden}, {ar.layers} layers, {ar.heads}/{ar.kv_heads} heads, MLP {ar.intermediate}, "
+            f"vocab {ar.vocab}, {ar.params() / 1e9:.2f}B parameters; adapter {s.adapter_params() / 1e6:.1f}M"
+        ),
+        (
+            f"assumed prompt length P = {s.prompt_len} tokens (--prompt-len); {window}, T = {s.max_new}; per rank: "
+            f"{s.seqs} sequences, decoded {s.rollout_rows} rows at once, replayed {s.replay_rows} at once"
+        ),
         f"{'component':<62}{'GiB':>8}",
     ]
     shown: set[str] = set()

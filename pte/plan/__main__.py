@@ -1,6 +1,6 @@
 """``python -m pte.plan --config FILE [--gpu-mem 40] [--gpus 8] [--prompt-len 512] [key=value ...]``: print the
 per-rank memory plan of a training config (docs/scale.md). ``--paper`` prints the paper's three configs next to
-its Table 1 instead."""
+its Table 1 instead; ``--validate`` measures the plan against exact CPU tensor peaks of small models."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=int, default=DEFAULT_PROMPT_LEN, help="assumed padded prompt length P")
     p.add_argument("--reserve", type=float, default=0.1, help="fraction of the device left unplanned (default 0.1)")
     p.add_argument("--paper", action="store_true", help="the paper's three configs against its Table 1")
+    p.add_argument("--validate", action="store_true", help="predicted against measured CPU peaks (a minute)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. replay.micro_batch=2")
     return p
 
@@ -33,6 +34,11 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     check_overrides(args.overrides)
+    if args.validate:
+        from pte.plan.measure import validation_table
+
+        print(validation_table())
+        return
     if args.paper:
         from pte.plan.paper import paper_table
 

@@ -15,9 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pte.plan.arch import MODULE_SHAPES
-from pte.plan.phases import F32, cpu_head_copy, kv_cache, thought_state
+from pte.plan.phases import F32, kv_cache, thought_state
 from pte.plan.setup import Setup
 
+CPU_RNG_STATE = 5056  # bytes of torch.get_rng_state(), which every checkpointed call stashes (host memory)
 ATTN_IN = ("q_proj", "k_proj", "v_proj")
 MLP_IN = ("gate_proj", "up_proj")
 
@@ -115,7 +116,19 @@ def forward_saved(s: Setup, rows: int, chunk: tuple[Piece, ...], first: bool) ->
         layer = rows * pc.n * ar.hidden * s.a if s.checkpointing else layer_saved(s, rows, pc)
         live = 2 * rows * pc.n * ar.kv_dim * s.a if i < len(chunk) - 1 else 0
         total += ar.layers * (layer + live) + common(s, rows, pc) + head_inputs(s, rows, pc)
-    return total + scored_copy(s, rows, chunk, first)
+    stashed = ar.layers * len(chunk) if s.checkpointing else 0
+    return total + scored_copy(s, rows, chunk, first) + rng_states(s, stashed + head_pieces(s, rows, chunk))
+
+
+def head_pieces(s: Setup, rows: int, chunk: tuple[Piece, ...]) -> int:
+    positions = rows * sum(pc.logits for pc in chunk)
+    return -(-positions // (s.logits_chunk or positions or 1))
+
+
+def rng_states(s: Setup, calls: int) -> int:
+    """CPU only: each checkpointed call (a decoder layer under ``replay.checkpointing``, every LM-head piece) keeps
+    the CPU generator's state until its backward; on a GPU that is host memory."""
+    return calls * CPU_RNG_STATE if s.device == "cpu" else 0
 
 
 def state_graph(s: Setup, rows: int, later: bool) -> int:
@@ -144,13 +157,15 @@ def head(s: Setup, rows: int, chunk: tuple[Piece, ...]) -> int:
 
 
 def backward_layer(s: Setup, rows: int, chunk: tuple[Piece, ...], first: bool) -> int:
-    """The top layer's backward of the chunk's last forward, over what the forwards kept (the head's backward has
-    freed the last forward's final-norm input, and the scored copy of a one-forward chunk; a chunk of several
-    forwards holds the scored positions' hidden gradient until its first forward's norm has run): with checkpointing the layer's recomputed activations (its input is already kept), the
-    gradients alive in it (the MLP's three ``[n, I]`` or attention's of the query and the repeated keys and values,
-    plus the incoming hidden-sized one), the layer's adapter gradients before they are accumulated, and, for a chunk
-    run as several forwards, the key/value gradients of every layer held for the earlier forwards (each a view of
-    the whole ``[rows, H_kv, k, D]`` gradient)."""
+    """The top layer's backward of the chunk's last forward, over what the forwards kept.
+
+    Added: with checkpointing the layer's recomputed activations (its input is already kept); the gradients alive in
+    it (the MLP's three ``[n, I]`` or attention's of the query and the repeated keys and values, plus the incoming
+    hidden-sized one); the layer's adapter gradients before they are accumulated; for a chunk run as several
+    forwards, every layer's key/value gradient held for the earlier forwards (each a view of the whole
+    ``[rows, H_kv, k, D]`` gradient) and the scored positions' hidden gradient. Freed by then: the last forward's
+    final-norm input, and the scored copy of a one-forward chunk (the head's backward has run).
+    """
     ar, a, pc = s.arch, s.a, chunk[-1]
     mlp = 3 * rows * pc.n * ar.intermediate * a
     attn = rows * (pc.n * ar.q_dim + 2 * pc.keys * ar.q_dim) * a
@@ -162,6 +177,7 @@ def backward_layer(s: Setup, rows: int, chunk: tuple[Piece, ...], first: bool) -
         freed = rows * pc.n * ar.hidden * F32 + scored_copy(s, rows, chunk, first)
     else:
         freed = head_inputs(s, rows, pc) - rows * sum(p.logits for p in chunk) * ar.hidden * a
+    freed += rng_states(s, head_pieces(s, rows, chunk))
     adapter_grads = s.adapter_params() // ar.layers * F32
     return recompute + max(mlp, attn) + rows * pc.n * ar.hidden * a + live_grads + adapter_grads - freed
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from pte.config import METHOD_POLICY, Config, load_config
+from pte.encoder import start_thought
+from pte.forward import forward_tokens
 from pte.memory import TensorPeak
 from pte.methods import add_adapter
 from pte.models import tiny_model
@@ -21,13 +23,13 @@ from pte.plan import activations, phases
 from pte.plan.arch import Arch
 from pte.plan.setup import Setup, resolve
 from pte.replay import reference_logprobs
-from pte.rollout import Rollout, SamplingConfig, rollout
+from pte.rollout import Rollout, SamplingConfig, new_cache, prompt_positions, rollout
 from pte.sft import eviction_schedule
-from pte.update import Experience, policy_update
+from pte.update import Experience, policy_update, replay_limits
 
 # Small enough for a unit test (seconds on one CPU thread), large enough that no fixed overhead dominates.
-SIZES = {"h64": (64, 2, 2048), "h128": (128, 3, 4096), "h256": (256, 4, 8192)}  # hidden, layers, vocab
-SMALL = ["thought.rank=8", "thought.global_tokens=8", "lora.rank=8", "rollout.group_size=2"]
+SIZES = {"h64": (64, 2, 2048), "h128": (128, 2, 4096), "h256": (256, 3, 8192)}  # hidden, layers, vocab
+SMALL = ["thought.rank=8", "thought.global_tokens=8", "lora.rank=8"]
 
 
 @dataclass(frozen=True)
@@ -46,15 +48,14 @@ class Check:
         return self.predicted / self.measured
 
 
-def small_config(
-    method: str, dtype: str, rows: int = 2, window: int = 24, new: int = 72, extra: tuple[str, ...] = ()
-) -> Config:
-    """A config whose rollout evicts several times and whose eval runs the method's own cache policy."""
+def small_config(method: str, dtype: str, window: int = 16, new: int = 24, extra: tuple[str, ...] = ()) -> Config:
+    """Four rows (two GRPO groups, or two problems x two samples) decoded at once, replayed two at a time; the
+    rollout evicts several times and eval runs the method's own cache policy."""
     return load_config(None, [
-        f"method={method}", f"model.dtype={dtype}", f"cache.window={window}", f"rollout.micro_batch={rows}",
-        f"rollout.batch_size={rows}", f"rollout.max_new_tokens={new}", f"eval.max_new_tokens={new}",
-        f"eval.max_rows={rows}", f"eval.windows=[{window}]", f"eval.policies=[{METHOD_POLICY[method]}]",
-        *SMALL, *extra,
+        f"method={method}", f"model.dtype={dtype}", f"cache.window={window}", "rollout.batch_size=4",
+        "rollout.group_size=2", "rollout.micro_batch=2", f"rollout.max_new_tokens={new}", f"eval.max_new_tokens={new}",
+        "eval.batch_size=2", "eval.n_samples=2", "eval.k=[1]", "eval.max_rows=4", f"eval.windows=[{window}]",
+        f"eval.policies=[{METHOD_POLICY[method]}]", "eval.temperature=0.6", "eval.top_p=0.95", *SMALL, *extra,
     ])  # fmt: skip
 
 
@@ -84,10 +85,9 @@ def synthetic(cfg: Config, s: Setup, gen: torch.Generator) -> Rollout:
     )  # fmt: skip
 
 
-def check(
-    size: str, cfg: Config, wanted: tuple[str, ...] = ("rollout", "replay"), prompt_len: int = 24
-) -> list[Check]:
-    """Measure the ``wanted`` phases (``rollout``, ``reference``, ``replay``, ``eval``) of ``cfg`` at ``size``."""
+def check(size: str, cfg: Config, wanted: tuple[str, ...] = ("rollout", "replay"), prompt_len: int = 24) -> list[Check]:
+    """Measure the ``wanted`` phases (``rollout``, ``reference``, ``replay``, ``eval``) of ``cfg`` at ``size``, or the
+    ``eviction`` moment alone (a rollout's peak is usually its prompt forward or a decode step)."""
     model = small_model(size, cfg)
     s = resolve(cfg, Arch.from_hf(model.config), 1, prompt_len, device="cpu")
     gen = torch.Generator().manual_seed(0)
@@ -95,28 +95,74 @@ def check(
     measured: dict[str, int] = {}
     predicted: dict[str, int] = {}
 
-    def sample(rows: int, cap: int, new: int, temperature: float, top_p: float, policy) -> tuple[int, int]:
+    def sample(rows: int, distinct: int, cap: int, new: int, temperature: float, top_p: float, policy) -> tuple:
+        """A rollout of ``distinct`` prompts, each repeated for consecutive rows (a GRPO group, a problem's samples)."""
         sampling = SamplingConfig(temperature, top_p, 0, new)
-        ids = ro.prompt_ids[:1].expand(rows, -1).clone()
+        ids = ro.prompt_ids[:distinct].repeat_interleave(rows // distinct, 0)
         mask = torch.ones_like(ids, dtype=torch.bool)
         measured_peak = peak(lambda: rollout(model, ids, mask, policy, sampling, [], 0, gen))
-        return measured_peak, sum(phases.rollout(s, rows, cap, new, temperature, top_p).values())
+        return measured_peak, sum(phases.rollout(s, rows, distinct, cap, new, temperature, top_p).values())
 
     r, e = cfg.rollout, cfg.eval
     if "rollout" in wanted:
-        measured["rollout"], predicted["rollout"] = sample(s.rollout_rows, s.cap, s.max_new, r.temperature, r.top_p,
-                                                           s.policy)
+        args = (s.rollout_rows, s.rollout_prompts, s.cap, s.max_new, r.temperature, r.top_p, s.policy)
+        measured["rollout"], predicted["rollout"] = sample(*args)
     if "eval" in wanted:
         policy = cfg.cache.policy_for(s.prompt_len, cfg.eval_policy)
-        cap = max(s.eval_caps)
-        measured["eval"], predicted["eval"] = sample(s.eval_rows, cap, e.max_new_tokens, e.temperature, e.top_p,
-                                                     policy)
+        args = (s.eval_rows, s.eval_prompts, max(s.eval_caps), e.max_new_tokens, e.temperature, e.top_p, policy)
+        measured["eval"], predicted["eval"] = sample(*args)
     if "reference" in wanted:
-        measured["reference"] = peak(lambda: reference_logprobs(model, ro, cfg.replay))
+        measured["reference"] = peak(lambda: reference_logprobs(model, ro, replay_limits(cfg)))
         predicted["reference"] = sum(activations.reference(s).values())
+    if "eviction" in wanted and s.policy.bounded:
+        measured["eviction"] = eviction_peak(model, s, ro)
+        predicted["eviction"] = phases.eviction(s, s.rollout_rows)
     if "replay" in wanted:
-        exp = Experience([ro], [torch.linspace(-1, 1, s.rollout_rows)], [torch.full(ro.logprobs.shape, 1e-2)], [None])
+        adv = torch.linspace(-1, 1, s.rollout_rows)
+        exp = Experience([ro], [adv], [torch.full(ro.logprobs.shape, 1e-2)], [None])
         policy_update(model, exp, cfg, lambda loss: loss.backward())  # the adapter's gradients now exist
         measured["replay"] = peak(lambda: policy_update(model, exp, cfg, lambda loss: loss.backward()))
         predicted["replay"] = sum(activations.replay(s).values())
     return [Check(size, cfg.model.dtype, cfg.method, k, predicted[k], measured[k]) for k in measured]
+
+
+@torch.no_grad()
+def eviction_peak(model: torch.nn.Module, s: Setup, ro: Rollout) -> int:
+    """The largest eviction (with the thought encoder's absorption) of a decode loop over ``ro``'s tokens, alone."""
+    rows = ro.prompt_ids.shape[0]
+    cache = new_cache(model, s.policy, s.prompt_len, s.max_new)
+    encoder = start_thought(model, s.policy.uses_thought, rows)
+    forward_tokens(model, cache, ro.prompt_ids, prompt_positions(ro.prompt_mask), ro.prompt_mask, s.prompt_len - 1)
+    pos, ones = ro.prompt_mask.sum(1, keepdim=True) - 1, torch.ones(rows, 1, dtype=torch.bool)
+
+    def evict() -> None:
+        for evicted in cache.evict_due():
+            if s.policy.encodes_evicted:
+                encoder.absorb(*evicted)
+
+    worst = 0
+    for j in range(s.max_new - 1):
+        worst = max(worst, peak(evict))
+        pos.add_(1)
+        forward_tokens(model, cache, ro.response_ids[:, j : j + 1], pos, ones)
+    return worst
+
+
+BOUNDS = ("replay.checkpointing=true", "replay.max_chunk_tokens=12", "replay.logits_chunk=8")
+
+
+def validation_table() -> str:
+    """Markdown: every size x precision x method x phase, then the replay under every bound (docs/scale.md)."""
+    lines = ["| size | dtype | method | replay bounds | phase | predicted KiB | measured KiB | ratio |"]
+    lines.append("|---|---|---|---|---|---|---|---|")
+    for bounds in ((), BOUNDS):
+        for size in SIZES:
+            for dtype in ("float32", "bfloat16"):
+                for method in ("pte", "lora_c", "lora"):
+                    wanted = ("replay",) if bounds else ("rollout", "eviction", "eval", "reference", "replay")
+                    for c in check(size, small_config(method, dtype, extra=bounds), wanted, prompt_len=16):
+                        lines.append(
+                            f"| {size} | {dtype} | {method} | {'all' if bounds else 'none'} | {c.phase} | "
+                            f"{c.predicted / 1024:.0f} | {c.measured / 1024:.0f} | {c.ratio:.3f} |"
+                        )
+    return "\n".join(lines)

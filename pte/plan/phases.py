@@ -9,9 +9,9 @@ activation element, f = 4 (float32).
 from __future__ import annotations
 
 from pte.plan.setup import Setup
+from pte.rollout import DRAW_BLOCK  # the sampler pads the vocabulary to a multiple of it
 
 F32 = 4
-DRAW_BLOCK = 256  # pte.rollout.DRAW_BLOCK: the sampler pads the vocabulary to a multiple of it
 
 
 def kv_cache(s: Setup, rows: int, cap: int) -> int:
@@ -25,23 +25,21 @@ def thought_state(s: Setup, rows: int) -> int:
 
 
 def sampling(s: Setup, rows: int, temperature: float, top_p: float, top_k: int) -> int:
-    """Peak of one decode step's vocabulary-sized tensors ``[rows, V]``.
+    """Peak of one decode step's vocabulary-sized tensors ``[rows, V]`` (pte.rollout.sample and draw).
 
-    The previous step's float32 logits live until the new ones return; the LM head writes ``a``-byte logits and
-    casts them to float32; sampling adds the log-softmax, a temperature-scaled copy, the probabilities and the
-    sampler's block-padded copy; top-k / top-p add a masked copy, and top-p a sort (values, int64 order, softmax,
-    cumulative sum, mask).
+    The previous step's float32 logits live until the next step's return. During a forward the LM head writes its
+    own (in the activation dtype, then cast to float32); during the draw come the log-softmax, the probabilities,
+    the sampler's copy padded to whole blocks and the float64 copy its block sums read, plus top-k's masked copy or
+    top-p's sort (values, int64 order, softmax, drop mask, masked copy). Greedy decoding needs the log-softmax only.
     """
-    v = s.arch.vocab
-    forward = F32 + (s.a if s.a != F32 else 0) + F32
-    draw = F32 + F32 + (F32 if temperature not in (0.0, 1.0) else 0)
-    if temperature > 0:
-        draw += F32 + (F32 if v % DRAW_BLOCK else 0)
-        if top_k > 0:
-            draw += F32
-        if top_p < 1.0:
-            draw += F32 + 8 + F32 + F32 + 1 + F32
-    return rows * v * max(forward, draw)
+    forward = (s.a if s.a != F32 else 0) + F32
+    if temperature <= 0:
+        draw = F32
+    else:
+        draw = F32 + F32 + (F32 if s.arch.vocab % DRAW_BLOCK else 0) + 8
+        draw += F32 if top_k > 0 else 0
+        draw += (F32 + 8 + F32 + 1 + F32) if top_p < 1.0 else 0
+    return rows * s.arch.vocab * (F32 + max(forward, draw))
 
 
 def prefill(s: Setup, rows: int, tokens: int) -> int:
@@ -68,26 +66,40 @@ def cpu_head_copy(s: Setup, rows: int) -> int:
 
 
 def eviction(s: Setup, rows: int) -> int:
-    """One eviction: the evicted K/V of every layer copied out, and (PTE) the un-rotated float32 keys."""
+    """One eviction: the evicted K/V of every layer copied out (``[rows, H_kv, e, D]`` each) and, under PTE, the keys
+    un-rotated layer by layer into float32: the finished layers' results, the last layer's working copies (the
+    product with cos, the half-rotated copy and its negated half, the product with sin: 3.5 key-sized) and the
+    rotary angles, cos and sin ``[rows, e, D]``."""
     if not s.policy.bounded:
         return 0
-    piece = s.arch.layers * rows * s.policy.evict_tokens * s.arch.kv_dim
-    return 2 * piece * s.a + (piece * F32 if s.method == "pte" else 0)
+    ar, e = s.arch, s.policy.evict_tokens
+    layer = rows * e * ar.kv_dim  # elements of one layer's evicted keys
+    copies = 2 * ar.layers * layer * s.a
+    if s.method != "pte":
+        return copies
+    return copies + (2 * (ar.layers - 1) + 7) * layer * F32 // 2 + 7 * rows * e * ar.head_dim * F32 // 2
 
 
 def rollout(
-    s: Setup, rows: int, cap: int, max_new: int, temperature: float, top_p: float, top_k: int = 0
+    s: Setup, rows: int, distinct: int, cap: int, max_new: int, temperature: float, top_p: float, top_k: int = 0
 ) -> dict[str, int]:
-    """A rollout (or an evaluation batch) of ``rows`` sequences with ``cap`` K/V slots each: what it holds
-    throughout, plus the largest of its moments (the prompt's forward, a decode step, an eviction)."""
+    """A rollout (or an evaluation batch) of ``rows`` sequences over ``distinct`` prompts with ``cap`` K/V slots each.
+
+    What it holds throughout (the rows' K/V, responses, sampling streams, thought state) plus the largest of its
+    moments: the prompt's forward, run once per distinct prompt into a ``distinct``-row cache (before the rows' K/V
+    exist); the copy of that cache to every row (both caches at once); a decode step; an eviction.
+    """
+    kv = kv_cache(s, rows, cap)
     parts = {
-        f"K/V cache {rows} rows x {cap} slots": kv_cache(s, rows, cap),
+        f"K/V cache {rows} rows x {cap} slots": kv,
         "responses (ids, log-probs, mask)": rows * max_new * (8 + F32 + 1),
         "thought state": thought_state(s, rows),
     }
+    first = kv_cache(s, distinct, cap) if distinct < rows else 0
     step = {
+        f"prompt forward ({distinct} prompts x {s.prompt_len} tokens)": first + prefill(s, distinct, s.prompt_len) - kv,
+        f"prompts' K/V copied to the rows ({distinct} -> {rows})": first,
         "decode step (logits + sampling)": sampling(s, rows, temperature, top_p, top_k),
-        f"prompt forward ({s.prompt_len} tokens)": prefill(s, rows, s.prompt_len),
         "eviction copies": eviction(s, rows),
     }
     worst = max(step, key=step.get)
@@ -102,9 +114,17 @@ def experience(s: Setup) -> int:
 
 
 def optimizer(s: Setup) -> int:
-    """AdamW's step (foreach on a GPU): a float32 temporary the size of the adapter (the sqrt of the second moment).
-    The CPU's single-tensor AdamW needs it for the largest parameter only; counted whole either way."""
-    return s.adapter_params() * F32
+    """The step after the replay: AdamW (foreach on a GPU) builds one float32 temporary the size of the adapter (the
+    square root of the second moment); across ranks the gradient all-reduce first holds the flattened gradients and
+    their reduced copy (pte.distributed.reduce_gradients)."""
+    n = s.adapter_params() * F32
+    return max(n, 2 * n if s.world > 1 else 0)
+
+
+def graph_pools(s: Setup) -> int:
+    """rollout.compile (estimate, not measured): each prompt bucket's captured decode step keeps its outputs in a
+    private pool, at least its logits in the activation dtype and in float32."""
+    return s.compiled_buckets * s.rollout_rows * s.arch.vocab * (s.a + F32)
 
 
 def fsdp_units(s: Setup) -> int:

@@ -10,10 +10,13 @@ from dataclasses import dataclass
 
 from pte.cache import CachePolicy
 from pte.config import METHOD_POLICY, Config, ConfigError
+from pte.evaluate import Setting, default_policies
 from pte.plan.arch import MODULE_SHAPES, Arch
+from pte.update import bucket_capacity
 
-HALF = {"bfloat16": 2, "float16": 2, "float32": 4}
-DEFAULT_PROMPT_LEN = 512  # DAPO-Math-17K questions under the R1/chat template: a few hundred tokens, padded to the longest
+BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+# DAPO-Math-17K questions under the R1/chat template: a few hundred tokens, padded to a micro-batch's longest.
+DEFAULT_PROMPT_LEN = 512
 
 
 @dataclass(frozen=True)
@@ -34,28 +37,27 @@ class Setup:
     prompt_len: int
     max_new: int
     seqs: int  # sequences this rank samples per step
-    rollout_rows: int
+    rollout_rows: int  # rows decoded at once (rollout.decode_batch)
+    rollout_prompts: int  # distinct prompts among them: one prompt forward per GRPO group
     replay_rows: int
     max_chunk_tokens: int
     logits_chunk: int
     checkpointing: bool
     beta: float
-    temperature: float
-    top_p: float
-    top_k: int
+    compiled_buckets: int  # rollout.compile: decode graphs, one per prompt bucket (0 = eager decoding)
+    rollout_slots: int  # K/V slots per row of a rollout's cache (a prompt bucket's under rollout.compile)
     targets: tuple[str, ...]
     rank: int
     global_tokens: int
     eval_rows: int
+    eval_prompts: int
     eval_caps: tuple[int, ...]
-    eval_top_p: float
-    eval_temperature: float
     state_grad: str = "detach"
     device: str = "cuda"
 
     @property
     def cap(self) -> int:
-        """K/V slots per row of a training rollout: P + W, or P + T under the full cache."""
+        """K/V slots per row of a replay: P + W, or P + T under the full cache."""
         return self.policy.capacity(self.prompt_len, self.max_new)
 
     def adapter_params(self) -> int:
@@ -78,7 +80,7 @@ def dtype_bytes(cfg: Config) -> tuple[int, int]:
         return 2, 2
     if p in ("bf16-mixed", "16-mixed"):
         return 4, 2
-    w = HALF[cfg.model.dtype]
+    w = BYTES[cfg.model.dtype]
     return w, w
 
 
@@ -96,6 +98,9 @@ def resolve(
     if r.batch_size % world:
         raise ConfigError(f"rollout.batch_size={r.batch_size} does not split over {world} ranks")
     policy = cfg.cache.policy_for(prompt_len, METHOD_POLICY[cfg.method])
+    new = r.max_new_tokens
+    eval_rows = e.max_rows - e.max_rows % e.n_samples if e.max_rows >= e.n_samples else e.max_rows  # pte.evaluate
+    eval_rows = min(eval_rows or e.batch_size * e.n_samples, e.batch_size * e.n_samples)
     adapter = cfg.thought if cfg.method == "pte" else cfg.lora
     w, a = dtype_bytes(cfg)
     return Setup(
@@ -107,37 +112,34 @@ def resolve(
         w=w,
         a=a,
         prompt_len=prompt_len,
-        max_new=r.max_new_tokens,
+        max_new=new,
         seqs=r.batch_size // world,
-        rollout_rows=min(r.micro_batch, r.batch_size // world),
+        rollout_rows=r.decode_batch or r.batch_size // world,
+        rollout_prompts=max(1, (r.decode_batch or r.batch_size // world) // r.group_size),
         replay_rows=cfg.replay.micro_batch or r.micro_batch,
         max_chunk_tokens=cfg.replay.max_chunk_tokens,
         logits_chunk=cfg.replay.logits_chunk,
         checkpointing=cfg.replay.checkpointing,
         beta=cfg.grpo.beta,
-        temperature=r.temperature,
-        top_p=r.top_p,
-        top_k=r.top_k,
+        compiled_buckets=len(r.prompt_buckets) if r.compile else 0,
+        rollout_slots=bucket_capacity(cfg, policy, prompt_len) if r.compile else policy.capacity(prompt_len, new),
         targets=tuple(adapter.target_modules),
         rank=adapter.rank,
         global_tokens=cfg.thought.global_tokens,
-        eval_rows=e.max_rows or e.batch_size * e.n_samples,
+        eval_rows=eval_rows,
+        eval_prompts=max(1, eval_rows // e.n_samples),
         eval_caps=eval_caps(cfg, prompt_len),
-        eval_top_p=e.top_p,
-        eval_temperature=e.temperature,
         state_grad=cfg.thought.state_grad,
         device=device,
     )
 
 
 def eval_caps(cfg: Config, prompt_len: int) -> tuple[int, ...]:
-    """K/V slots per row of each setting eval.py sweeps (policies x windows, pte.evaluate.sweep)."""
-    from pte.evaluate import default_policies
-
+    """K/V slots per row of each setting eval.py sweeps (policies x windows, as pte.evaluate.sweep expands them)."""
     e = cfg.eval
     caps = set()
     for name in list(e.policies) or default_policies(cfg):
         for window in list(e.windows) or [cfg.cache.window]:
-            cache = cfg.cache if name == "full" else type(cfg.cache)(**{**vars(cfg.cache), "window": window})
+            cache = Setting(name, 0 if name == "full" else window).cache(cfg.cache)
             caps.add(cache.policy_for(prompt_len, name).capacity(prompt_len, e.max_new_tokens))
     return tuple(sorted(caps))
