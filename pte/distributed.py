@@ -1,6 +1,6 @@
 """Multi-process training through Lightning's DDP launcher, without DDP's per-backward gradient sync.
 
-The chunked replay (method.md section 4) calls backward once per chunk, and the number of chunks depends on each
+The chunked replay (docs/method.md section 4) calls backward once per chunk, and the number of chunks depends on each
 rank's response lengths. DDP's reducer all-reduces on every backward, so ranks with different chunk counts would
 wait on each other forever. Here the module is not wrapped for sync at all (:class:`ReplayDDPStrategy`): every
 chunk's backward is local, and :func:`reduce_gradients` sums the small trainable gradients once per optimiser step.

@@ -49,7 +49,6 @@ def test_k3_kl_hand_computed_and_nonzero_gradient():
     kl.sum().backward()
     # d/dlogp [exp(ref - logp) - (ref - logp) - 1] = 1 - exp(ref - logp)
     torch.testing.assert_close(logp.grad, torch.tensor([1 - math.exp(d), 0.0]))
-    assert (kl >= 0).all()
 
 
 def test_token_loss_clipping_hand_computed():
