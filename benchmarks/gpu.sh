@@ -13,11 +13,13 @@ run() {  # run SECONDS NAME JSON ARGS...
     timeout "$limit" "$PY" -m pte.bench "$name" --json "$OUT/$json.json" --plot "$OUT/$json.png" "$@" || echo "   $name stopped (rc $?)"
 }
 start=$(date +%s)
-run 180 decode decode --model mid-llama --dtype bfloat16 --batch 8 --lengths 512 2048 8192 --repeats 1 --warmup 64 \
+run 140 decode decode --model mid-llama --dtype bfloat16 --batch 8 --lengths 512 2048 8192 --repeats 1 --warmup 64 \
     --methods generate window pte linears-only
-run 60 decode decode_static --model mid-llama --dtype bfloat16 --batch 8 --lengths 2048 --repeats 1 \
+run 50 decode decode_static --model mid-llama --dtype bfloat16 --batch 8 --lengths 2048 --repeats 1 \
     --methods generate generate-static window
-run 90 rollout-memory rollout_memory --model mid-llama --dtype bfloat16 --batch 4 --lengths 1024 16384
+run 80 rollout-memory rollout_memory --model mid-llama --dtype bfloat16 --batch 4 --lengths 1024 16384
+run 70 rollout-throughput rollout_throughput --model mid-llama --dtype bfloat16 --rows 64 --micro-batch 16 --group 8 \
+    --tokens 1024 --window 256 --prompt-len 256
 run 60 train-memory train_memory --model mid-llama --dtype bfloat16 --lengths 512 1024 2048 4096
 run 20 flops flops --model tiny-llama --lengths 1024 4096
 run 60 step-time step_time --model tiny-llama rollout.batch_size=8 rollout.group_size=4 \

@@ -23,8 +23,8 @@ eviction moves nothing and ``used`` is the held size. Which (row, slot) pairs ma
 evictions, so a decode step builds no mask. Keys are stored after rotary embedding, so every token keeps
 its absolute position; slot order does not matter to attention, only the mask built from positions does.
 A later policy may therefore evict any (row, slot), and a finished row's slots may be refilled; ``select_rows``
-drops finished rows from the batch, or copies a prompt prefilled once to the rows of its group. A forward with gradients (the replay) attends the stored slots detached plus the
-live K/V of its chunk (pte/live_kv.py).
+drops finished rows from the batch, or copies a prompt prefilled once to the rows of its group. A forward with
+gradients (the replay) attends the stored slots detached plus the live K/V of its chunk (pte/live_kv.py).
 The object is passed to Hugging Face models as their cache (``update``/``get_seq_length``), so the
 models run unpatched.
 """

@@ -62,7 +62,7 @@ class ThoughtEncoder(nn.Module):
 
     def begin(self, batch: int) -> None:
         """Reset the states of a new batch of sequences to S_g."""
-        self.store.states = [lt.initial_state(p, batch) for lt, p in zip(self.layers, self._proj)]
+        self.store.begin([lt.initial_state(p, batch) for lt, p in zip(self.layers, self._proj)])
         self._links: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
 
     def select_rows(self, rows: torch.Tensor) -> None:

@@ -206,8 +206,9 @@ def prefill(
 
 
 @dataclass
-class _Live:
-    """The rows in the cache, indexed like its batch: finished rows leave at stop checks (see :func:`rollout`)."""
+class _Decode:
+    """The rows in the cache, indexed like its batch (finished rows leave at stop checks, see :func:`rollout`), and
+    the rollout's outputs ``[B, T]``, indexed by rollout row."""
 
     rows: torch.Tensor  # [B'] each one's row in the rollout
     alive: torch.Tensor  # [B'] bool, not finished
@@ -215,6 +216,33 @@ class _Live:
     last: torch.Tensor  # [B', 1] the token fed to the next decode step
     ones: torch.Tensor  # [B', 1] bool, the decode step's validity
     noise: RowNoise
+    tokens: torch.Tensor  # [B, T] pad after EOS
+    logprobs: torch.Tensor  # [B, T]
+    mask: torch.Tensor  # [B, T] bool
+
+    @classmethod
+    def start(cls, prompt_mask: torch.Tensor, steps: int, pad_id: int, noise: RowNoise) -> _Decode:
+        b, device = prompt_mask.shape[0], prompt_mask.device
+        return cls(
+            rows=torch.arange(b, device=device),
+            alive=torch.ones(b, dtype=torch.bool, device=device),
+            pos=prompt_mask.sum(1, keepdim=True) - 1,
+            last=torch.empty(b, 1, dtype=torch.long, device=device),
+            ones=torch.ones(b, 1, dtype=torch.bool, device=device),
+            noise=noise,
+            tokens=torch.full((b, steps), pad_id, dtype=torch.long, device=device),
+            logprobs=torch.zeros(b, steps, device=device),
+            mask=torch.zeros(b, steps, dtype=torch.bool, device=device),
+        )
+
+    def take(self, j: int, tok: torch.Tensor, logp: torch.Tensor, pad_id: int, eos: torch.Tensor) -> None:
+        """Record step ``j``'s sampled tokens and log-probs ``[B']`` (pads for finished rows) and feed them next."""
+        tok = tok.masked_fill_(~self.alive, pad_id)
+        self.last.copy_(tok[:, None])
+        self.tokens[self.rows, j] = tok
+        self.logprobs[self.rows, j] = logp.masked_fill_(~self.alive, 0.0)
+        self.mask[self.rows, j] = self.alive
+        self.alive &= ~torch.isin(tok, eos)
 
     def keep(self, stay: torch.Tensor) -> None:
         """Keep the rows at positions ``stay [B'']`` of the current batch."""
@@ -254,30 +282,17 @@ def rollout(
     """
     prompt_mask = prompt_mask.bool()
     b, p = prompt_ids.shape
-    device = prompt_ids.device
     t_max = sampling.max_new_tokens
     store = kv_store(model) if sampling.compile else None  # compiled steps keep their buffers' addresses
     cache = new_cache(model, policy, p, t_max, sampling.compile, capacity, store)
     encoder = start_thought(model, policy.uses_thought, b)
     lockstep = is_sharded(model)
     shrinks = not (sampling.compile or lockstep or (policy.bounded and not policy.retain_prompt))
-    eos = torch.tensor(eos_ids, device=device)
-    tokens = torch.full((b, t_max), pad_id, dtype=torch.long, device=device)
-    logprobs = torch.zeros(b, t_max, device=device)
-    mask = torch.zeros(b, t_max, dtype=torch.bool, device=device)
-    live = _Live(
-        rows=torch.arange(b, device=device),
-        alive=torch.ones(b, dtype=torch.bool, device=device),
-        pos=prompt_mask.sum(1, keepdim=True) - 1,
-        last=torch.empty(b, 1, dtype=torch.long, device=device),
-        ones=torch.ones(b, 1, dtype=torch.bool, device=device),
-        noise=noise if noise is not None else RowNoise.draw(generator, b, t_max, device),
-    )
+    eos = torch.tensor(eos_ids, device=prompt_ids.device)
+    noise = noise if noise is not None else RowNoise.draw(generator, b, t_max, prompt_ids.device)
+    d = _Decode.start(prompt_mask, t_max, pad_id, noise)
     step_model = compiled(model) if sampling.compile else model
-    evict_before: list[int] = []
-    used: list[int] = []
-    held: list[int] = []
-    kept: list[torch.Tensor] = []
+    evict_before, used, held, kept = [], [], [], []
 
     logits = prefill(model, cache, policy.uses_thought, prompt_ids, prompt_mask, prefill_once)
     steps = 0
@@ -286,40 +301,34 @@ def rollout(
             if j > 0:
                 if _evict(cache, encoder, policy):
                     evict_before.append(j - 1)
-                live.pos.add_(1)
+                d.pos.add_(1)
                 if sampling.compile:  # a new step: the previous step's graph outputs are dead (CUDA graphs reuse them)
                     torch.compiler.cudagraph_mark_step_begin()
-                logits = forward_tokens(step_model, cache, live.last, live.pos, live.ones)[:, -1]
+                logits = forward_tokens(step_model, cache, d.last, d.pos, d.ones)[:, -1]
             if keep_logits:
-                kept.append(logits.new_zeros(b, logits.shape[-1]).index_copy_(0, live.rows, logits))
-            tok, logp = sample(logits, sampling, live.noise.uniform(j))
-            tok = tok.masked_fill_(~live.alive, pad_id)
-            live.last.copy_(tok[:, None])
-            tokens[live.rows, j] = tok
-            logprobs[live.rows, j] = logp.masked_fill_(~live.alive, 0.0)
-            mask[live.rows, j] = live.alive
-            live.alive &= ~torch.isin(tok, eos)
+                kept.append(logits.new_zeros(b, logits.shape[-1]).index_copy_(0, d.rows, logits))
+            d.take(j, *sample(logits, sampling, d.noise.uniform(j)), pad_id, eos)
             used.append(cache.used)
-            held.append(len(live.rows))
+            held.append(len(d.rows))
             steps = j + 1
             if steps % sampling.stop_check_every == 0:
-                if not running_anywhere(live.alive, lockstep):
+                if not running_anywhere(d.alive, lockstep):
                     break
-                if shrinks and not bool(live.alive.all()):
-                    stay = live.alive.nonzero().squeeze(1)  # [B''] positions in the current batch
+                if shrinks and not bool(d.alive.all()):
+                    stay = d.alive.nonzero().squeeze(1)  # [B''] positions in the current batch
                     cache.select_rows(stay.tolist())
                     if policy.uses_thought:
                         encoder.select_rows(stay)
-                    live.keep(stay)
+                    d.keep(stay)
 
-    t = int(mask.sum(1).max()) if steps else 0
+    t = int(d.mask.sum(1).max()) if steps else 0
     return Rollout(
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,
-        response_ids=tokens[:, :t],
-        response_mask=mask[:, :t],
-        logprobs=logprobs[:, :t],
-        truncated=torch.zeros(b, dtype=torch.bool, device=device).index_copy_(0, live.rows, live.alive),
+        response_ids=d.tokens[:, :t],
+        response_mask=d.mask[:, :t],
+        logprobs=d.logprobs[:, :t],
+        truncated=torch.zeros(b, dtype=torch.bool, device=d.alive.device).index_copy_(0, d.rows, d.alive),
         policy=policy,
         temperature=sampling.temperature,
         evict_before=[i for i in evict_before if i < t - 1],

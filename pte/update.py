@@ -23,6 +23,7 @@ from pte.grpo import AGGREGATIONS, group_advantages, k3_kl, token_loss
 from pte.noise import RowNoise
 from pte.replay import reference_logprobs, replay_all
 from pte.rollout import Rollout, SamplingConfig, rollout
+from pte.shapes import kv_store
 
 
 @dataclass
@@ -56,18 +57,17 @@ def generate_rollouts(
     sampling = SamplingConfig(r.temperature, r.top_p, r.top_k, r.max_new_tokens, compile=r.compile, max_compiles=budget)
     noise = RowNoise.draw(generator, len(prompts), r.max_new_tokens, device)
     rows = r.decode_batch or len(prompts)
-    out = []
+    if r.compile:  # the largest bucket's room from the start: the K/V storage never moves
+        policy = cfg.cache.policy_for(1, policy_name)
+        kv_store(model).reserve(rows, max(bucket_capacity(cfg, policy, n) for n in r.prompt_buckets))
+    eos, out = eos_ids(tok, model), []
     for i in range(0, len(prompts), rows):
         ids, mask = encode_prompts(tok, prompts[i : i + rows], chat=False, device=device)
         longest = int(mask.sum(1).max())
         policy = cfg.cache.policy_for(longest, policy_name)
         slots = bucket_capacity(cfg, policy, longest) if r.compile else 0
-        eos = eos_ids(tok, model)
-        out.append(
-            rollout(
-                model, ids, mask, policy, sampling, eos, tok.pad_token_id, noise=noise[i : i + rows], capacity=slots
-            )
-        )
+        block = noise[i : i + rows]
+        out.append(rollout(model, ids, mask, policy, sampling, eos, tok.pad_token_id, noise=block, capacity=slots))
     return out
 
 
@@ -87,7 +87,7 @@ def bucket_capacity(cfg: Config, policy: CachePolicy, longest: int) -> int:
             "add a bucket that holds it"
         )
     lo = max([n + 1 for n in buckets if n < hi], default=1)  # the shortest longest-prompt this bucket takes
-    window = c.window or (c.budget - lo if c.budget else hi)
+    window = c.window or (max(c.budget - lo, 1) if c.budget else hi)  # >= 1: a bucket the budget leaves no room in
     return replace(policy, window=window).capacity(hi, cfg.rollout.max_new_tokens)
 
 

@@ -71,6 +71,19 @@ def test_decode_reports_ratios_against_generate(tmp_path):
     assert rows[2]["ms_per_step"] == pytest.approx(1e3 * rows[2]["seconds"] / 12)
 
 
+def test_rollout_throughput_decodes_the_same_tokens_both_ways(tmp_path):
+    """Micro-batches one after another and all rows at once sample the same tokens from the same streams; the
+    micro-batches forward every row's prompt, the decode batch one per group."""
+    out = tmp_path / "rt.json"
+    args = ["rollout-throughput", "--model", "tiny-llama", "--rows", "8", "--micro-batch", "4", "--group", "4"]
+    main([*args, "--tokens", "12", "--window", "8", "--prompt-len", "8", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert [r["method"] for r in result["rows"]] == ["micro-batches", "decode-batch"]
+    assert result["same_tokens_12"] and result["max_logprob_diff_12"] < 1e-4
+    assert result["rows"][0]["speedup"] == 1.0 and result["speedup_12"] == result["rows"][1]["speedup"] > 0
+    assert len(result["conditions"]["load_average"]) == 3
+
+
 def test_linears_only_floor_runs_every_linear_layer_once_per_step():
     model, _ = tiny()
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
@@ -85,6 +98,7 @@ def test_linears_only_floor_runs_every_linear_layer_once_per_step():
 GPU_SH = Path(__file__).parents[1] / "benchmarks" / "gpu.sh"
 # gpu.sh's values at CPU size: a random tiny model, short rollouts, one repeat, a small batch and window.
 TINY_VALUES = {"--model": "tiny-llama", "--batch": "2", "--repeats": "1", "--warmup": "4", "--window": "8"}
+TINY_VALUES |= {"--rows": "8", "--micro-batch": "4", "--group": "4", "--tokens": "16", "--prompt-len": "8"}
 TINY_OVERRIDES = {"rollout.max_new_tokens": "16", "cache.window": "8"}
 
 
@@ -127,7 +141,8 @@ def test_gpu_script_parses_within_its_budget():
     """make bench-gpu runs only on a lent GPU: its lines must name every benchmark, keep the 8-minute budget,
     and pass each benchmark's parser (a typo fails here, not in the GPU's minutes)."""
     calls = _bench_invocations(GPU_SH)
-    assert {argv[0] for _, argv in calls} == {"decode", "rollout-memory", "train-memory", "flops", "step-time"}
+    names = {"decode", "rollout-throughput", "rollout-memory", "train-memory", "flops", "step-time"}
+    assert {argv[0] for _, argv in calls} == names
     assert sum(limit for limit, _ in calls) <= 8 * 60
     assert '-m pte.bench "$name" --json "$OUT/$json.json" --plot "$OUT/$json.png" "$@"' in GPU_SH.read_text()
     for _, argv in calls:
