@@ -73,7 +73,7 @@ class ThoughtEncoder(nn.Module):
         """Cut the graph between replay chunks: the carried state is a constant for the next chunk."""
         self.store.states = [s.detach() for s in self.store.states]
 
-    # -- exact gradient through the state chain (thought.state_grad = chain, method.md section 4) -----------------
+    # -- exact gradient through the state chain (thought.state_grad = chain, docs/method.md section 4) -----------------
     def link(self) -> None:
         """Let the next chunk read leaf copies of the states, and keep the chain's own graph beside them.
 

@@ -29,6 +29,7 @@ from pte.benchmarks import BENCHMARKS, OFFLINE, Problem, load_benchmark
 from pte.cache import POLICIES
 from pte.config import CacheCfg, Config, ConfigError, require, to_yaml
 from pte.generate import decode_responses, encode_prompts, eos_ids
+from pte.noise import RowNoise
 from pte.plots import average, summarize, write_report
 from pte.prompts import config_prompt, few_shot_examples
 from pte.records import RecordStore, Sampled, batch_records
@@ -150,14 +151,17 @@ def sample_batch(
 ) -> Sampled:
     """Generate for formatted prompts under policy ``policy_name`` of ``cache`` (window resolved per rollout), in
     rollouts of at most ``max_rows`` prompts one after another (0 = one rollout), so that at most that many rows'
-    K/V are held at once."""
+    K/V are held at once. Each row's draws come from one stream set for the whole call (pte/noise.py), so sampled
+    tokens do not depend on ``max_rows``."""
     device = next(model.parameters()).device
     size = max_rows or len(prompts)
+    noise = RowNoise.draw(generator, len(prompts), sampling.max_new_tokens, device)  # samples independent of size
     start, parts = time.perf_counter(), []
     for i in range(0, len(prompts), size):
         ids, mask = encode_prompts(tok, prompts[i : i + size], chat=False, device=device)
         policy = cache.policy_for(int(mask.sum(1).max()), policy_name)
-        parts.append(rollout(model, ids, mask, policy, sampling, eos_ids(tok, model), tok.pad_token_id, generator))
+        block = noise[i : i + size]
+        parts.append(rollout(model, ids, mask, policy, sampling, eos_ids(tok, model), tok.pad_token_id, noise=block))
     seconds = time.perf_counter() - start
     texts = [t for ro in parts for t in decode_responses(tok, ro)]
     return Sampled(texts, [extract_answer(t) for t in texts], parts, seconds)

@@ -112,12 +112,16 @@ def test_changed_settings_are_not_reused(pte_adapter, tmp_path, monkeypatch):
     assert len(_lines(tmp_path / "records.jsonl")) == 2
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
 @pytest.mark.parametrize(("max_rows", "expected"), [(3, [2, 2, 2]), (1, [1] * 6)])
-def test_max_rows_bounds_each_rollout_and_changes_no_record(pte_adapter, tmp_path, monkeypatch, max_rows, expected):
-    """3 problems x 2 greedy samples in one batch of 6 rows: at most ``eval.max_rows`` rows per rollout (whole problems
-    when they fit), and every record as without the bound but the KV bytes (a smaller batch pads its prompts less)."""
+def test_max_rows_bounds_each_rollout_and_changes_no_record(
+    pte_adapter, tmp_path, monkeypatch, max_rows, expected, temperature
+):
+    """3 problems x 2 samples (greedy or sampled) in one batch of 6 rows: at most ``eval.max_rows`` rows per rollout
+    (whole problems when they fit), and every record as without the bound but the KV bytes (a smaller batch pads its
+    prompts less); sampled rows draw the same tokens whatever rows they are decoded with."""
     args = [f"ckpt={pte_adapter}", "policies=[pte]", "windows=[4]", "n_samples=2", "eval.batch_size=3", "limit=3"]
-    args += [*FAST, "eval.temperature=0.0"]
+    args += [*FAST, f"eval.temperature={temperature}"]
     rows = _count_rollouts(monkeypatch)
     eval_cli.main([*args, f"eval.out_dir={tmp_path / 'all'}"])
     assert rows == [6]
