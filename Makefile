@@ -38,20 +38,20 @@ repro: $(STAMP)  ## the paper's table at toy scale: every arm x 3 seeds in two s
 	lane=$$!; OMP_NUM_THREADS=1 $(PY) -m pte.experiments.toy_table --seeds 1 && wait $$lane
 	$(PY) -m pte.experiments.toy_table
 
-toy-base: $(STAMP)  ## build and cache the toy base model (python -m pte.toy_base)
-	$(PY) -m pte.toy_base
+toy-base: $(STAMP)  ## build and cache the toy base model (python -m pte.models.toy)
+	$(PY) -m pte.models.toy
 
 bench: $(STAMP)  ## performance suite on CPU, quick defaults (python -m pte.bench; results in runs/bench/cpu)
-	sh benchmarks/cpu.sh $(PY) runs/bench/cpu
+	sh scripts/cpu.sh $(PY) runs/bench/cpu
 
 bench-gpu: $(STAMP)  ## whole suite on one CUDA GPU in < 8 min, bf16 (results in runs/bench/gpu)
-	sh benchmarks/gpu.sh $(PY) runs/bench/gpu
+	sh scripts/gpu.sh $(PY) runs/bench/gpu
 
 gpu-smoke: $(STAMP)  ## paper settings on a 2-layer paper-width model, 2 steps + 1 eval, 1 GPU, < 5 min (runs/gpu_smoke)
-	$(PY) -m benchmarks.gpu_smoke --out runs/gpu_smoke
+	$(PY) -m scripts.gpu_smoke --out runs/gpu_smoke
 
 lint: $(STAMP)  ## ruff
-	$(PY) -m ruff check pte tests benchmarks train.py eval.py
+	$(PY) -m ruff check pte tests scripts train.py eval.py
 
 clean:  ## remove runs and caches (keeps .venv)
 	rm -rf runs .pytest_cache .ruff_cache

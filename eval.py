@@ -9,8 +9,8 @@ model): ``records.jsonl`` (one line per setting, benchmark and problem; a rerun 
 ``results.json``, ``results.md``, PNG plots and, last, the resolved ``config.yaml`` (its ``ckpt_path`` is the
 evaluated checkpoint), so a failed run never leaves a config that does not describe the results beside it.
 
-Generation runs with the base in ``model.dtype`` and the adapter in float32 (pte/precision.py); ``trainer.precision``
-is a training setting, so evaluate a bf16-trained run in bf16 with ``model.dtype=bfloat16``.
+Generation runs with the base in ``model.dtype`` and the adapter in float32 (pte/training/precision.py);
+``trainer.precision`` is a training setting, so evaluate a bf16-trained run in bf16 with ``model.dtype=bfloat16``.
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ import sys
 from functools import partial
 from pathlib import Path
 
-from pte.benchmarks import BENCHMARKS, OFFLINE
-from pte.cache import POLICIES
 from pte.cli import check_config_file, check_overrides, config_groups, make_parser, setup_logging, user_errors
 from pte.config import Config, ConfigError, load_config
-from pte.evaluate import Loader, evaluate, sweep
-from pte.methods import check_matches, load_base, load_trained, saved_config
-from pte.models import check_source
-from pte.plots import markdown_table
+from pte.engine.cache import POLICIES
+from pte.evaluation.evaluate import Loader, evaluate, sweep
+from pte.evaluation.math_sets import BENCHMARKS, OFFLINE
+from pte.evaluation.plots import markdown_table
+from pte.models.load import check_source
+from pte.training.methods import check_matches, load_base, load_trained, saved_config
 
 log = logging.getLogger("eval")
 

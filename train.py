@@ -21,8 +21,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import OmegaConf
 
-from pte.callbacks import build_callbacks
-from pte.checkpoints import (
+from pte.cli import config_groups, parse, setup_logging, user_errors
+from pte.config import Config, ConfigError, as_dict, to_yaml
+from pte.training.callbacks import build_callbacks
+from pte.training.checkpoints import (
     AtomicCheckpointIO,
     Interrupted,
     SaveOnInterrupt,
@@ -30,13 +32,11 @@ from pte.checkpoints import (
     interrupts_raise,
     resolve_ckpt_path,
 )
-from pte.cli import config_groups, parse, setup_logging, user_errors
-from pte.config import Config, ConfigError, as_dict, to_yaml
-from pte.distributed import build_strategy
-from pte.methods import check_matches, export_adapter, saved_config
-from pte.module import GRPOModule, build_datamodule
-from pte.precision import trainer_precision
-from pte.progress import StepLog, StepProgressBar
+from pte.training.distributed import build_strategy
+from pte.training.methods import check_matches, export_adapter, saved_config
+from pte.training.module import GRPOModule, build_datamodule
+from pte.training.precision import trainer_precision
+from pte.training.progress import StepLog, StepProgressBar
 
 log = logging.getLogger("train")
 # Expected with this design: the frozen base stays in eval mode (no dropout, exact replay), and manual
@@ -129,7 +129,7 @@ def train(cfg: Config, argv: list[str] | None = None) -> dict[str, float]:
                 enable_version_counter=False,
             )
         )
-    precision, precision_plugins = trainer_precision(t.precision)  # bf16-true: the base only (pte/precision.py)
+    precision, precision_plugins = trainer_precision(t.precision)  # bf16-true: the base only (training/precision.py)
     trainer = L.Trainer(
         max_steps=t.max_steps,
         accelerator=t.accelerator,

@@ -1,10 +1,10 @@
 """Progressive Thought Encoding: reasoning under a fixed-size KV cache (Zhang et al., ICLR 2026)."""
 
-from pte.cache import BoundedKVCache, CachePolicy
-from pte.encoder import attach_thought, load_thought, save_thought
-from pte.generate import Generation, generate
-from pte.models import load_model_and_tokenizer
-from pte.thought import ThoughtConfig
+from pte.engine.cache import BoundedKVCache, CachePolicy
+from pte.engine.encoder import attach_thought, load_thought, save_thought
+from pte.engine.generate import Generation, generate
+from pte.engine.thought import ThoughtConfig
+from pte.models.load import load_model_and_tokenizer
 
 __all__ = [
     "BoundedKVCache",

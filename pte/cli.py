@@ -79,7 +79,7 @@ def parse(argv: list[str] | None, description: str, epilog: str = "", base: dict
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
-    from pte.benchmarks import BenchmarkFormatError  # a malformed benchmark file is the user's to fix
+    from pte.evaluation.math_sets import BenchmarkFormatError  # a malformed benchmark file is the user's to fix
 
     return (UserError, BenchmarkFormatError)
 

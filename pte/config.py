@@ -16,9 +16,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pte.cache import POLICIES, CachePolicy
+from pte.engine.cache import POLICIES, CachePolicy
+from pte.engine.thought import ThoughtConfig
 from pte.errors import UserError
-from pte.thought import ThoughtConfig
 
 METHODS = ("base", "lora", "lora_c", "pte")
 OBJECTIVES = ("grpo", "sft")
@@ -38,7 +38,7 @@ def require(ok: bool, key: str, msg: str) -> None:
 @dataclass
 class ModelCfg:
     """name: hub id, local path, ``smollm2`` (offline SmolLM2-135M-Instruct), ``toy-carry`` (the toy reasoning model of
-    pte/toy_base.py, trained on first use and cached) or ``tiny-qwen2``/``tiny-llama``. adapter: an adapter export
+    pte/models/toy.py, trained on first use and cached) or ``tiny-qwen2``/``tiny-llama``. adapter: an adapter export
     (``<run>/adapter``) of the same method to start training from, e.g. an ``objective: sft`` run before GRPO.
     """
 
@@ -84,7 +84,7 @@ class CacheCfg:
 
 @dataclass
 class ThoughtCfg:
-    """PTE settings; see ``pte.thought.ThoughtConfig`` for each field's meaning."""
+    """PTE settings; see ``pte.engine.thought.ThoughtConfig`` for each field's meaning."""
 
     rank: int = 32
     global_tokens: int = 32
@@ -117,8 +117,8 @@ class LoraCfg:
 class DataCfg:
     """Where training prompts come from and how they are turned into chat prompts.
 
-    ``carry_steps`` / ``carry_values`` size the offline long-horizon task (``source: carry``, pte/carry.py): chain
-    length (about 8 tokens of trace per step) and how many intermediate values the answer needs.
+    ``carry_steps`` / ``carry_values`` size the offline long-horizon task (``source: carry``, pte/training/carry.py):
+    chain length (about 8 tokens of trace per step) and how many intermediate values the answer needs.
     """
 
     source: str = "reasoning_gym"
@@ -152,10 +152,10 @@ class RolloutCfg:
         reads every weight once whatever the rows, so fewer, wider steps are faster as long as the rows' K/V fit
         (the bounded window keeps them small: ``python -m pte.plan``). Each block of rows is one rollout, its padded
         prompt and, under the paper's rule, its window W set by its own longest prompt; with a fixed window the
-        tokens do not depend on this value (every row samples from its own stream, pte/noise.py).
+        tokens do not depend on this value (every row samples from its own stream, pte/engine/noise.py).
     prompt_buckets: with ``compile``, cache shapes by longest prompt: a block whose longest prompt has L tokens gets
         the slots of the smallest bucket >= L (bucket + the largest window its prompts can get), so the compiled
-        decode step is built once per bucket, and a compilation past that stops the run (pte/shapes.py). A longer
+        decode step is built once per bucket, and a compilation past that stops the run (pte/engine/shapes.py). A longer
         prompt is refused. Unused without ``compile``.
     compile: run the one-token decode steps through ``torch.compile(mode="reduce-overhead")`` over a cache with
         fixed shapes (CUDA graphs on a GPU). Off by default: compiling costs minutes per model up front and only pays
@@ -224,7 +224,8 @@ def check_shards(r: RolloutCfg, world: int) -> None:
 @dataclass
 class ReplayCfg:
     """Bounds on the training pass's memory, none of which changes a log-prob or a gradient (docs/scale.md). They
-    hold for the GRPO replay, the full-cache replay of ``lora``, the reference of the KL term and SFT (pte/replay.py).
+    hold for the GRPO replay, the full-cache replay of ``lora``, the reference of the KL term and SFT
+    (pte/engine/replay.py).
 
     micro_batch: rows per replay forward + backward, independent of the rollout's rows (0 = a rollout micro-batch);
         a block of rows keeps the batch's prompt width and eviction steps, and ends at its own longest response.
@@ -302,9 +303,9 @@ FSDP_PRECISIONS = ("32-true", "bf16-true", "bf16-mixed", "16-true")  # what Ligh
 @dataclass
 class TrainerCfg:
     """Lightning Trainer settings and where a run lives (``out_dir/run_name``). ``strategy``: ``auto`` (one process
-    unless devices x num_nodes > 1), ``ddp`` (pte.distributed.ReplayDDPStrategy: one process per device, each
-    holding the whole base, gradients summed once per step) or ``fsdp`` (pte.distributed.ReplayFSDPStrategy, for a
-    base that does not fit one device: the frozen base sharded over all processes with FSDP2, one unit per decoder
+    unless devices x num_nodes > 1), ``ddp`` (pte.training.distributed.ReplayDDPStrategy: one process per device, each
+    holding the whole base, gradients summed once per step) or ``fsdp`` (pte.training.distributed.ReplayFSDPStrategy,
+    for a base that does not fit one device: the frozen base sharded over all processes with FSDP2, one unit per decoder
     layer, the adapter whole on every process and reduced as under ddp; rollouts, replay chunks and evaluation
     batches run in lock-step, docs/distributed.md). ``devices`` is per node (-1 = all), ``num_nodes`` the
     number of machines. ``rollout.batch_size`` is the global batch over all processes.
@@ -316,8 +317,8 @@ class TrainerCfg:
         and adapter are deleted); without it such a directory is refused unless ``ckpt_path`` resumes it.
     max_nonfinite: consecutive steps with a NaN/inf loss or gradient (each skipped, no optimiser step) after which
         the run saves and stops; 0 = never stop.
-    precision: Lightning precision; the half ``-true`` values cast only the frozen base (pte/precision.py), so the
-        adapter, the thought state and the optimiser state stay float32.
+    precision: Lightning precision; the half ``-true`` values cast only the frozen base (pte/training/precision.py),
+        so the adapter, the thought state and the optimiser state stay float32.
     """
 
     max_steps: int = 10

@@ -14,9 +14,9 @@ import sys
 
 import torch
 
-import pte.module
+import pte.training.module
 import train
-from pte.rewards import CombinedReward
+from pte.training.rewards import CombinedReward
 
 
 class DigitReward:
@@ -38,5 +38,5 @@ def digit_reward(spec, grader) -> CombinedReward:
 
 
 if __name__ == "__main__":
-    pte.module.build_reward = digit_reward
+    pte.training.module.build_reward = digit_reward
     train.main(sys.argv[1:])

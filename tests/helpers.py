@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from pte.cache import CachePolicy
-from pte.encoder import attach_thought
-from pte.generate import encode_prompts
-from pte.models import tiny_model, tiny_tokenizer
-from pte.rollout import Rollout, SamplingConfig, rollout
-from pte.thought import ThoughtConfig
+from pte.engine.cache import CachePolicy
+from pte.engine.encoder import attach_thought
+from pte.engine.generate import encode_prompts
+from pte.engine.rollout import Rollout, SamplingConfig, rollout
+from pte.engine.thought import ThoughtConfig
+from pte.models.tiny import tiny_model, tiny_tokenizer
 
 PROMPTS = ["Hi", "What is 12 + 30? Think.", "Count: 1 2 3"]
 THOUGHT = ThoughtConfig(rank=4, global_tokens=3, alpha=8.0)

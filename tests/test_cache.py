@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pte.cache import BoundedKVCache, CachePolicy
-from pte.encoder import attach_thought
-from pte.forward import forward_hidden, forward_tokens, output_head
-from pte.generate import encode_prompts
-from pte.memory import TensorPeak
-from pte.replay import replay
-from pte.rollout import new_cache, prompt_positions
-from pte.thought import ThoughtConfig
+from pte.engine.cache import BoundedKVCache, CachePolicy
+from pte.engine.encoder import attach_thought
+from pte.engine.forward import forward_hidden, forward_tokens, output_head
+from pte.engine.generate import encode_prompts
+from pte.engine.replay import replay
+from pte.engine.rollout import new_cache, prompt_positions
+from pte.engine.thought import ThoughtConfig
+from pte.training.memory import TensorPeak
 from tests.helpers import PROMPTS, run, tiny, tiny_pte
 
 

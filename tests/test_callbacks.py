@@ -11,10 +11,10 @@ import numpy as np
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train
-from pte.callbacks import EvalCallback, MemoryCurveCallback, build_callbacks, eval_line
 from pte.config import load_config
-from pte.plots import figure_array, memory_phases
-from pte.progress import StepProgressBar, step_line
+from pte.evaluation.plots import figure_array, memory_phases
+from pte.training.callbacks import EvalCallback, MemoryCurveCallback, build_callbacks, eval_line
+from pte.training.progress import StepProgressBar, step_line
 
 TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml")
 
@@ -55,7 +55,7 @@ def test_figure_array_is_rgb():
 def test_training_logs_validation_and_memory_curves(tmp_path, caplog):
     """Two steps with val_every=2: memory scalars every step, evaluation and plots at step 2 only, and the
     evaluation's accuracy on the console."""
-    caplog.set_level(logging.INFO, logger="pte.callbacks")
+    caplog.set_level(logging.INFO, logger="pte.training.callbacks")
     train.main(
         [
             "--config",
@@ -73,7 +73,8 @@ def test_training_logs_validation_and_memory_curves(tmp_path, caplog):
 
     accuracy = scalars["val/accuracy"]
     assert [step for step, _ in accuracy] == [2] and 0.0 <= accuracy[0][1] <= 1.0
-    printed = [r.getMessage() for r in caplog.records if r.name == "pte.callbacks" and "val/accuracy" in r.getMessage()]
+    messages = [r.getMessage() for r in caplog.records if r.name == "pte.training.callbacks"]
+    printed = [m for m in messages if "val/accuracy" in m]
     assert len(printed) == 1 and re.fullmatch(r"step 2: val/accuracy \d\.\d{3}, kv held [\d.]+ (B|KiB)/seq", printed[0])
     assert f"val/accuracy {accuracy[0][1]:.3f}" in printed[0]
     assert 0 < scalars["val/response_length"][0][1] <= 6

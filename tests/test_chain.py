@@ -7,10 +7,10 @@ import dataclasses
 import pytest
 import torch
 
-from pte.cache import CachePolicy
-from pte.encoder import get_thought
-from pte.replay import full_replay, replay
-from pte.sft import eviction_schedule
+from pte.engine.cache import CachePolicy
+from pte.engine.encoder import get_thought
+from pte.engine.replay import full_replay, replay
+from pte.training.sft import eviction_schedule
 from tests.helpers import PROMPTS, run, tiny_pte
 
 

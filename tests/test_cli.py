@@ -14,7 +14,7 @@ import eval as eval_cli
 import train
 from pte.config import as_dict, load_config
 from pte.errors import UserError
-from pte.methods import build_model, export_adapter
+from pte.training.methods import build_model, export_adapter
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "tiny.yaml")

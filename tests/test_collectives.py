@@ -1,4 +1,4 @@
-"""Every collective runs on the process's communication device (pte.collectives), proved on a CPU-only machine.
+"""Every collective runs on the process's communication device (pte.training.collectives), proved on a CPU-only machine.
 
 NCCL, which Lightning starts for CUDA training, refuses CPU tensors; gloo, which the other multi-process tests use,
 takes either device, so those tests cannot see a collective fed from the wrong device. Here two forked gloo ranks
@@ -26,10 +26,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from pte.collectives import all_max, all_mean, all_sum, broadcast_, comm_device, gather_object
-from pte.distributed import ReplayDDPStrategy, global_step_totals, reduce_gradients
-from pte.lockstep import most_over_ranks, running_anywhere
-from pte.module import GRPOModule
+from pte.training.collectives import all_max, all_mean, all_sum, broadcast_, comm_device, gather_object
+from pte.training.distributed import ReplayDDPStrategy, global_step_totals, reduce_gradients
+from pte.training.lockstep import most_over_ranks, running_anywhere
+from pte.training.module import GRPOModule
 from tests.test_distributed import WORLD, _ranks_results
 
 SIM = torch.device("cuda", 0)

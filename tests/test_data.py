@@ -1,4 +1,4 @@
-"""Tests for pte.data: prompt sources, prompt templates and the GRPO data module (docs/method.md §4-6)."""
+"""Tests for pte.training.data: prompt sources, prompt templates and the GRPO data module (docs/method.md §4-6)."""
 
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import pte.data
-import pte.examples
+import pte.training.data
+import pte.training.examples
 from pte.config import ConfigError
-from pte.data import (
+from pte.models.tiny import tiny_tokenizer
+from pte.training.data import (
     DataError,
     Example,
     ExampleTable,
@@ -27,8 +28,7 @@ from pte.data import (
     hf_examples,
     reasoning_gym_examples,
 )
-from pte.models import tiny_tokenizer
-from pte.prompts import DEFAULT_FEW_SHOT, DEFAULT_INSTRUCTION, format_prompt
+from pte.training.prompts import DEFAULT_FEW_SHOT, DEFAULT_INSTRUCTION, format_prompt
 
 # 5 synthetic rows in the format of shared/data/benchmarks/dapo_math_17k.jsonl (see its SOURCES.md): the same fields,
 # order, nesting and JSON escaping; the source's own rows may only live in shared/.
@@ -201,8 +201,8 @@ def test_hf_examples_from_a_local_dataset_dir(tmp_path):
 
 def _small_batches(monkeypatch, rows: int) -> None:
     """Read ``rows`` rows at a time, so that repeats straddle batches."""
-    monkeypatch.setattr(pte.data, "BATCH_ROWS", rows)
-    monkeypatch.setattr(pte.examples, "BATCH_ROWS", rows)
+    monkeypatch.setattr(pte.training.data, "BATCH_ROWS", rows)
+    monkeypatch.setattr(pte.training.examples, "BATCH_ROWS", rows)
 
 
 def _load_kind(tmp_path: Path, kind: str, rows: list[dict]) -> ExampleTable:
@@ -219,7 +219,7 @@ def test_repeated_rows_keep_their_first_occurrence(tmp_path, monkeypatch, kind):
     """The hub's DAPO-Math-17K repeats every prompt ~100 times; here 4 times, read 3 rows at a time."""
     _small_batches(monkeypatch, 3)
     if kind != "jsonl":
-        monkeypatch.setattr(pte.examples, "to_examples", None)  # string fields never leave Arrow row by row
+        monkeypatch.setattr(pte.training.examples, "to_examples", None)  # string fields never leave Arrow row by row
     rows = dapo_rows()
     other_answer = {**rows[0], "reward_model": {"ground_truth": "7", "style": "rule"}}
     examples = _load_kind(tmp_path, kind, rows * 4 + [other_answer])
@@ -270,7 +270,7 @@ def test_ranks_build_only_their_own_disjoint_prompts(tmp_path, tok, monkeypatch,
     """Two ranks over one epoch: disjoint shards that cover the distinct prompts, each building only its own."""
     rows = [{"q": f"What is {i} + 1?", "a": str(i + 1)} for i in range(12)]
     path = write_jsonl(tmp_path / "sums.jsonl", rows * 5)
-    with caplog.at_level(logging.INFO, logger="pte.data"):
+    with caplog.at_level(logging.INFO, logger="pte.training.data"):
         dm = make_dm(
             tok, source="file", path=str(path), question_field="q", answer_field="a", val_size=0, prompts_per_step=6
         )
@@ -280,7 +280,7 @@ def test_ranks_build_only_their_own_disjoint_prompts(tmp_path, tok, monkeypatch,
     monkeypatch.setattr(ExampleTable, "__getitem__", lambda table, i: built.append(int(i)) or getitem(table, i))
     shards = []
     for rank in range(2):
-        monkeypatch.setattr(pte.data, "rank_world", lambda rank=rank: (rank, 2))
+        monkeypatch.setattr(pte.training.data, "rank_world", lambda rank=rank: (rank, 2))
         built.clear()
         shard = [i for offset in range(0, 12, 6) for i in dm._train_batch(offset)["ids"]]
         assert len(built) == len(shard) == 6

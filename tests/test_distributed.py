@@ -1,4 +1,4 @@
-"""Multi-process training (pte.distributed): sharded prompts, one gradient reduction per step, no hang.
+"""Multi-process training (pte.training.distributed): sharded prompts, one gradient reduction per step, no hang.
 
 The two-process checks run on CPU with gloo: workers under torch.multiprocessing for the gradient arithmetic, and
 train.py under Lightning's own launcher for the whole loop.
@@ -22,16 +22,16 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import pte.callbacks
-import pte.data
-from pte.callbacks import EvalCallback
+import pte.training.callbacks
+import pte.training.data
 from pte.config import ConfigError, load_config
-from pte.distributed import build_strategy, reduce_gradients
-from pte.generate import encode_prompts
-from pte.methods import build_model
-from pte.models import tiny_tokenizer
-from pte.module import build_datamodule
-from pte.update import build_experience, generate_rollouts, policy_update
+from pte.engine.generate import encode_prompts
+from pte.engine.update import build_experience, generate_rollouts, policy_update
+from pte.models.tiny import tiny_tokenizer
+from pte.training.callbacks import EvalCallback
+from pte.training.distributed import build_strategy, reduce_gradients
+from pte.training.methods import build_model
+from pte.training.module import build_datamodule
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -181,14 +181,14 @@ def test_shards_make_up_the_single_process_batch(datamodule, monkeypatch):
     whole = datamodule._train_batch(5)["ids"]
     shards = []
     for rank in range(WORLD):
-        monkeypatch.setattr(pte.data, "rank_world", lambda rank=rank: (rank, WORLD))
+        monkeypatch.setattr(pte.training.data, "rank_world", lambda rank=rank: (rank, WORLD))
         shards += datamodule._train_batch(5)["ids"]
     assert shards == whole and len(set(whole)) == len(whole) == 4
 
 
 def test_sharded_stream_position_is_global(datamodule, monkeypatch):
     """Each rank advances the stream by the global batch, so any rank's saved position resumes every rank."""
-    monkeypatch.setattr(pte.data, "rank_world", lambda: (1, WORLD))
+    monkeypatch.setattr(pte.training.data, "rank_world", lambda: (1, WORLD))
     monkeypatch.setattr(datamodule, "_offset", 0)
     stream = iter(datamodule.train_dataloader())
     first, second = next(stream), next(stream)
@@ -227,10 +227,10 @@ def test_evaluation_splits_prompts_and_gathers_records(datamodule, monkeypatch):
         gathered.append([r["id"] for r in records])
         return [[{**r, "id": "other"} for r in records], records]
 
-    monkeypatch.setattr(pte.callbacks, "rank_world", lambda: (1, WORLD))
-    monkeypatch.setattr(pte.callbacks, "gather_object", gather)
-    monkeypatch.setattr(pte.callbacks, "grade_groups", lambda grader, answers, *_: [[False] for _ in answers])
-    monkeypatch.setattr(pte.callbacks, "Grader", lambda *_: SimpleNamespace(close=lambda: None))
+    monkeypatch.setattr(pte.training.callbacks, "rank_world", lambda: (1, WORLD))
+    monkeypatch.setattr(pte.training.callbacks, "gather_object", gather)
+    monkeypatch.setattr(pte.training.callbacks, "grade_groups", lambda grader, answers, *_: [[False] for _ in answers])
+    monkeypatch.setattr(pte.training.callbacks, "Grader", lambda *_: SimpleNamespace(close=lambda: None))
     callback = EvalCallback(cfg, datamodule, every=1, limit=4)
     metrics, _ = callback.evaluate(module)
     callback.teardown(None, module, "fit")

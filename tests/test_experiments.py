@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from pte.carry import CODES, carry_problem, carry_problems
 from pte.experiments import toy_table
-from pte.rewards import verify_answer
-from pte.toy_base import ToySpec, train_toy_base
+from pte.models.toy import ToySpec, train_toy_base
+from pte.training.carry import CODES, carry_problem, carry_problems
+from pte.training.rewards import verify_answer
 
 
 @pytest.mark.parametrize("steps,carry", [(10, 1), (6, 2), (26, 13)])
@@ -36,7 +36,7 @@ def test_carry_solution_is_right_and_lines_up_with_the_question(steps, carry):
 
 
 def test_built_in_model_names_pass_the_offline_check(monkeypatch):
-    from pte.models import check_source
+    from pte.models.load import check_source
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     for name in ("toy-carry", "smollm2", "tiny-qwen2"):
@@ -56,7 +56,8 @@ def test_carry_knobs_are_checked(steps, carry):
 
 
 def test_toy_base_saves_a_hub_style_directory(tmp_path):
-    from pte.models import load_model_and_tokenizer, tiny_tokenizer
+    from pte.models.load import load_model_and_tokenizer
+    from pte.models.tiny import tiny_tokenizer
 
     spec = ToySpec(steps=3, hidden=32, layers=2, heads=2, kv_heads=1, train_steps=2, batch=4, eval_problems=4)
     record = train_toy_base(spec, tmp_path / "toy", tiny_tokenizer())

@@ -18,16 +18,16 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 import eval as eval_cli
-import pte.callbacks
-import pte.update
-from pte.callbacks import EvalCallback
+import pte.engine.update
+import pte.training.callbacks
 from pte.config import METHOD_POLICY, ConfigError, load_config
-from pte.distributed import build_strategy, reduce_gradients, shard_frozen_base
-from pte.lockstep import is_sharded
-from pte.module import build_datamodule
-from pte.replay import chunk_count
-from pte.sft import sft_update, teacher_forced
-from pte.update import build_experience, generate_rollouts, policy_update
+from pte.engine.replay import chunk_count
+from pte.engine.update import build_experience, generate_rollouts, policy_update
+from pte.training.callbacks import EvalCallback
+from pte.training.distributed import build_strategy, reduce_gradients, shard_frozen_base
+from pte.training.lockstep import is_sharded
+from pte.training.module import build_datamodule
+from pte.training.sft import sft_update, teacher_forced
 from tests.test_distributed import (
     AGGS,
     PROMPTS,
@@ -74,7 +74,7 @@ def _fsdp_worker(rank: int, store: str, out_dir: str) -> None:
     dist.init_process_group("gloo", f"file://{store}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
     mesh = init_device_mesh("cpu", (WORLD,))
     if rank == 0:
-        pte.update.eos_ids = lambda tok, model: list(range(len(tok)))  # every token is an EOS here
+        pte.engine.update.eos_ids = lambda tok, model: list(range(len(tok)))  # every token is an EOS here
     out = {}
     for method, agg in CASES:
         cfg = _cfg(method, agg)
@@ -125,14 +125,14 @@ def _evaluate(model, tok) -> dict:
     dm = build_datamodule(cfg, tok)
     dm.setup()
     batches: list[int] = []
-    real = pte.callbacks.sample_batch
+    real = pte.training.callbacks.sample_batch
 
     def counting(model, tok, prompts, *args):
         batches.append(len(prompts))
         return real(model, tok, prompts, *args)
 
-    pte.callbacks.sample_batch = counting
-    pte.callbacks.grade_groups = lambda grader, answers, *_: [[False] for _ in answers]
+    pte.training.callbacks.sample_batch = counting
+    pte.training.callbacks.grade_groups = lambda grader, answers, *_: [[False] for _ in answers]
     module = SimpleNamespace(model=model, tokenizer=tok, policy_name="window", grader=SimpleNamespace())
     metrics, _ = EvalCallback(cfg, dm, every=1, limit=3).evaluate(module)
     return {"batches": batches, "metrics": metrics}

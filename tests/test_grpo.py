@@ -9,10 +9,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import pte.sft
-import pte.update
+import pte.engine.update
+import pte.training.sft
 from pte.config import load_config
-from pte.grpo import (
+from pte.engine.replay import ReplayChunk
+from pte.engine.update import Experience, policy_update
+from pte.training.grpo import (
     AGGREGATIONS,
     dapo_weights,
     dr_grpo_weights,
@@ -22,9 +24,7 @@ from pte.grpo import (
     token_loss,
     uniform_groups,
 )
-from pte.replay import ReplayChunk
-from pte.sft import sft_update
-from pte.update import Experience, policy_update
+from pte.training.sft import sft_update
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
 
@@ -148,7 +148,7 @@ def test_k3_kl_ignores_garbage_at_masked_positions():
 
 
 def _chunk_stream(logp: torch.Tensor, entropy: torch.Tensor):
-    """A stand-in for pte.replay.replay_all: the whole response as one chunk of rollout 0."""
+    """A stand-in for pte.engine.replay.replay_all: the whole response as one chunk of rollout 0."""
 
     def replay_all(model, rollouts, backward, *limits):
         yield 0, ReplayChunk(start=0, logprobs=logp, entropy=entropy)
@@ -166,10 +166,10 @@ def _backward_into(losses: list):
 
 @pytest.mark.parametrize("agg", sorted(AGGREGATIONS))
 def test_policy_update_stays_finite_with_garbage_at_masked_positions(monkeypatch, agg):
-    """The loss, the KL and entropy statistics and the gradient, through pte.update.policy_update."""
+    """The loss, the KL and entropy statistics and the gradient, through pte.engine.update.policy_update."""
     logp, old, ref, mask = _garbage_batch()
     entropy = torch.cat([torch.tensor([0.5, 0.25]), torch.tensor(GARBAGE)])[None]
-    monkeypatch.setattr(pte.update, "replay_all", _chunk_stream(logp, entropy))
+    monkeypatch.setattr(pte.engine.update, "replay_all", _chunk_stream(logp, entropy))
     cfg = load_config(TINY, ["grpo.beta=0.1", f"grpo.loss_agg={agg}"])
     ro = SimpleNamespace(logprobs=old, response_mask=mask)
     exp = Experience([ro], [torch.tensor([1.5])], [AGGREGATIONS[agg](mask, mask.shape[1])], [ref])
@@ -183,7 +183,7 @@ def test_policy_update_stays_finite_with_garbage_at_masked_positions(monkeypatch
 def test_sft_update_stays_finite_with_garbage_at_masked_positions(monkeypatch):
     logp, _, _, mask = _garbage_batch()
     entropy = torch.cat([torch.tensor([0.5, 0.25]), torch.tensor(GARBAGE)])[None]
-    monkeypatch.setattr(pte.sft, "replay_all", _chunk_stream(logp, entropy))
+    monkeypatch.setattr(pte.training.sft, "replay_all", _chunk_stream(logp, entropy))
     ro = SimpleNamespace(response_ids=torch.zeros(mask.shape, dtype=torch.long), response_mask=mask)
     losses: list[torch.Tensor] = []
     stats = sft_update(None, [ro], _backward_into(losses))

@@ -1,10 +1,11 @@
-"""Peak memory per training phase (pte.memory.MemoryTracker), on CUDA's counters mocked and on the CPU."""
+"""Peak memory per training phase (pte.training.memory.MemoryTracker), on CUDA's counters mocked and on the CPU."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from pte.memory import MemoryTracker
+from pte.training.memory import MemoryTracker
 
 MIB = 2**20
 
@@ -53,3 +54,19 @@ def test_cpu_reports_the_process_resident_peak_only(monkeypatch):
     tracker.stop("rollout")
     peaks = tracker.peaks()
     assert list(peaks) == ["rss_process"] and peaks["rss_process"] > 0
+
+
+@pytest.mark.gpu
+def test_cuda_peaks_are_the_real_allocator_figures_per_phase():
+    """On a real device: a phase's allocated peak covers the tensor it made, and the next phase starts from zero."""
+    tracker = MemoryTracker()
+    tracker.start("rollout")
+    x = torch.empty(64 * MIB, dtype=torch.uint8, device="cuda")
+    tracker.stop("rollout")
+    del x
+    tracker.start("replay")
+    tracker.stop("replay")
+    peaks = tracker.peaks()
+    assert peaks["allocated_rollout"] >= 64 * MIB and peaks["reserved_rollout"] >= peaks["allocated_rollout"]
+    assert peaks["allocated_replay"] <= peaks["allocated_rollout"] - 64 * MIB  # x was freed before the reset
+    assert peaks["allocated_process"] == peaks["allocated_rollout"]

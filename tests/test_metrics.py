@@ -1,4 +1,4 @@
-"""Tests for pte/metrics.py: pass@k and maj@k against hand-computed values, and exact cross-process merging."""
+"""Tests for pte/evaluation/metrics.py: pass@k and maj@k against hand-computed values, exact cross-process merging."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pte.metrics import MajorityAtK, PassAtK, majority_answer, pass_at_k
+from pte.evaluation.metrics import MajorityAtK, PassAtK, majority_answer, pass_at_k
 
 
 @pytest.mark.parametrize(

@@ -1,10 +1,11 @@
 """Needle in an evicted thought: PTE, trained by cache-aware SFT, recalls a token that only its evicted response held.
 
-On the carry task (pte/carry.py) the worked solution writes one marked value as a capital letter (``#D``) early in the
-trace and must copy it again on its last line (``ans #D+...``). The letter appears nowhere in the prompt, and under a
-12-token window it is evicted about ten evictions before the recall. The toy base model (full-cache SFT, pte/toy_base.py)
-recalls it with a full cache; frozen, with only the thought encoder (h_g, W^a, A, B) trained by the default config's SFT
-(exact state-chain gradient), PTE must recall it under the window, while the plain window guesses (1 in 10).
+On the carry task (pte/training/carry.py) the worked solution writes one marked value as a capital letter (``#D``) early
+in the trace and must copy it again on its last line (``ans #D+...``). The letter appears nowhere in the prompt, and
+under a 12-token window it is evicted about ten evictions before the recall. The toy base model (full-cache SFT,
+pte/models/toy.py) recalls it with a full cache; frozen, with only the thought encoder (h_g, W^a, A, B) trained by the
+default config's SFT (exact state-chain gradient), PTE must recall it under the window, while the plain window guesses
+(1 in 10).
 """
 
 from __future__ import annotations
@@ -12,12 +13,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pte.carry import CODES, carry_problems
 from pte.config import load_config
-from pte.methods import load_trained
-from pte.prompts import config_prompt
-from pte.replay import full_replay
-from pte.sft import teacher_forced
+from pte.engine.replay import full_replay
+from pte.training.carry import CODES, carry_problems
+from pte.training.methods import load_trained
+from pte.training.prompts import config_prompt
+from pte.training.sft import teacher_forced
 
 
 def _recall_index(tok, solution: str) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pte.noise import M32, TRIPLE32, RowNoise, hash32
+from pte.engine.noise import M32, TRIPLE32, RowNoise, hash32
 
 
 def reference_hash32(x: int) -> int:
@@ -44,7 +44,7 @@ def test_a_rows_draws_do_not_depend_on_the_other_rows():
 
 def test_one_draw_from_the_generator_whatever_the_rows():
     """The seed costs the caller's generator the same draws for any batch, so a restored sampler state repeats a
-    step's samples exactly (pte/module.py sampler_state)."""
+    step's samples exactly (pte/training/module.py sampler_state)."""
     gens = [torch.Generator().manual_seed(9) for _ in range(2)]
     first = RowNoise.draw(gens[0], 4, 8, "cpu")
     wide = RowNoise.draw(gens[1], 64, 8, "cpu")

@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from pte.config import load_config
-from pte.methods import add_adapter
-from pte.models import tiny_model
+from pte.models.tiny import tiny_model
 from pte.plan import Arch, plan
 from pte.plan.__main__ import main
 from pte.plan.arch import PAPER_ARCHS
 from pte.plan.measure import SIZES, check, small_config
 from pte.plan.paper import TABLE1, paper_rows
 from pte.plan.setup import resolve
+from pte.training.methods import add_adapter
 
 TOLERANCE = 0.15  # the acceptance bound; measured ratios are within 1.00 +- 0.04 (docs/scale.md)
 PAPER_3B = "configs/qwen2.5_3b.yaml"

@@ -1,6 +1,6 @@
-"""The precision rule (pte/precision.py) on CPU in bf16: a low-precision frozen base, float32 adapters, thought state,
-log-probs and optimiser state, for ``trainer.precision`` bf16-true and bf16-mixed, through rollout, replay, one
-policy update, evaluation, train.py and every benchmark."""
+"""The precision rule (pte/training/precision.py) on CPU in bf16: a low-precision frozen base, float32 adapters,
+thought state, log-probs and optimiser state, for ``trainer.precision`` bf16-true and bf16-mixed, through rollout,
+replay, one policy update, evaluation, train.py and every benchmark."""
 
 from __future__ import annotations
 
@@ -13,21 +13,21 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import eval as eval_cli
-import pte.callbacks
-import pte.evaluate
-import pte.module
+import pte.evaluation.evaluate
+import pte.training.callbacks
+import pte.training.module
 import train
 from pte.bench import common, decode, flops, memory, step_time, train_memory
 from pte.bench.__main__ import BENCHMARKS
 from pte.bench.__main__ import main as bench_main
-from pte.cache import CachePolicy
 from pte.config import load_config
-from pte.encoder import get_thought
-from pte.methods import build_model, export_adapter
-from pte.models import load_model_and_tokenizer
-from pte.precision import HALF, cast_base
-from pte.replay import full_replay
-from pte.update import build_experience, generate_rollouts, policy_update
+from pte.engine.cache import CachePolicy
+from pte.engine.encoder import get_thought
+from pte.engine.replay import full_replay
+from pte.engine.update import build_experience, generate_rollouts, policy_update
+from pte.models.load import load_model_and_tokenizer
+from pte.training.methods import build_model, export_adapter
+from pte.training.precision import HALF, cast_base
 from tests import digit_train
 from tests.helpers import PROMPTS, run, tiny_pte
 
@@ -150,7 +150,7 @@ def test_eval_in_bf16(tmp_path, monkeypatch):
     cfg = load_config(TINY, ["method=pte"])
     adapter = export_adapter(build_model(cfg)[0], cfg, tmp_path / "adapter")
     seen = []
-    monkeypatch.setattr(pte.evaluate, "rollout", _recording(pte.evaluate.rollout, seen))
+    monkeypatch.setattr(pte.evaluation.evaluate, "rollout", _recording(pte.evaluation.evaluate.rollout, seen))
     fixture = ROOT / "tests" / "fixtures" / "eval" / "math500.jsonl"
     args = [
         f"ckpt={adapter}",
@@ -170,15 +170,16 @@ def test_eval_in_bf16(tmp_path, monkeypatch):
 def test_train_in_low_precision(precision, tmp_path, monkeypatch):
     """train.py with ``trainer.precision``: rollouts, replay and the val evaluation under that precision; the
     checkpointed adapter and AdamW state float32."""
-    monkeypatch.setattr(pte.module, "build_reward", digit_train.digit_reward)
+    monkeypatch.setattr(pte.training.module, "build_reward", digit_train.digit_reward)
     seen: dict[str, list] = {"step": [], "val": []}
 
     def context(model: torch.nn.Module) -> tuple:
         return _dtypes(model), torch.is_autocast_enabled("cpu"), torch.get_default_dtype()
 
-    for key, module, name in (("step", pte.module, "generate_rollouts"), ("step", pte.module, "policy_update")):
-        monkeypatch.setattr(module, name, _recording(getattr(module, name), seen[key], context))
-    monkeypatch.setattr(pte.callbacks, "sample_batch", _recording(pte.callbacks.sample_batch, seen["val"], context))
+    module, callbacks = pte.training.module, pte.training.callbacks
+    for name in ("generate_rollouts", "policy_update"):
+        monkeypatch.setattr(module, name, _recording(getattr(module, name), seen["step"], context))
+    monkeypatch.setattr(callbacks, "sample_batch", _recording(callbacks.sample_batch, seen["val"], context))
     overrides = ["trainer.max_steps=1", "trainer.val_every=1", "trainer.val_limit=2", "rollout.max_new_tokens=12"]
     train.main(
         [

@@ -7,9 +7,9 @@ import itertools
 import pytest
 import torch
 
-from pte.cache import CachePolicy
-from pte.encoder import get_thought, load_thought, save_thought
-from pte.replay import full_replay, reference_logprobs, replay
+from pte.engine.cache import CachePolicy
+from pte.engine.encoder import get_thought, load_thought, save_thought
+from pte.engine.replay import full_replay, reference_logprobs, replay
 from tests.helpers import PROMPTS, run, tiny, tiny_pte
 
 EOS = list(range(40, 44))  # a few characters: rows stop at different steps

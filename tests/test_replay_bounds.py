@@ -8,17 +8,17 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-import pte.replay
-from pte.cache import CachePolicy
+import pte.engine.replay
 from pte.config import ConfigError, ReplayCfg, load_config
-from pte.encoder import attach_thought, decoder_layers, get_thought
-from pte.forward import output_head
-from pte.generate import encode_prompts
-from pte.memory import TensorPeak
-from pte.models import tiny_model, tiny_tokenizer
-from pte.replay import reference_logprobs, replay, replay_all
-from pte.rollout import Rollout
-from pte.sft import eviction_schedule, sft_update, teacher_forced
+from pte.engine.cache import CachePolicy
+from pte.engine.encoder import attach_thought, decoder_layers, get_thought
+from pte.engine.forward import output_head
+from pte.engine.generate import encode_prompts
+from pte.engine.replay import reference_logprobs, replay, replay_all
+from pte.engine.rollout import Rollout
+from pte.models.tiny import tiny_model, tiny_tokenizer
+from pte.training.memory import TensorPeak
+from pte.training.sft import eviction_schedule, sft_update, teacher_forced
 from tests.helpers import PROMPTS, THOUGHT, run, tiny, tiny_pte
 
 EOS = list(range(40, 44))  # rows stop at different steps
@@ -126,13 +126,13 @@ def test_knobs_take_effect(monkeypatch):
     model, ro, weights = _setup("pte-detach")
     limits = KNOBS["all"]
     widths, head_rows, layer_calls = [], [], []
-    real = pte.replay.forward_hidden
+    real = pte.engine.replay.forward_hidden
 
     def spy(model, cache, ids, *args, **kwargs):
         widths.append(ids.shape)
         return real(model, cache, ids, *args, **kwargs)
 
-    monkeypatch.setattr(pte.replay, "forward_hidden", spy)
+    monkeypatch.setattr(pte.engine.replay, "forward_hidden", spy)
     hooks = [output_head(model).register_forward_hook(lambda m, a, out: head_rows.append(a[0].shape[0]))]
     hooks += [l.mlp.register_forward_pre_hook(lambda m, a: layer_calls.append(1)) for l in decoder_layers(model)]
     _replayed(model, ro, weights, limits)

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from pte import toy_base
 from pte.config import Config, load_config
-from pte.methods import build_model
-from pte.models import tiny_model, tiny_tokenizer
-from pte.module import GRPOModule, build_datamodule
-from pte.toy_base import ToySpec, train_toy_base
+from pte.models import toy as toy_base
+from pte.models.tiny import tiny_model, tiny_tokenizer
+from pte.models.toy import ToySpec, train_toy_base
+from pte.training.methods import build_model
+from pte.training.module import GRPOModule, build_datamodule
 
 DEFAULT = str(Path(__file__).resolve().parent.parent / "configs" / "default.yaml")
 TINY_SPEC = ToySpec(steps=3, hidden=16, layers=1, heads=2, kv_heads=1, train_steps=2, batch=2, eval_problems=2)

@@ -1,4 +1,4 @@
-"""Tests for pte.rewards: answer extraction, math-verify grading (docs/method.md §6 traps) and reward composition."""
+"""Tests for pte.training.rewards: answer extraction, math-verify grading (method.md §6 traps), reward composition."""
 
 import time
 
@@ -7,7 +7,7 @@ import pytest
 import sympy
 import torch
 
-from pte.rewards import (
+from pte.training.rewards import (
     CombinedReward,
     CorrectnessReward,
     FormatReward,

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pte.answers import extract_answer, last_boxed
-from pte.rewards import CorrectnessReward, Grader
+from pte.training.answers import extract_answer, last_boxed
+from pte.training.rewards import CorrectnessReward, Grader
 
 FAST = settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 GRADED = settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))

@@ -8,14 +8,14 @@ from dataclasses import replace
 import pytest
 import torch
 
-import pte.forward
-import pte.rollout
-from pte.cache import CachePolicy
-from pte.encoder import get_thought
-from pte.generate import encode_prompts
-from pte.noise import RowNoise
-from pte.replay import full_replay
-from pte.rollout import DRAW_BLOCK, SamplingConfig, draw, rollout
+import pte.engine.forward
+import pte.engine.rollout
+from pte.engine.cache import CachePolicy
+from pte.engine.encoder import get_thought
+from pte.engine.generate import encode_prompts
+from pte.engine.noise import RowNoise
+from pte.engine.replay import full_replay
+from pte.engine.rollout import DRAW_BLOCK, SamplingConfig, draw, rollout
 from tests.helpers import PROMPTS, run, tiny, tiny_pte
 
 
@@ -110,7 +110,7 @@ def test_positions_masks_and_retained_prompt(monkeypatch):
     """Record every forward: positions rise per row, no query sees a later key or a pad, prompts stay."""
     model, tok = tiny_pte()
     calls = []
-    real_mask, real_evict = pte.cache.BoundedKVCache.mask, pte.cache.BoundedKVCache.evict_due
+    real_mask, real_evict = pte.engine.cache.BoundedKVCache.mask, pte.engine.cache.BoundedKVCache.evict_due
 
     def spy_mask(self, q_pos, q_valid, dtype, more=False):
         out = real_mask(self, q_pos, q_valid, dtype, more)
@@ -125,8 +125,8 @@ def test_positions_masks_and_retained_prompt(monkeypatch):
         evicted.extend(pos.clone() for _k, _v, pos, _rows in out)
         return out
 
-    monkeypatch.setattr(pte.cache.BoundedKVCache, "mask", spy_mask)
-    monkeypatch.setattr(pte.cache.BoundedKVCache, "evict_due", spy_evict)
+    monkeypatch.setattr(pte.engine.cache.BoundedKVCache, "mask", spy_mask)
+    monkeypatch.setattr(pte.engine.cache.BoundedKVCache, "evict_due", spy_evict)
     ro = run(model, tok, PROMPTS, CachePolicy("pte", window=8, evict_ratio=0.25), 30)
     lengths = ro.prompt_mask.sum(1)
     last = torch.full((len(PROMPTS),), -1)
@@ -203,14 +203,14 @@ def test_pads_never_enter_window_state_or_sinks(monkeypatch):
     """Every evicted entry of an evicting row is a real token of that row, and sinks are never evicted."""
     model, tok = tiny_pte()
     evicted = []
-    real_evict = pte.cache.BoundedKVCache.evict_due
+    real_evict = pte.engine.cache.BoundedKVCache.evict_due
 
     def spy_evict(self):
         out = real_evict(self)
         evicted.extend((pos.clone(), rows.clone()) for _k, _v, pos, rows in out)
         return out
 
-    monkeypatch.setattr(pte.cache.BoundedKVCache, "evict_due", spy_evict)
+    monkeypatch.setattr(pte.engine.cache.BoundedKVCache, "evict_due", spy_evict)
     policy = CachePolicy("sink", window=8, evict_ratio=0.25, sink_tokens=2, retain_prompt=False)
     run(model, tok, PROMPTS, policy, 30)
     seen = [[] for _ in PROMPTS]
@@ -309,9 +309,9 @@ def test_prefill_runs_once_per_group_and_changes_no_output(kind, retain, monkeyp
     sampling = SamplingConfig(temperature=1.0, max_new_tokens=30)
     noise = RowNoise.draw(torch.Generator().manual_seed(0), len(prompts), 30, "cpu")
     widths = []
-    real_forward = pte.rollout.forward_tokens
+    real_forward = pte.engine.rollout.forward_tokens
     monkeypatch.setattr(
-        pte.rollout, "forward_tokens", lambda m, c, i, *a: widths.append(i.shape) or real_forward(m, c, i, *a)
+        pte.engine.rollout, "forward_tokens", lambda m, c, i, *a: widths.append(i.shape) or real_forward(m, c, i, *a)
     )
     batch = rollout(model, ids, mask, policy, sampling, [], tok.pad_token_id, noise=noise)
     assert widths[0] == (2, ids.shape[1]) and set(widths[1:]) == {(6, 1)}

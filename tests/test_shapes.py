@@ -6,13 +6,13 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from pte.cache import CachePolicy
 from pte.config import ConfigError, load_config
-from pte.generate import encode_prompts
-from pte.prompts import config_prompt
-from pte.rollout import SamplingConfig, rollout
-from pte.shapes import kv_store
-from pte.update import bucket_capacity, generate_rollouts
+from pte.engine.cache import CachePolicy
+from pte.engine.generate import encode_prompts
+from pte.engine.rollout import SamplingConfig, rollout
+from pte.engine.shapes import kv_store
+from pte.engine.update import bucket_capacity, generate_rollouts
+from pte.training.prompts import config_prompt
 from tests.helpers import PROMPTS, tiny_pte
 
 QUESTIONS = ["Hi", "What is 12 + 30? Think.", "Count: 1 2 3", "What is 7 + 5?"]  # 92 to 113 tokens formatted

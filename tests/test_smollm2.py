@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 import pte
-from pte.cache import CachePolicy
-from pte.models import load_model_and_tokenizer
+from pte.engine.cache import CachePolicy
+from pte.models.load import load_model_and_tokenizer
 
 
 @pytest.mark.slow

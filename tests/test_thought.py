@@ -8,10 +8,10 @@ from dataclasses import replace
 
 import pytest
 
-from pte.cache import CachePolicy
-from pte.encoder import attach_thought, get_thought
-from pte.module import lr_factor
-from pte.thought import ThoughtConfig
+from pte.engine.cache import CachePolicy
+from pte.engine.encoder import attach_thought, get_thought
+from pte.engine.thought import ThoughtConfig
+from pte.training.module import lr_factor
 from tests.helpers import PROMPTS, run, tiny
 
 

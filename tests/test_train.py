@@ -10,13 +10,13 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import pte.module
+import pte.training.module
 import train
-from pte.checkpoints import AtomicCheckpointIO, newest_checkpoint, resolve_ckpt_path
 from pte.config import ConfigError, load_config
 from pte.errors import UserError
-from pte.methods import load_trained
-from pte.module import NonFiniteError
+from pte.training.checkpoints import AtomicCheckpointIO, newest_checkpoint, resolve_ckpt_path
+from pte.training.methods import load_trained
+from pte.training.module import NonFiniteError
 from tests import digit_train
 
 LOGGED = {
@@ -43,7 +43,7 @@ LOGGED = {
 
 @pytest.fixture
 def digit_reward(monkeypatch):
-    monkeypatch.setattr(pte.module, "build_reward", digit_train.digit_reward)
+    monkeypatch.setattr(pte.training.module, "build_reward", digit_train.digit_reward)
 
 
 def _train(tmp_path: Path, *overrides: str) -> Path:
@@ -119,14 +119,14 @@ def test_train_and_memory_scalars_share_the_step_axis(tmp_path):
 def test_nonfinite_steps_are_skipped_then_stop_the_run_after_saving(tmp_path, monkeypatch):
     """Step 1 is finite; from then on every loss is NaN: two skipped steps (max_nonfinite=2) stop the run, and the
     step-1 state is saved (ckpt_every=0, so the failure checkpoint is the only one)."""
-    real, calls = pte.module.policy_update, []
+    real, calls = pte.training.module.policy_update, []
 
     def nan_after_first(*args, **kwargs):
         stats = real(*args, **kwargs)
         calls.append(1)
         return {**stats, "loss": float("nan")} if len(calls) > 1 else stats
 
-    monkeypatch.setattr(pte.module, "policy_update", nan_after_first)
+    monkeypatch.setattr(pte.training.module, "policy_update", nan_after_first)
     with pytest.raises(NonFiniteError, match="trainer.max_nonfinite=2"):
         _train(tmp_path, "trainer.max_steps=5", "trainer.ckpt_every=0", "trainer.max_nonfinite=2")
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "interrupted.ckpt", weights_only=False)

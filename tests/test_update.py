@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from pte.cache import CachePolicy
 from pte.config import load_config
-from pte.precision import cast_base
-from pte.prompts import config_prompt
-from pte.update import build_experience, generate_rollouts, policy_update
+from pte.engine.cache import CachePolicy
+from pte.engine.update import build_experience, generate_rollouts, policy_update
+from pte.training.precision import cast_base
+from pte.training.prompts import config_prompt
 from tests.helpers import PROMPTS, run, tiny_pte
 
 CFG = load_config("configs/tiny.yaml", ["rollout.group_size=3", "rollout.batch_size=3", "rollout.micro_batch=3"])

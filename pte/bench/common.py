@@ -17,9 +17,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from pte.memory import max_rss_bytes
-from pte.models import load_model_and_tokenizer, tiny_model
-from pte.precision import cast_base
+from pte.models.load import load_model_and_tokenizer
+from pte.models.tiny import tiny_model
+from pte.training.memory import max_rss_bytes
+from pte.training.precision import cast_base
 
 # Mid-size random models: big enough that matrix work, not Python, dominates a decode step (GQA 8/2 heads).
 MID = {
@@ -58,7 +59,7 @@ def load(name: str, dtype: str = "float32") -> tuple[PreTrainedModel, int]:
 
 def place(model: nn.Module, dtype: str) -> nn.Module:
     """``model`` on the benchmark device with its frozen base in ``dtype`` and its adapter (if any) in float32, as
-    training holds them (pte/precision.py); ``model.to(dtype=...)`` would cast the adapter too."""
+    training holds them (pte/training/precision.py); ``model.to(dtype=...)`` would cast the adapter too."""
     return cast_base(model.to(device()), getattr(torch, dtype))
 
 
@@ -134,7 +135,7 @@ def conditions() -> dict:
         "transformers": transformers.__version__,
         "threads": torch.get_num_threads(),
         "load_average": os.getloadavg(),  # 1, 5, 15 min: other work on the machine slows every figure
-        # glibc's mmap threshold moves generate()'s CPU speed by up to 1.7x (docs/benchmarks.md): say if it was fixed
+        # glibc's mmap threshold moves generate()'s CPU speed by up to 1.7x (docs/performance.md): say if it was fixed
         "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_", "glibc default (dynamic)"),
     }
     return info

@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from pte.bench import common
-from pte.cache import CachePolicy
-from pte.encoder import attach_thought
-from pte.rollout import SamplingConfig, rollout
-from pte.thought import ThoughtConfig
+from pte.engine.cache import CachePolicy
+from pte.engine.encoder import attach_thought
+from pte.engine.rollout import SamplingConfig, rollout
+from pte.engine.thought import ThoughtConfig
 
 METHODS = ("generate", "generate-static", "full", "window", "pte", "linears-only")
 

@@ -11,10 +11,10 @@ import argparse
 import torch
 
 from pte.bench import common
-from pte.cache import CachePolicy
-from pte.encoder import attach_thought
-from pte.rollout import SamplingConfig, rollout
-from pte.thought import ThoughtConfig
+from pte.engine.cache import CachePolicy
+from pte.engine.encoder import attach_thought
+from pte.engine.rollout import SamplingConfig, rollout
+from pte.engine.thought import ThoughtConfig
 
 
 def add_args(p: argparse.ArgumentParser) -> None:

@@ -3,7 +3,7 @@
 ``micro-batches`` is the engine before ``rollout.decode_batch``: the rank's rows in blocks of ``--micro-batch``,
 one block after another, every row forwarding its own prompt. ``decode-batch`` decodes all ``--rows`` rows at once
 and forwards each group's prompt once (``--group`` samples share it). Both sample at temperature 1 from the same
-per-row streams (pte/noise.py) with no EOS, so every row generates exactly ``--tokens`` tokens and the two must
+per-row streams (pte/engine/noise.py) with no EOS, so every row generates exactly ``--tokens`` tokens and the two must
 produce the same tokens: ``same_tokens`` and ``max_logprob_diff`` check it. Groups get prompts of different lengths
 (left padded), as a GRPO batch does; each micro-batch is padded to its own longest prompt. ``speedup`` is the
 micro-batches' time over the decode batch's. The ``pte`` policy runs the model with a thought encoder attached
@@ -17,11 +17,11 @@ import argparse
 import torch
 
 from pte.bench import common
-from pte.cache import CachePolicy
-from pte.encoder import attach_thought
-from pte.noise import RowNoise
-from pte.rollout import Rollout, SamplingConfig, rollout
-from pte.thought import ThoughtConfig
+from pte.engine.cache import CachePolicy
+from pte.engine.encoder import attach_thought
+from pte.engine.noise import RowNoise
+from pte.engine.rollout import Rollout, SamplingConfig, rollout
+from pte.engine.thought import ThoughtConfig
 
 
 def add_args(p: argparse.ArgumentParser) -> None:

@@ -14,11 +14,11 @@ import torch
 
 from pte.bench import common
 from pte.config import METHOD_POLICY, load_config
-from pte.generate import decode_responses
-from pte.methods import build_model
-from pte.prompts import config_prompt
-from pte.rewards import Grader, build_reward
-from pte.update import build_experience, generate_rollouts, policy_update
+from pte.engine.generate import decode_responses
+from pte.engine.update import build_experience, generate_rollouts, policy_update
+from pte.training.methods import build_model
+from pte.training.prompts import config_prompt
+from pte.training.rewards import Grader, build_reward
 
 PHASES = ("rollout", "reward", "replay_backward", "optimizer")
 

@@ -16,13 +16,13 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from pte.bench import common
-from pte.cache import CachePolicy
-from pte.encoder import attach_thought
-from pte.grpo import token_loss
-from pte.replay import replay
-from pte.rollout import Rollout
-from pte.sft import eviction_schedule
-from pte.thought import ThoughtConfig
+from pte.engine.cache import CachePolicy
+from pte.engine.encoder import attach_thought
+from pte.engine.replay import replay
+from pte.engine.rollout import Rollout
+from pte.engine.thought import ThoughtConfig
+from pte.training.grpo import token_loss
+from pte.training.sft import eviction_schedule
 
 
 def add_args(p: argparse.ArgumentParser) -> None:

@@ -1,7 +1,7 @@
 """The paper's table at toy scale, on a CPU: ``python -m pte.experiments.toy_table`` (``make repro``).
 
-Every arm starts from the same toy base (``model.name: toy-carry``, pte/toy_base.py) on the long-horizon carry task
-(pte/carry.py), with the same number of optimiser steps and the same seeds:
+Every arm starts from the same toy base (``model.name: toy-carry``, pte/models/toy.py) on the long-horizon carry task
+(pte/training/carry.py), with the same number of optimiser steps and the same seeds:
 
     base             the untrained base model (evaluation only)
     lora             peft LoRA trained by GRPO under the full cache
@@ -30,13 +30,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pte.carry import carry_problems
 from pte.config import CacheCfg, Config, load_config
-from pte.evaluate import sample_batch
-from pte.methods import load_base, load_trained
-from pte.prompts import config_prompt
-from pte.rewards import Grader
-from pte.rollout import SamplingConfig
+from pte.engine.rollout import SamplingConfig
+from pte.evaluation.evaluate import sample_batch
+from pte.training.carry import carry_problems
+from pte.training.methods import load_base, load_trained
+from pte.training.prompts import config_prompt
+from pte.training.rewards import Grader
 
 log = logging.getLogger("toy_table")
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"

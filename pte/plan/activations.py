@@ -1,4 +1,4 @@
-"""Training-pass memory: what autograd keeps for a replay forward, piece by piece (pte/replay.py).
+"""Training-pass memory: what autograd keeps for a replay forward, piece by piece (pte/engine/replay.py).
 
 A replay forward over ``rows x n`` new tokens that attend ``k`` keys saves, in every decoder layer (Qwen2/Llama
 under HF's sdpa path, frozen base, float32 adapters; listed from the autograd graph of the real forward):

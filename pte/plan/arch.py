@@ -101,12 +101,12 @@ def arch_for(name: str, revision: str = "main") -> Arch:
     if name in PAPER_ARCHS:
         return PAPER_ARCHS[name]
     if name.startswith("tiny-"):
-        from pte.models import tiny_model, tiny_tokenizer
+        from pte.models.tiny import tiny_model, tiny_tokenizer
 
         return Arch.from_hf(tiny_model(name.removeprefix("tiny-"), len(tiny_tokenizer())).config)
     from transformers import AutoConfig
 
-    from pte.models import named_model_dir, resolve_source
+    from pte.models.load import named_model_dir, resolve_source
 
     path = named_model_dir(name) or resolve_source(name, revision)
     return Arch.from_hf(AutoConfig.from_pretrained(path, revision=revision))

@@ -1,10 +1,10 @@
 """Measured against predicted: exact CPU tensor peaks of each phase on small random models (docs/scale.md).
 
 Every phase runs the project's own code on a random Llama of the given size (grouped-query attention, 4/2 heads,
-MLP 3 x hidden) and is measured with :class:`pte.memory.TensorPeak`, which counts bytes allocated above the level at
-entry; the prediction compared is therefore the phase's transient part (what the plan adds on top of the persistent
-weights, adapter, gradients and optimiser state). The replay is measured on the second update, so the adapter's
-gradients already exist, as in training. Predictions use ``device="cpu"`` (pte.plan.phases.cpu_head_copy).
+MLP 3 x hidden) and is measured with :class:`pte.training.memory.TensorPeak`, which counts bytes allocated above the
+level at entry; the prediction compared is therefore the phase's transient part (what the plan adds on top of the
+persistent weights, adapter, gradients and optimiser state). The replay is measured on the second update, so the
+adapter's gradients already exist, as in training. Predictions use ``device="cpu"`` (pte.plan.phases.cpu_head_copy).
 """
 
 from __future__ import annotations
@@ -14,18 +14,18 @@ from dataclasses import dataclass
 import torch
 
 from pte.config import METHOD_POLICY, Config, load_config
-from pte.encoder import start_thought
-from pte.forward import forward_tokens
-from pte.memory import TensorPeak
-from pte.methods import add_adapter
-from pte.models import tiny_model
+from pte.engine.encoder import start_thought
+from pte.engine.forward import forward_tokens
+from pte.engine.replay import reference_logprobs
+from pte.engine.rollout import Rollout, SamplingConfig, new_cache, prompt_positions, rollout
+from pte.engine.update import Experience, policy_update, replay_limits
+from pte.models.tiny import tiny_model
 from pte.plan import activations, phases
 from pte.plan.arch import Arch
 from pte.plan.setup import Setup, resolve
-from pte.replay import reference_logprobs
-from pte.rollout import Rollout, SamplingConfig, new_cache, prompt_positions, rollout
-from pte.sft import eviction_schedule
-from pte.update import Experience, policy_update, replay_limits
+from pte.training.memory import TensorPeak
+from pte.training.methods import add_adapter
+from pte.training.sft import eviction_schedule
 
 # Small enough for a unit test (seconds on one CPU thread), large enough that no fixed overhead dominates.
 SIZES = {"h64": (64, 2, 2048), "h128": (128, 2, 4096), "h256": (256, 3, 8192)}  # hidden, layers, vocab

@@ -1,15 +1,15 @@
 """Bytes of every memory component, per rank, from the sizes of a :class:`pte.plan.setup.Setup`.
 
 Each formula counts the tensors the code path allocates (validated against exact CPU tensor peaks, docs/scale.md):
-the K/V buffers of pte.cache, the decode step and sampling of pte.rollout, the autograd saved tensors of a
+the K/V buffers of pte.engine.cache, the decode step and sampling of pte.engine.rollout, the autograd saved tensors of a
 Qwen2/Llama decoder layer under the replay, and the LM-head pieces. Notation as in pte/plan/setup.py; ``a`` bytes per
 activation element, f = 4 (float32).
 """
 
 from __future__ import annotations
 
+from pte.engine.rollout import DRAW_BLOCK  # the sampler pads the vocabulary to a multiple of it
 from pte.plan.setup import Setup
-from pte.rollout import DRAW_BLOCK  # the sampler pads the vocabulary to a multiple of it
 
 F32 = 4
 
@@ -25,7 +25,7 @@ def thought_state(s: Setup, rows: int) -> int:
 
 
 def sampling(s: Setup, rows: int, temperature: float, top_p: float, top_k: int) -> int:
-    """Peak of one decode step's vocabulary-sized tensors ``[rows, V]`` (pte.rollout.sample and draw).
+    """Peak of one decode step's vocabulary-sized tensors ``[rows, V]`` (pte.engine.rollout.sample and draw).
 
     The previous step's float32 logits live until the next step's return. During a forward the LM head writes its
     own (in the activation dtype, then cast to float32); during the draw come the log-softmax, the probabilities,
@@ -116,7 +116,7 @@ def experience(s: Setup) -> int:
 def optimizer(s: Setup) -> int:
     """The step after the replay: AdamW (foreach on a GPU) builds one float32 temporary the size of the adapter (the
     square root of the second moment); across ranks the gradient all-reduce first holds the flattened gradients and
-    their reduced copy (pte.distributed.reduce_gradients)."""
+    their reduced copy (pte.training.distributed.reduce_gradients)."""
     n = s.adapter_params() * F32
     return max(n, 2 * n if s.world > 1 else 0)
 

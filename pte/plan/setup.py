@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pte.cache import CachePolicy
 from pte.config import METHOD_POLICY, Config, ConfigError
-from pte.evaluate import Setting, default_policies
+from pte.engine.cache import CachePolicy
+from pte.engine.update import bucket_capacity
+from pte.evaluation.evaluate import Setting, default_policies
 from pte.plan.arch import MODULE_SHAPES, Arch
-from pte.update import bucket_capacity
 
 BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 # DAPO-Math-17K questions under the R1/chat template: a few hundred tokens, padded to a micro-batch's longest.
@@ -73,8 +73,9 @@ class Setup:
 
 
 def dtype_bytes(cfg: Config) -> tuple[int, int]:
-    """(base weight bytes, activation bytes) under the precision rule (pte/precision.py): ``bf16-true``/``16-true``
-    cast the base to 16 bits, ``bf16-mixed`` keeps float32 weights and computes in bf16, else ``model.dtype``."""
+    """(base weight bytes, activation bytes) under the precision rule (pte/training/precision.py):
+    ``bf16-true``/``16-true`` cast the base to 16 bits, ``bf16-mixed`` keeps float32 weights and computes in bf16,
+    else ``model.dtype``."""
     p = cfg.trainer.precision
     if p in ("bf16-true", "16-true"):
         return 2, 2
@@ -99,7 +100,7 @@ def resolve(
         raise ConfigError(f"rollout.batch_size={r.batch_size} does not split over {world} ranks")
     policy = cfg.cache.policy_for(prompt_len, METHOD_POLICY[cfg.method])
     new = r.max_new_tokens
-    eval_rows = e.max_rows - e.max_rows % e.n_samples if e.max_rows >= e.n_samples else e.max_rows  # pte.evaluate
+    eval_rows = e.max_rows - e.max_rows % e.n_samples if e.max_rows >= e.n_samples else e.max_rows  # as evaluate.py
     eval_rows = min(eval_rows or e.batch_size * e.n_samples, e.batch_size * e.n_samples)
     adapter = cfg.thought if cfg.method == "pte" else cfg.lora
     w, a = dtype_bytes(cfg)
@@ -135,7 +136,7 @@ def resolve(
 
 
 def eval_caps(cfg: Config, prompt_len: int) -> tuple[int, ...]:
-    """K/V slots per row of each setting eval.py sweeps (policies x windows, as pte.evaluate.sweep expands them)."""
+    """K/V slots per row of each setting eval.py sweeps (policies x windows, as ``evaluate.sweep`` expands them)."""
     e = cfg.eval
     caps = set()
     for name in list(e.policies) or default_policies(cfg):

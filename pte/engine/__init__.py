@@ -1,0 +1,1 @@
+"""The method: bounded KV cache and its eviction policy, thought state and low-rank update, rollout, replay."""

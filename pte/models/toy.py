@@ -1,0 +1,214 @@
+"""A toy base reasoning model for the carry task, trained on this CPU in minutes: ``python -m pte.models.toy``.
+
+The paper's table compares methods built on one base model that already reasons with a full cache. At toy scale
+that base is a small Llama (grouped-query attention, rotary positions, character tokenizer) trained by ordinary
+full-cache next-token prediction on worked carry-chain solutions (pte/training/carry.py), until it solves held-out
+problems with a full cache. It is saved as a plain Hugging Face model directory (``model.name`` can point to it);
+``model.name: toy-carry`` builds it on first use and caches it under ``$PTE_CACHE`` (``~/.cache/pte``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from pte.engine.cache import CachePolicy
+from pte.engine.generate import generate
+from pte.models.tiny import cache_dir, tiny_tokenizer
+from pte.training.answers import extract_answer
+from pte.training.carry import FORMAT, CarryProblem, carry_problems
+from pte.training.prompts import format_prompt
+from pte.training.rewards import Grader
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ToySpec:
+    """Architecture, task and training budget of the toy base (the defaults are what ``toy-carry`` builds)."""
+
+    steps: int = 10  # carry chain length (data.carry_steps)
+    values: int = 1  # carried values (data.carry_values)
+    hidden: int = 64
+    layers: int = 3
+    heads: int = 4
+    kv_heads: int = 2
+    train_steps: int = 4000  # at most; the loss sits on plateaus (~0.8, ~0.35) before it drops near 0 (step ~1250 here)
+    stop_loss: float = 1e-3  # stop early once the mean loss of the last 50 steps is below this
+    batch: int = 32
+    lr: float = 3e-3  # constant; AdamW without weight decay
+    seed: int = 0
+    eval_problems: int = 200
+
+    @property
+    def name(self) -> str:
+        digest = hashlib.sha1(json.dumps([asdict(self), FORMAT], sort_keys=True).encode()).hexdigest()[:8]
+        return f"toy-carry-{digest}"
+
+
+def carry_prompt(tok: PreTrainedTokenizerFast, question: str) -> str:
+    """The prompt every carry run uses: the chat template, no instruction, no few-shot (data.template=chat)."""
+    return format_prompt(tok, question, template="chat", instruction="")
+
+
+def _batch(tok: PreTrainedTokenizerFast, problems: list[CarryProblem]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``(input_ids, labels)`` ``[N, L]``; labels are -100 outside the solution and its EOS."""
+    rows = []
+    for p in problems:
+        prompt = tok(carry_prompt(tok, p.question), add_special_tokens=False)["input_ids"]
+        answer = tok(p.solution, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        rows.append((prompt, answer))
+    width = max(len(a) + len(b) for a, b in rows)
+    ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, (a, b) in enumerate(rows):
+        ids[i, : len(a) + len(b)] = torch.tensor(a + b)
+        labels[i, len(a) : len(a) + len(b)] = torch.tensor(b)
+    return ids, labels
+
+
+def new_model(spec: ToySpec, vocab: int) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=spec.hidden,
+        intermediate_size=3 * spec.hidden,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.kv_heads,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,  # untied and no weight decay: the chain is learned several times faster
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(spec.seed)
+    return LlamaForCausalLM(config)
+
+
+def full_cache_accuracy(model, tok, problems: list[CarryProblem], batch: int = 100) -> float:
+    """Greedy full-cache accuracy on ``problems``, graded by the project's reward code."""
+    max_new = max(len(tok(p.solution)["input_ids"]) for p in problems) + 8
+    preds = []
+    for i in range(0, len(problems), batch):
+        chunk = problems[i : i + batch]
+        prompts = [carry_prompt(tok, p.question) for p in chunk]
+        out = generate(model, tok, prompts, CachePolicy("full"), chat=False, temperature=0.0, max_new_tokens=max_new)
+        preds += [extract_answer(t) for t in out.texts]
+    with Grader(timeout_s=5.0, workers=1) as grader:
+        correct = grader.grade(preds, [p.answer for p in problems])
+    return sum(correct) / len(problems)
+
+
+@contextmanager
+def global_rng_untouched() -> Iterator[None]:
+    """Restore the global random streams (torch CPU, numpy, python ``random``) on exit.
+
+    ``model.name: toy-carry`` builds the base inside the first run, after ``seed_everything``; without this its
+    initialisation and training would shift the run's streams, so a fresh clone would train another adapter than
+    every later run that loads the cached base.
+    """
+    np_state, py_state = np.random.get_state(), random.getstate()
+    with torch.random.fork_rng(devices=[]):  # the build runs on the CPU
+        try:
+            yield
+        finally:
+            np.random.set_state(np_state)
+            random.setstate(py_state)
+
+
+@global_rng_untouched()
+def train_toy_base(spec: ToySpec, out_dir: Path, tok: PreTrainedTokenizerFast) -> dict:
+    """Train the toy base, check it on held-out problems, save it to ``out_dir``; return the build record.
+
+    Seeded by ``spec.seed`` alone, and the caller's global random streams are left as they were.
+    """
+    t0 = time.perf_counter()
+    held_out = carry_problems(spec.eval_problems, seed=10_000 + spec.seed, steps=spec.steps, carry=spec.values)
+    banned = {p.question for p in held_out}
+    model = new_model(spec, len(tok)).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
+    rng = np.random.default_rng([spec.seed, 3])
+    recent: deque[float] = deque(maxlen=50)
+    bar = tqdm(range(spec.train_steps), desc="toy base (full-cache SFT)", mininterval=5)
+    for step in bar:
+        seed = int(rng.integers(2**31))
+        problems = [p for p in carry_problems(spec.batch, seed, spec.steps, spec.values) if p.question not in banned]
+        ids, labels = _batch(tok, problems)
+        loss = model(input_ids=ids, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        recent.append(loss.item())
+        if len(recent) == recent.maxlen and sum(recent) / len(recent) < spec.stop_loss:
+            log.info("toy base: mean loss of the last %d steps below %g at step %d", len(recent), spec.stop_loss, step)
+            break
+        if step % 50 == 0:
+            log.info("toy base step %d: loss %.3f", step, loss.item())
+    model.eval().requires_grad_(False)
+    accuracy = full_cache_accuracy(model, tok, held_out)
+    record = {
+        "spec": asdict(spec),
+        "params": sum(p.numel() for p in model.parameters()),
+        "train_steps_run": step + 1,
+        "heldout_full_cache_accuracy": accuracy,
+        "heldout_problems": len(held_out),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    tmp = out_dir.with_suffix(".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / "toy_base.json").write_text(json.dumps(record, indent=2))
+    tmp.rename(out_dir)
+    log.info("toy base: %.1f %% held-out full-cache accuracy, %.0f s -> %s", 100 * accuracy, record["seconds"], out_dir)
+    return record
+
+
+DEFAULT_SPEC = ToySpec()  # what ``model.name: toy-carry`` loads (tests swap in a tiny spec)
+
+
+def toy_base_dir(spec: ToySpec | None = None) -> Path:
+    """The cached toy base for ``spec`` (default ``DEFAULT_SPEC``), trained now if it is not there yet."""
+    spec = DEFAULT_SPEC if spec is None else spec
+    out = cache_dir() / spec.name
+    if not (out / "toy_base.json").exists():
+        log.info("building the toy base model %s (once, a few minutes on a CPU)", spec.name)
+        train_toy_base(spec, out, tiny_tokenizer())
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=None, help="output directory (default: the toy-carry cache)")
+    for field, default in asdict(ToySpec()).items():
+        parser.add_argument(f"--{field.replace('_', '-')}", type=type(default), default=default)
+    args = vars(parser.parse_args(argv))
+    out = args.pop("out")
+    spec = ToySpec(**args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if out is None:
+        path = toy_base_dir(spec)
+    else:
+        train_toy_base(spec, out, tiny_tokenizer())
+        path = out
+    print(json.dumps(json.loads((path / "toy_base.json").read_text()), indent=2))
+
+
+if __name__ == "__main__":
+    main()
