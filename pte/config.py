@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pte.engine.cache import POLICIES, CachePolicy
+from pte.engine.rollout import SamplingConfig
 from pte.engine.thought import ThoughtConfig
 from pte.errors import UserError
 
@@ -142,8 +143,26 @@ class DataCfg:
     val_size: int = 16
 
 
+ENGINE_SAMPLING = SamplingConfig()
+
+
 @dataclass
-class RolloutCfg:
+class SamplingCfg:
+    """The sampler's knobs, declared once for ``rollout`` (training) and ``eval``: each field means what it means in
+    ``pte.engine.rollout.SamplingConfig`` (its defaults too), which :meth:`sampling` builds."""
+
+    max_new_tokens: int = ENGINE_SAMPLING.max_new_tokens
+    temperature: float = ENGINE_SAMPLING.temperature
+    top_p: float = ENGINE_SAMPLING.top_p
+    top_k: int = ENGINE_SAMPLING.top_k
+
+    def sampling(self, **engine: Any) -> SamplingConfig:
+        """The engine's ``SamplingConfig`` with these knobs plus ``engine``'s (e.g. ``compile``)."""
+        return SamplingConfig(self.temperature, self.top_p, self.top_k, self.max_new_tokens, **engine)
+
+
+@dataclass
+class RolloutCfg(SamplingCfg):
     """Sampling of the GRPO groups. batch_size sequences = (batch_size / group_size) prompts x group_size.
 
     micro_batch: the update's micro-batch: rows per replay forward + backward when ``replay.micro_batch`` is 0, per
@@ -166,10 +185,6 @@ class RolloutCfg:
     group_size: int = 4
     micro_batch: int = 8
     decode_batch: int = 0
-    max_new_tokens: int = 128
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
     prompt_buckets: list[int] = field(default_factory=list)
     compile: bool = False
 
@@ -362,8 +377,8 @@ class TrainerCfg:
 
 
 @dataclass
-class EvalCfg:
-    """Benchmarks, samples and the cache budgets that eval.py sweeps.
+class EvalCfg(SamplingCfg):
+    """Benchmarks, samples and the cache budgets that eval.py sweeps; sampling as in :class:`SamplingCfg`.
 
     max_rows: sequences (problems x samples) decoded at once; a batch with more rows runs in row batches of at most
         this many, so the K/V held is bounded (0 = batch_size x n_samples).
@@ -378,9 +393,6 @@ class EvalCfg:
     policies: list[str] = field(default_factory=list)
     batch_size: int = 8
     max_rows: int = 0
-    max_new_tokens: int = 512
-    temperature: float = 0.0
-    top_p: float = 1.0
     out_dir: str | None = None
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from pte.bench import common, decode, memory, train_memory
+from pte.bench import common, decode, rollout_memory, train_memory
 from pte.bench.__main__ import BENCHMARKS, build_parser, main
 from pte.bench.plot import SPECS
 from pte.config import load_config
@@ -39,7 +39,7 @@ def test_bounded_policies_attend_fewer_keys():
 def test_rollout_memory_child_reports_flat_kv_under_window():
     setting = {"model": "tiny-llama", "dtype": "float32", "policy": "window", "batch": 2, "window": 8}
     setting |= {"prompt_len": 8}
-    short, long = (memory.child({**setting, "length": n}) for n in (32, 96))
+    short, long = (rollout_memory.child({**setting, "length": n}) for n in (32, 96))
     assert short["kv_bytes_peak"] == long["kv_bytes_peak"] > 0
     assert long["peak_bytes"] > 0
 

@@ -131,3 +131,15 @@ def test_paper_configs_fit_40_gib_per_gpu(path, method):
     """The paper's hardware (8 x A100-40GB): the planner fits training and eval.py of pte and lora_c per GPU."""
     p = plan(load_config(path, [f"method={method}"]), gpu_mem_gb=40)
     assert p.setup.world == 8 and p.fits, str(p)
+
+
+def test_sampling_knobs_are_declared_once():
+    """rollout and eval share SamplingCfg's fields (none redeclared), whose defaults are the engine's."""
+    from pte.config import EvalCfg, RolloutCfg, SamplingCfg
+    from pte.engine.rollout import SamplingConfig
+
+    names = set(SamplingCfg.__dataclass_fields__)
+    for cls in (RolloutCfg, EvalCfg):
+        assert issubclass(cls, SamplingCfg)
+        assert not names & set(vars(cls).get("__annotations__", {})), cls.__name__
+    assert SamplingCfg().sampling() == SamplingConfig()

@@ -17,7 +17,7 @@ import pte.evaluation.evaluate
 import pte.training.callbacks
 import pte.training.module
 import train
-from pte.bench import common, decode, flops, memory, step_time, train_memory
+from pte.bench import common, decode, flops, rollout_memory, step_time, train_memory
 from pte.bench.__main__ import BENCHMARKS
 from pte.bench.__main__ import main as bench_main
 from pte.config import load_config
@@ -206,7 +206,7 @@ def test_train_in_low_precision(precision, tmp_path, monkeypatch):
 
 BENCH_SPIES = {  # benchmark -> (module, the engine entry its timed work calls with the model)
     "decode": (decode, "rollout"),
-    "rollout-memory": (memory, "rollout"),
+    "rollout-memory": (rollout_memory, "rollout"),
     "train-memory": (train_memory, "replay"),
     "flops": (flops, "rollout"),
     "step-time": (step_time, "generate_rollouts"),

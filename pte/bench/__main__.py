@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from pte.bench import common, decode, flops, memory, rollout_throughput, step_time, train_memory
+from pte.bench import common, decode, flops, rollout_memory, rollout_throughput, step_time, train_memory
 from pte.bench.plot import plot_result
 
 BENCHMARKS = {
     "decode": decode,
     "rollout-throughput": rollout_throughput,
-    "rollout-memory": memory,
+    "rollout-memory": rollout_memory,
     "train-memory": train_memory,
     "step-time": step_time,
     "flops": flops,

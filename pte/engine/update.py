@@ -20,7 +20,7 @@ from pte.engine.cache import CachePolicy
 from pte.engine.generate import encode_prompts, eos_ids
 from pte.engine.noise import RowNoise
 from pte.engine.replay import reference_logprobs, replay_all
-from pte.engine.rollout import Rollout, SamplingConfig, rollout
+from pte.engine.rollout import Rollout, rollout
 from pte.engine.shapes import kv_store
 from pte.training.distributed import all_sum
 from pte.training.grpo import AGGREGATIONS, group_advantages, k3_kl, token_loss
@@ -54,7 +54,7 @@ def generate_rollouts(
     device = next(model.parameters()).device
     r = cfg.rollout
     budget = max(len(r.prompt_buckets), 1)
-    sampling = SamplingConfig(r.temperature, r.top_p, r.top_k, r.max_new_tokens, compile=r.compile, max_compiles=budget)
+    sampling = r.sampling(compile=r.compile, max_compiles=budget)
     noise = RowNoise.draw(generator, len(prompts), r.max_new_tokens, device)
     rows = r.decode_batch or len(prompts)
     if r.compile:  # the largest bucket's room from the start: the K/V storage never moves

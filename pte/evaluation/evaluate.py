@@ -76,6 +76,7 @@ def sweep(cfg: Config) -> list[Setting]:
     require(e.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
     require(e.temperature >= 0, "eval.temperature", "must be >= 0 (0 = greedy)")
     require(0 < e.top_p <= 1, "eval.top_p", "must be in (0, 1]")
+    require(e.top_k >= 0, "eval.top_k", "must be >= 0 (0 = off)")
     require(all(w >= 0 for w in e.windows), "eval.windows", "windows must be >= 0 (0 = derive from cache.budget)")
     for bench, path in e.paths.items():
         require(Path(path).is_file(), f"eval.paths.{bench}", f"{path} is not a file")
@@ -123,7 +124,7 @@ def fingerprint(cfg: Config, setting: Setting) -> str:
         "ckpt": checkpoint_id(cfg.ckpt_path),
         "thought": asdict(cfg.thought) if cfg.method == "pte" else None,
         "cache": [c.policy, c.window, c.budget, c.evict_ratio, c.sink_tokens, c.retain_prompt],
-        "sampling": [e.max_new_tokens, e.temperature, e.top_p, e.n_samples, cfg.seed],
+        "sampling": [e.max_new_tokens, e.temperature, e.top_p, e.n_samples, cfg.seed, *([e.top_k] if e.top_k else [])],
         "prompt": [d.template, d.system, d.instruction, few_shot_examples(d)],
     }
     return hashlib.sha1(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -203,8 +204,7 @@ class Evaluator:
         self.cfg, self.load, self.store = cfg, load, store
         self.model: nn.Module | None = None
         self.grader: Grader | None = None
-        e = cfg.eval
-        self.sampling = SamplingConfig(e.temperature, e.top_p, 0, e.max_new_tokens)
+        self.sampling = cfg.eval.sampling()
 
     def _start(self) -> None:
         """Load the model (on the GPU when one is available and allowed) and start the grader pool."""
