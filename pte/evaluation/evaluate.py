@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from pte.config import CacheCfg, Config, ConfigError, require, to_yaml
+from pte.config import CacheCfg, Config, ConfigError, EvalCfg, require, to_yaml
 from pte.engine.cache import POLICIES
 from pte.engine.generate import decode_responses, encode_prompts, eos_ids
 from pte.engine.noise import RowNoise
@@ -235,13 +235,17 @@ class Evaluator:
             generator = torch.Generator(device=device).manual_seed(seed)
             prompts = [self.format(p.question) for p in batch for _ in range(n)]
             cache = setting.cache(self.cfg.cache)
-            rows = self.cfg.eval.max_rows
-            rows = rows - rows % n if rows >= n else rows  # whole problems per rollout when they fit
+            rows = rollout_rows(self.cfg.eval)
             out = sample_batch(self.model, self.tok, prompts, cache, setting.policy, self.sampling, generator, rows)
             groups = [out.answers[j * n : (j + 1) * n] for j in range(len(batch))]
             grades = grade_groups(self.grader, groups, [p.answer for p in batch], [p.id for p in batch])
             self.store.append(batch_records(fp, setting, bench, batch, out, grades))
             bar.update(len(batch))
+
+
+def rollout_rows(e: EvalCfg) -> int:
+    """Rows per eval rollout: ``eval.max_rows``, rounded down to whole problems when it holds one (0 = all)."""
+    return e.max_rows - e.max_rows % e.n_samples if e.max_rows >= e.n_samples else e.max_rows
 
 
 def _load_problems(bench: str, path: str | None, limit: int | None) -> list[Problem]:

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 from pte.config import METHOD_POLICY, Config, ConfigError
 from pte.engine.cache import CachePolicy
-from pte.engine.update import bucket_capacity
-from pte.evaluation.evaluate import Setting, default_policies
+from pte.engine.update import bucket_capacity, replay_limits
+from pte.evaluation.evaluate import Setting, default_policies, rollout_rows
 from pte.plan.arch import MODULE_SHAPES, Arch
 
 BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -100,8 +100,8 @@ def resolve(
         raise ConfigError(f"rollout.batch_size={r.batch_size} does not split over {world} ranks")
     policy = cfg.cache.policy_for(prompt_len, METHOD_POLICY[cfg.method])
     new = r.max_new_tokens
-    eval_rows = e.max_rows - e.max_rows % e.n_samples if e.max_rows >= e.n_samples else e.max_rows  # as evaluate.py
-    eval_rows = min(eval_rows or e.batch_size * e.n_samples, e.batch_size * e.n_samples)
+    eval_rows = min(rollout_rows(e) or e.batch_size * e.n_samples, e.batch_size * e.n_samples)
+    decode_rows = r.decode_batch or r.batch_size // world
     adapter = cfg.thought if cfg.method == "pte" else cfg.lora
     w, a = dtype_bytes(cfg)
     return Setup(
@@ -115,9 +115,9 @@ def resolve(
         prompt_len=prompt_len,
         max_new=new,
         seqs=r.batch_size // world,
-        rollout_rows=r.decode_batch or r.batch_size // world,
-        rollout_prompts=max(1, (r.decode_batch or r.batch_size // world) // r.group_size),
-        replay_rows=cfg.replay.micro_batch or r.micro_batch,
+        rollout_rows=decode_rows,
+        rollout_prompts=max(1, decode_rows // r.group_size),
+        replay_rows=replay_limits(cfg).micro_batch,
         max_chunk_tokens=cfg.replay.max_chunk_tokens,
         logits_chunk=cfg.replay.logits_chunk,
         checkpointing=cfg.replay.checkpointing,

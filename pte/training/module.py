@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from pte.config import METHOD_POLICY, Config, as_dict, load_config
 from pte.engine.generate import decode_responses
-from pte.engine.update import build_experience, generate_rollouts, policy_update
+from pte.engine.update import build_experience, generate_rollouts, policy_update, replay_limits
 from pte.training.checkpoints import deferred_interrupts
 from pte.training.collectives import all_max, all_mean, all_sum
 from pte.training.data import MathDataModule
@@ -243,7 +243,7 @@ class GRPOModule(L.LightningModule):
         opt = self.optimizers()
         opt.zero_grad()
         self.memory.start("replay")
-        stats = sft_update(self.model, rollouts, self.manual_backward, self.cfg.replay)
+        stats = sft_update(self.model, rollouts, self.manual_backward, replay_limits(self.cfg))
         self.memory.stop("replay")
         reduce_gradients(self.trainable_parameters())
         self.step_skipped = False
