@@ -9,10 +9,12 @@ combination stops the run at once with the key's name.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -60,6 +62,11 @@ class CacheCfg:
     model exactly (update off) and ``global_only`` is the paper's Global-Only ablation (update with S_g, no
     absorption). ``retain_prompt`` false puts each row's own prompt inside its window (prompts may exceed W). The thought window W comes from ``window`` if > 0, else ``budget`` minus the longest
     prompt of the micro-batch if set, else the paper's training rule W = longest prompt of the micro-batch.
+
+    ``train_windows`` / ``train_evict_ratios`` (``[lo, hi]``, empty = off) make training draw a schedule per
+    micro-batch instead: W log-uniform over the integers lo..hi, the eviction ratio uniform over [lo, hi]. One adapter
+    then meets many windows (a W longer than the trace evicts nothing, so it also learns to leave the base alone), as
+    the paper's rule W = longest prompt does across micro-batches. Evaluation always uses ``window``/``evict_ratio``.
     """
 
     policy: str | None = None
@@ -68,19 +75,44 @@ class CacheCfg:
     evict_ratio: float = 0.25
     sink_tokens: int = 0
     retain_prompt: bool = True
+    train_windows: list[int] = field(default_factory=list)
+    train_evict_ratios: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         require(self.policy in (None, *POLICIES), "cache.policy", f"expected one of {POLICIES}, got {self.policy!r}")
         require(0 <= self.evict_ratio < 1, "cache.evict_ratio", "must be in [0, 1)")
         require(self.window >= 0, "cache.window", "must be >= 0 (0 = derive from budget or prompt length)")
         require(self.budget is None or self.budget > 0, "cache.budget", "must be positive")
+        w, r = self.train_windows, self.train_evict_ratios
+        require(
+            not w or (len(w) == 2 and 1 <= w[0] <= w[1]),
+            "cache.train_windows",
+            f"expected [lo, hi], 1 <= lo <= hi, got {w}",
+        )
+        require(
+            not r or (len(r) == 2 and 0 <= r[0] <= r[1] < 1),
+            "cache.train_evict_ratios",
+            f"expected [lo, hi] in [0, 1), got {r}",
+        )
 
-    def policy_for(self, prompt_len: int, name: str) -> CachePolicy:
-        """The concrete policy ``name`` for a micro-batch whose longest prompt has ``prompt_len`` tokens."""
+    def policy_for(self, prompt_len: int, name: str, draw: np.random.Generator | None = None) -> CachePolicy:
+        """The concrete policy ``name`` for a micro-batch whose longest prompt has ``prompt_len`` tokens; with ``draw``
+        (training), W and the eviction ratio come from ``train_windows`` / ``train_evict_ratios`` where set."""
         window = self.window or (self.budget - prompt_len if self.budget else prompt_len)
+        ratio = self.evict_ratio
+        if draw is not None and self.train_windows:
+            lo, hi = self.train_windows
+            window = min(hi, int(math.exp(draw.uniform(math.log(lo), math.log(hi + 1)))))
+        if draw is not None and self.train_evict_ratios:
+            ratio = float(draw.uniform(*self.train_evict_ratios))
         if window < 1:
             raise ConfigError(f"cache.budget={self.budget}: leaves no window after a {prompt_len}-token prompt")
-        return CachePolicy(name, window, self.evict_ratio, self.sink_tokens, self.retain_prompt)
+        return CachePolicy(name, window, ratio, self.sink_tokens, self.retain_prompt)
+
+    @property
+    def drawn(self) -> bool:
+        """Training draws a schedule per micro-batch."""
+        return bool(self.train_windows or self.train_evict_ratios)
 
 
 @dataclass
@@ -118,15 +150,16 @@ class LoraCfg:
 class DataCfg:
     """Where training prompts come from and how they are turned into chat prompts.
 
-    ``carry_steps`` / ``carry_values`` size the offline long-horizon task (``source: carry``, pte/training/carry.py):
-    chain length (about 8 tokens of trace per step) and how many intermediate values the answer needs.
+    ``carry_steps`` / ``carry_values`` size the offline long-horizon task (``source: carry``, pte/training/carry.py, and
+    the ``carry`` benchmark of eval.py): chain length (about 5 tokens of trace per step) and how many marked values the
+    answer needs, each one number or an inclusive ``[lo, hi]`` range drawn per problem.
     """
 
     source: str = "reasoning_gym"
     tasks: list[str] = field(default_factory=lambda: ["basic_arithmetic"])
     size: int = 512
-    carry_steps: int = 10
-    carry_values: int = 1
+    carry_steps: Any = 10
+    carry_values: Any = 1
     path: str | None = None
     hf_name: str | None = None
     hf_config: str | None = None
@@ -141,6 +174,20 @@ class DataCfg:
     few_shot: list[dict[str, str]] = field(default_factory=list)
     default_few_shot: bool = True
     val_size: int = 16
+
+    def __post_init__(self) -> None:
+        for key in ("carry_steps", "carry_values"):
+            x = getattr(self, key)
+            ok = isinstance(x, int) or (isinstance(x, list) and len(x) == 2 and all(isinstance(v, int) for v in x))
+            require(
+                ok and min(_as_list(x)) >= 1 and _as_list(x) == sorted(_as_list(x)),
+                f"data.{key}",
+                f"expected a positive number or [lo, hi], got {x!r}",
+            )
+
+
+def _as_list(x: int | list[int]) -> list[int]:
+    return [x] if isinstance(x, int) else list(x)
 
 
 ENGINE_SAMPLING = SamplingConfig()
@@ -425,6 +472,11 @@ class Config:
             require(self.cache.policy != "pte", "cache.policy", f"method={self.method} has no thought encoder")
         if self.trainer.world_size:
             check_shards(self.rollout, self.trainer.world_size)
+        require(
+            not (self.cache.drawn and self.rollout.compile),
+            "cache.train_windows",
+            "drawn schedules change the cache's shape every step; rollout.compile needs fixed shapes",
+        )
         require(
             self.trainer.strategy != "fsdp" or self.replay.max_chunk_tokens == 0,
             "replay.max_chunk_tokens",

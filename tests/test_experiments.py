@@ -13,11 +13,12 @@ from pte.training.carry import CODES, carry_problem, carry_problems
 from pte.training.rewards import verify_answer
 
 
-@pytest.mark.parametrize("steps,carry", [(10, 1), (6, 2), (26, 13)])
+@pytest.mark.parametrize("steps,carry", [(10, 1), (6, 2), (20, 3), (26, 13)])
 def test_carry_solution_is_right_and_lines_up_with_the_question(steps, carry):
     p = carry_problem(np.random.default_rng(5), steps, carry)
     tokens = p.question.split(" ")
-    filled = p.solution.split(" ")[: len(tokens)]
+    words = p.solution.split(" ")
+    filled = words[: len(tokens)]
     assert [q[:-1].replace("@", "#") if q.endswith("?") else q for q in tokens] == [
         f[:-1] if q.endswith("?") else f for q, f in zip(tokens, filled)
     ]
@@ -31,8 +32,26 @@ def test_carry_solution_is_right_and_lines_up_with_the_question(steps, carry):
             value = (value + int(cell[1])) % 10
             assert cell.endswith(f"={value}")
     assert len(marks) == carry
-    assert verify_answer(p.solution, str((sum(marks) + value) % 10))
-    assert p.answer == str((sum(marks) + value) % 10)
+    ans, last, *recalls, boxed = words[len(tokens) :]
+    assert (ans, int(last)) == ("ans", value)
+    for cell, mark in zip(recalls, marks, strict=True):  # each recall: the mark's letter, its digit, the running sum
+        value = (value + mark) % 10
+        assert cell == f"#{CODES[mark]}{mark}={value}"
+    assert boxed == f"\\boxed{{{value}}}" and p.answer == str(value)
+    assert p.answer == str((sum(marks) + int(last)) % 10) and verify_answer(p.solution, p.answer)
+
+
+def test_carry_family_draws_every_variant_in_its_ranges_but_the_excluded():
+    problems = carry_problems(400, seed=1, steps=[6, 9], carry=[1, 3], exclude=frozenset({(7, 2)}))
+    seen = {(len(p.question.split(" ")) - 1 - p.question.count("@"), p.question.count("@")) for p in problems}
+    assert seen == {(s, v) for s in range(6, 10) for v in range(1, min(3, s // 2) + 1)} - {(7, 2)}
+    assert carry_problems(20, seed=1, steps=10, carry=1) == carry_problems(20, seed=1)
+
+
+@pytest.mark.parametrize("steps", [[0, 4], [9, 6], [1, 2, 3]])
+def test_carry_ranges_are_checked(steps):
+    with pytest.raises(ValueError, match="data.carry_steps"):
+        carry_problems(4, seed=0, steps=steps)
 
 
 def test_built_in_model_names_pass_the_offline_check(monkeypatch):
@@ -59,12 +78,16 @@ def test_toy_base_saves_a_hub_style_directory(tmp_path):
     from pte.models.load import load_model_and_tokenizer
     from pte.models.tiny import tiny_tokenizer
 
-    spec = ToySpec(steps=3, hidden=32, layers=2, heads=2, kv_heads=1, train_steps=2, batch=4, eval_problems=4)
+    spec = ToySpec(
+        steps=(3, 4), values=(1, 2), held_out=((4, 1),), hidden=32, layers=2, heads=2, kv_heads=1, train_steps=2,
+        batch=4, eval_problems=3,
+    )  # fmt: skip
     record = train_toy_base(spec, tmp_path / "toy", tiny_tokenizer())
-    assert 0.0 <= record["heldout_full_cache_accuracy"] <= 1.0 and record["heldout_problems"] == 4
+    assert 0.0 <= record["heldout_full_cache_accuracy"] <= 1.0 and record["heldout_problems_per_combination"] == 3
+    assert set(record["heldout_accuracy_by_steps_x_values"]) == {"3x1", "4x1", "4x2"}  # the held-out 4x1 included
     model, tok = load_model_and_tokenizer(str(tmp_path / "toy"))
     assert model.config.num_hidden_layers == 2 and tok.decode(tok("3 a5=8")["input_ids"]) == "3 a5=8"
-    assert json.loads((tmp_path / "toy" / "toy_base.json").read_text())["spec"]["steps"] == 3
+    assert json.loads((tmp_path / "toy" / "toy_base.json").read_text())["spec"]["steps"] == [3, 4]
 
 
 TINY = [

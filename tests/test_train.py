@@ -28,6 +28,7 @@ LOGGED = {
     "train/grad_norm",
     "train/lr",
     "train/evictions_per_seq",
+    "train/window",
     "train/kv_bytes_held_per_seq",
     "train/kv_bytes_peak_per_seq",
     "train/response_length",
@@ -95,6 +96,41 @@ def test_resume_is_exact(tmp_path, digit_reward):
     assert all(torch.equal(a[k], b[k]) for k in a)
     one_step = torch.load(first / "checkpoints" / "last.ckpt", weights_only=False)
     assert one_step["global_step"] == 2
+
+
+def test_drawn_cache_schedules_vary_by_step_and_resume_exactly(tmp_path, digit_reward):
+    """cache.train_windows / train_evict_ratios: each step draws its own schedule from the run's seed and the step, so
+    a resumed run trains under the schedules an uninterrupted one would have."""
+    drawn = ["cache.train_windows=[2,40]", "cache.train_evict_ratios=[0.05,0.5]", "rollout.temperature=1.0"]
+    straight = _train(tmp_path / "a", "trainer.max_steps=4", *drawn)
+    acc = EventAccumulator(str(straight / "tb"))
+    acc.Reload()
+    windows = [e.value for e in acc.Scalars("train/window")]
+    assert len(windows) == 4 and len(set(windows)) > 1 and all(2 <= w <= 40 for w in windows)
+    first = _train(tmp_path / "b", "trainer.max_steps=2", *drawn)
+    _train(tmp_path / "b", "trainer.max_steps=4", *drawn, f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}")
+    a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    b = torch.load(first / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_drawn_windows_span_their_range_log_uniformly():
+    import numpy as np
+
+    cache = load_config(None, ["cache.train_windows=[8,128]", "cache.train_evict_ratios=[0.05,0.25]"]).cache
+    draw = np.random.default_rng(0)
+    policies = [cache.policy_for(30, "pte", draw) for _ in range(4000)]
+    windows = [p.window for p in policies]
+    assert min(windows) == 8 and max(windows) == 128
+    below_32 = sum(w < 32 for w in windows) / len(windows)
+    assert abs(below_32 - math.log(32 / 8) / math.log(129 / 8)) < 0.03  # log-uniform: as many per doubling
+    assert all(0.05 <= p.evict_ratio <= 0.25 for p in policies)
+    assert cache.policy_for(30, "pte").window == cache.window, "evaluation (no draw) keeps cache.window"
+
+
+def test_drawn_schedules_refuse_compiled_rollouts():
+    with pytest.raises(ConfigError, match="cache.train_windows"):
+        load_config(None, ["cache.train_windows=[8,64]", "rollout.compile=true", "rollout.prompt_buckets=[64]"])
 
 
 def test_resume_continues_step_count(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
@@ -43,9 +44,10 @@ def generate_rollouts(
     cfg: Config,
     policy_name: str,
     generator: torch.Generator | None = None,
+    draw: np.random.Generator | None = None,
 ) -> list[Rollout]:
     """Sample ``prompts`` (already formatted, one row per sequence) under the cache config, one rollout per block of
-    ``rollout.decode_batch`` rows (0 = one block).
+    ``rollout.decode_batch`` rows (0 = one block); with ``draw`` each block draws its schedule (``cache.train_*``).
 
     Every row draws from its own stream, seeded by one draw from ``generator`` for the whole call (pte/engine/noise.py),
     so the tokens do not depend on the blocks; with ``rollout.compile`` each block's cache takes its prompt bucket's
@@ -64,7 +66,7 @@ def generate_rollouts(
     for i in range(0, len(prompts), rows):
         ids, mask = encode_prompts(tok, prompts[i : i + rows], chat=False, device=device)
         longest = int(mask.sum(1).max())
-        policy = cfg.cache.policy_for(longest, policy_name)
+        policy = cfg.cache.policy_for(longest, policy_name, draw)
         slots = bucket_capacity(cfg, policy, longest) if r.compile else 0
         block = noise[i : i + rows]
         out.append(rollout(model, ids, mask, policy, sampling, eos, tok.pad_token_id, noise=block, capacity=slots))

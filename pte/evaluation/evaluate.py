@@ -248,10 +248,11 @@ def rollout_rows(e: EvalCfg) -> int:
     return e.max_rows - e.max_rows % e.n_samples if e.max_rows >= e.n_samples else e.max_rows
 
 
-def _load_problems(bench: str, path: str | None, limit: int | None) -> list[Problem]:
-    """load_benchmark, with a hub that cannot be reached reported as a config problem naming the way out."""
+def _load_problems(bench: str, path: str | None, limit: int | None, cfg: Config) -> list[Problem]:
+    """load_benchmark (the carry task at ``data.carry_*``), with a hub that cannot be reached reported as a config
+    problem naming the way out."""
     try:
-        return load_benchmark(bench, path=path, limit=limit)
+        return load_benchmark(bench, path=path, limit=limit, carry=(cfg.data.carry_steps, cfg.data.carry_values))
     except (ConnectionError, OSError) as err:
         if path is not None:
             raise
@@ -276,7 +277,7 @@ def evaluate(cfg: Config, load: Loader) -> dict:
     settings = sweep(cfg)
     out_dir = output_dir(cfg)
     e = cfg.eval
-    problems = {b: _load_problems(b, e.paths.get(b), e.limit) for b in e.benchmarks}
+    problems = {b: _load_problems(b, e.paths.get(b), e.limit, cfg) for b in e.benchmarks}
     for bench, found in problems.items():
         require(bool(found), "eval.benchmarks", f"{bench} has no problems ({e.paths.get(bench) or 'built-in set'})")
     out_dir.mkdir(parents=True, exist_ok=True)

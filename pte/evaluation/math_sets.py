@@ -171,27 +171,32 @@ OFFLINE_SEED = 1_000_003  # far from any training seed, so these problems are he
 OFFLINE = {"arithmetic": 200, "carry": 200}  # procedural benchmarks generated locally: name -> default size
 
 
-def _offline(name: str, limit: int | None) -> list[Problem]:
-    """Offline held-out sets: reasoning-gym arithmetic at the training defaults, and the default carry task."""
+def _offline(name: str, limit: int | None, carry: tuple[Any, Any]) -> list[Problem]:
+    """Offline held-out sets: reasoning-gym arithmetic at the training defaults, and the carry task ``carry``."""
     size = limit or OFFLINE[name]
     if name == "carry":
-        from pte.training.carry import carry_problems
+        from pte.training.carry import carry_problems, variant_name
 
-        return [Problem(f"carry/{i}", p.question, p.answer) for i, p in enumerate(carry_problems(size, OFFLINE_SEED))]
+        problems = carry_problems(size, OFFLINE_SEED, *carry)
+        return [Problem(f"carry/{variant_name(*carry)}/{i}", p.question, p.answer) for i, p in enumerate(problems)]
     from pte.training.data import DEFAULT_TASK_CONFIGS, DEFAULT_TASKS, reasoning_gym_examples
 
     examples = reasoning_gym_examples(DEFAULT_TASKS, max(size, len(DEFAULT_TASKS)), OFFLINE_SEED, DEFAULT_TASK_CONFIGS)
     return [Problem(f"{name}/{i}", e.question, e.answer) for i, e in enumerate(examples[:size])]
 
 
-def load_benchmark(name: str, path: str | None = None, limit: int | None = None) -> list[Problem]:
+def load_benchmark(
+    name: str, path: str | None = None, limit: int | None = None, carry: tuple[Any, Any] = (10, 1)
+) -> list[Problem]:
     """Load a registered benchmark as Problems, from a local JSONL copy or from the Hugging Face Hub.
 
     Args:
         name: a key of ``BENCHMARKS``, ``arithmetic`` (generated offline by reasoning-gym, seed OFFLINE_SEED) or
-            ``carry`` (the default carry task of pte/training/carry.py, 10 steps, one carried value, seed OFFLINE_SEED).
+            ``carry`` (the carry task of pte/training/carry.py, seed OFFLINE_SEED, variant ``carry``).
         path: a JSONL file in that benchmark's own row format; None loads ``hf_id`` at ``revision`` from the Hub.
         limit: keep only the first ``limit`` problems.
+        carry: ``(steps, values)`` of the carry task, each one number or an inclusive ``[lo, hi]`` range
+            (``data.carry_steps``, ``data.carry_values``).
 
     Returns:
         Problems in file order. Ids are ``"<name>/<row id>"``, or ``"<name>/<row number>"`` where rows have no id
@@ -201,7 +206,7 @@ def load_benchmark(name: str, path: str | None = None, limit: int | None = None)
         ValueError: unknown ``name``. BenchmarkFormatError (a ValueError): a missing field or an empty answer.
     """
     if name in OFFLINE and path is None:
-        return _offline(name, limit)
+        return _offline(name, limit, carry)
     spec = BENCHMARKS.get(name)
     if spec is None:
         raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(sorted([*BENCHMARKS, *OFFLINE]))}")

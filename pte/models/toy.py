@@ -2,8 +2,10 @@
 
 The paper's table compares methods built on one base model that already reasons with a full cache. At toy scale
 that base is a small Llama (grouped-query attention, rotary positions, character tokenizer) trained by ordinary
-full-cache next-token prediction on worked carry-chain solutions (pte/training/carry.py), until it solves held-out
-problems with a full cache. It is saved as a plain Hugging Face model directory (``model.name`` can point to it);
+full-cache next-token prediction on worked carry-chain solutions (pte/training/carry.py) over a family of variants
+(chain lengths 6-20, one to three marked values), until it solves held-out problems with a full cache. A few
+(length, values) combinations never appear in its training; the build record lists the full-cache accuracy of every
+combination, held-out ones included, so an adapter can be tested on variants nobody tuned for. It is saved as a plain Hugging Face model directory (``model.name`` can point to it);
 ``model.name: toy-carry`` builds it on first use and caches it under ``$PTE_CACHE`` (``~/.cache/pte``).
 """
 
@@ -41,8 +43,15 @@ log = logging.getLogger(__name__)
 class ToySpec:
     """Architecture, task and training budget of the toy base (the defaults are what ``toy-carry`` builds)."""
 
-    steps: int = 10  # carry chain length (data.carry_steps)
-    values: int = 1  # carried values (data.carry_values)
+    steps: tuple[int, int] = (6, 20)  # carry chain lengths trained on (data.carry_steps), inclusive
+    values: tuple[int, int] = (1, 3)  # marked values trained on (data.carry_values), inclusive
+    held_out: tuple[tuple[int, int], ...] = (
+        (7, 2),
+        (11, 3),
+        (14, 1),
+        (17, 2),
+        (20, 3),
+    )  # (steps, values) never trained
     hidden: int = 64
     layers: int = 3
     heads: int = 4
@@ -52,7 +61,7 @@ class ToySpec:
     batch: int = 32
     lr: float = 3e-3  # constant; AdamW without weight decay
     seed: int = 0
-    eval_problems: int = 200
+    eval_problems: int = 20  # held-out problems per (steps, values) combination
 
     @property
     def name(self) -> str:
@@ -99,9 +108,11 @@ def new_model(spec: ToySpec, vocab: int) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
-def full_cache_accuracy(model, tok, problems: list[CarryProblem], batch: int = 100) -> float:
-    """Greedy full-cache accuracy on ``problems``, graded by the project's reward code."""
+def full_cache_correct(model, tok, problems: list[CarryProblem], batch: int = 100) -> list[bool]:
+    """Greedy full-cache correctness per problem, graded by the project's reward code (batches of similar length)."""
     max_new = max(len(tok(p.solution)["input_ids"]) for p in problems) + 8
+    order = sorted(range(len(problems)), key=lambda i: len(problems[i].question))
+    problems = [problems[i] for i in order]
     preds = []
     for i in range(0, len(problems), batch):
         chunk = problems[i : i + batch]
@@ -109,8 +120,11 @@ def full_cache_accuracy(model, tok, problems: list[CarryProblem], batch: int = 1
         out = generate(model, tok, prompts, CachePolicy("full"), chat=False, temperature=0.0, max_new_tokens=max_new)
         preds += [extract_answer(t) for t in out.texts]
     with Grader(timeout_s=5.0, workers=1) as grader:
-        correct = grader.grade(preds, [p.answer for p in problems])
-    return sum(correct) / len(problems)
+        graded = grader.grade(preds, [p.answer for p in problems])
+    correct = [False] * len(problems)
+    for i, ok in zip(order, graded):
+        correct[i] = bool(ok)
+    return correct
 
 
 @contextmanager
@@ -130,6 +144,20 @@ def global_rng_untouched() -> Iterator[None]:
             random.setstate(py_state)
 
 
+def combinations(spec: ToySpec) -> list[tuple[int, int]]:
+    """Every (steps, values) variant in the spec's ranges, held-out ones included."""
+    (s_lo, s_hi), (v_lo, v_hi) = spec.steps, spec.values
+    return [(s, v) for s in range(s_lo, s_hi + 1) for v in range(v_lo, min(v_hi, s // 2) + 1)]
+
+
+def heldout_problems(spec: ToySpec) -> dict[tuple[int, int], list[CarryProblem]]:
+    """``spec.eval_problems`` problems per combination, from seeds the training stream never uses."""
+    return {
+        (s, v): carry_problems(spec.eval_problems, seed=10_000 + 100 * s + v + 1000 * spec.seed, steps=s, carry=v)
+        for s, v in combinations(spec)
+    }
+
+
 @global_rng_untouched()
 def train_toy_base(spec: ToySpec, out_dir: Path, tok: PreTrainedTokenizerFast) -> dict:
     """Train the toy base, check it on held-out problems, save it to ``out_dir``; return the build record.
@@ -137,17 +165,18 @@ def train_toy_base(spec: ToySpec, out_dir: Path, tok: PreTrainedTokenizerFast) -
     Seeded by ``spec.seed`` alone, and the caller's global random streams are left as they were.
     """
     t0 = time.perf_counter()
-    held_out = carry_problems(spec.eval_problems, seed=10_000 + spec.seed, steps=spec.steps, carry=spec.values)
-    banned = {p.question for p in held_out}
+    held_out = heldout_problems(spec)
+    banned = {p.question for ps in held_out.values() for p in ps}
     model = new_model(spec, len(tok)).train()
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
     rng = np.random.default_rng([spec.seed, 3])
     recent: deque[float] = deque(maxlen=50)
+    skip = frozenset(spec.held_out)
     bar = tqdm(range(spec.train_steps), desc="toy base (full-cache SFT)", mininterval=5)
     for step in bar:
         seed = int(rng.integers(2**31))
-        problems = [p for p in carry_problems(spec.batch, seed, spec.steps, spec.values) if p.question not in banned]
-        ids, labels = _batch(tok, problems)
+        problems = carry_problems(spec.batch, seed, spec.steps, spec.values, exclude=skip)
+        ids, labels = _batch(tok, [p for p in problems if p.question not in banned])
         loss = model(input_ids=ids, labels=labels).loss
         opt.zero_grad()
         loss.backward()
@@ -161,13 +190,21 @@ def train_toy_base(spec: ToySpec, out_dir: Path, tok: PreTrainedTokenizerFast) -
         if step % 50 == 0:
             log.info("toy base step %d: loss %.3f", step, loss.item())
     model.eval().requires_grad_(False)
-    accuracy = full_cache_accuracy(model, tok, held_out)
+    flat = [p for ps in held_out.values() for p in ps]
+    correct = full_cache_correct(model, tok, flat)
+    per_combo, i = {}, 0
+    for (s, v), ps in held_out.items():
+        per_combo[f"{s}x{v}"] = sum(correct[i : i + len(ps)]) / len(ps)
+        i += len(ps)
     record = {
         "spec": asdict(spec),
+        "format": FORMAT,
         "params": sum(p.numel() for p in model.parameters()),
         "train_steps_run": step + 1,
-        "heldout_full_cache_accuracy": accuracy,
-        "heldout_problems": len(held_out),
+        "heldout_full_cache_accuracy": sum(correct) / len(correct),
+        "heldout_min_combination_accuracy": min(per_combo.values()),
+        "heldout_problems_per_combination": spec.eval_problems,
+        "heldout_accuracy_by_steps_x_values": per_combo,
         "seconds": round(time.perf_counter() - t0, 1),
     }
     tmp = out_dir.with_suffix(".tmp")
@@ -176,7 +213,13 @@ def train_toy_base(spec: ToySpec, out_dir: Path, tok: PreTrainedTokenizerFast) -
     tok.save_pretrained(tmp)
     (tmp / "toy_base.json").write_text(json.dumps(record, indent=2))
     tmp.rename(out_dir)
-    log.info("toy base: %.1f %% held-out full-cache accuracy, %.0f s -> %s", 100 * accuracy, record["seconds"], out_dir)
+    log.info(
+        "toy base: %.1f %% held-out full-cache accuracy (worst combination %.0f %%), %.0f s -> %s",
+        100 * record["heldout_full_cache_accuracy"],
+        100 * record["heldout_min_combination_accuracy"],
+        record["seconds"],
+        out_dir,
+    )
     return record
 
 
@@ -193,11 +236,23 @@ def toy_base_dir(spec: ToySpec | None = None) -> Path:
     return out
 
 
+def _parse_range(text: str) -> tuple[int, int]:
+    """``6,20`` -> (6, 20); ``10`` -> (10, 10)."""
+    lo, _, hi = text.partition(",")
+    return int(lo), int(hi or lo)
+
+
+def _parse_pairs(text: str) -> tuple[tuple[int, int], ...]:
+    """``7:2,11:3`` -> ((7, 2), (11, 3)); empty -> ()."""
+    return tuple((int(a), int(b)) for a, b in (x.split(":") for x in text.split(",") if x))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="output directory (default: the toy-carry cache)")
     for field, default in asdict(ToySpec()).items():
-        parser.add_argument(f"--{field.replace('_', '-')}", type=type(default), default=default)
+        kind = _parse_pairs if field == "held_out" else _parse_range if isinstance(default, list) else type(default)
+        parser.add_argument(f"--{field.replace('_', '-')}", type=kind, default=getattr(ToySpec(), field))
     args = vars(parser.parse_args(argv))
     out = args.pop("out")
     spec = ToySpec(**args)

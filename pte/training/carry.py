@@ -1,21 +1,28 @@
 """The carry-chain task: a seeded, offline, long-horizon problem family whose answer needs evicted thoughts.
 
 A problem is a worksheet: a start digit and ``steps`` labelled additions with blank results, and a blank mark
-after each of ``carry`` chosen steps. The solution fills it in (a running sum mod 10), writes the running value into
-each mark as a capital letter (A=0 ... J=9), and ends with the sum (mod 10) of the marked values and the last one::
+after each of ``values`` chosen steps in the first half of the chain. The solution fills it in (a running sum mod
+10), writes the running value into each mark as a capital letter (A=0 ... J=9), and ends with an answer line that
+starts from the last value and adds each marked value in turn, recalled as its letter and spelled as its digit::
 
     question:  3 a5=? b1=? c4=? @? d9=? e2=? f6=? g8=? h3=? i7=? j1=?
-    solution:  3 a5=8 b1=9 c4=3 #D d9=2 e2=4 f6=0 g8=8 h3=1 i7=8 j1=9 ans #D+9=2 \\boxed{2}
+    solution:  3 a5=8 b1=9 c4=3 #D d9=2 e2=4 f6=0 g8=8 h3=1 i7=8 j1=9 ans 9 #D3=2 \\boxed{2}
+
+A family of variants: ``steps`` and ``values`` may each be one number or an inclusive ``(lo, hi)`` range drawn per
+problem (``values`` capped at ``steps // 2``), so one base and one adapter can be tested on chain lengths and
+recall counts they were not tuned on.
 
 A mark is a capital letter so that the value to carry is one distinctive token (with a plain digit among dozens of
-digits, PTE did not learn to carry it within this project's CPU budget). The solution lines up token for token with
-the question, and every lookup is the same copy ("what followed this token before?": the operand after a step's
-label, the marked value after ``#``), so a small model learns it in a couple of minutes. Each step costs 5 tokens
-under a character tokenizer, so the trace is several times longer than a tight thought window, and a marked value is
-gone from the cache long before the last line needs it. The prompt (always retained) holds only operands and blanks:
-rebuilding a marked value from it would take the marked step's whole prefix of additions, which the solution format
-never does. Under a plain window the last line is a guess (about 1 in 10); a full cache or a state that carried the
-marked value answers it. Graded like everything else (``\\boxed{}`` + math-verify).
+digits, PTE did not learn to carry it within this project's CPU budget). Every step of the answer line is the
+chain's own two-operand addition (``#D3=2`` as ``a5=8``), so one, two or three recalled values cost the base the
+same skill; the only thing the line cannot compute locally is the letter after ``#``. The solution lines up token for
+token with the question, and every lookup is the same copy ("what followed this token before?"), so a small model
+learns it in minutes. Each step costs 5 tokens under a character tokenizer, so the trace is several times longer than
+a tight thought window, and a marked value is gone from the cache long before the answer line needs it. The prompt
+(always retained) holds only operands and blanks: rebuilding a marked value from it would take the marked step's whole
+prefix of additions, which the solution format never does. Under a plain window each recalled letter is a guess (1 in
+10); a full cache or a state that carried the marked values answers it. Graded like everything else (``\\boxed{}`` +
+math-verify).
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import numpy as np
 
 LABELS = string.ascii_lowercase
 CODES = "ABCDEFGHIJ"  # a marked value v is written as CODES[v]: the one capital letter of the trace
-FORMAT = "worksheet-4"  # bump when questions or solutions change: cached toy base models are keyed by it
+FORMAT = "worksheet-5"  # bump when questions or solutions change: cached toy base models are keyed by it
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,23 @@ class CarryProblem:
     question: str
     solution: str
     answer: str
+
+
+Span = int | tuple[int, int] | list[int]  # one value, or an inclusive [lo, hi] range drawn per problem
+
+
+def span(x: Span, key: str) -> tuple[int, int]:
+    """``(lo, hi)`` of a task size given as one number or an inclusive ``[lo, hi]`` range; ``key`` names it in errors."""
+    lo, hi = (int(x), int(x)) if isinstance(x, int) else tuple(int(v) for v in x) if len(x) == 2 else (0, -1)
+    if lo > hi or lo < 1:
+        raise ValueError(f"{key}={list(x) if not isinstance(x, int) else x}: expected a positive number or [lo, hi]")
+    return lo, hi
+
+
+def variant_name(steps: Span, values: Span) -> str:
+    """``10x1``, ``6-20x1-3``: the variant as it appears in problem ids."""
+    (s_lo, s_hi), (v_lo, v_hi) = span(steps, "data.carry_steps"), span(values, "data.carry_values")
+    return "x".join(f"{lo}" if lo == hi else f"{lo}-{hi}" for lo, hi in ((s_lo, s_hi), (v_lo, v_hi)))
 
 
 def carry_problem(rng: np.random.Generator, steps: int, carry: int) -> CarryProblem:
@@ -63,23 +87,37 @@ def carry_problem(rng: np.random.Generator, steps: int, carry: int) -> CarryProb
             lines.append(f"#{CODES[value]}")
             blanks.append("@?")  # not "#": in the solution "#" is followed only by marked values
             kept.append(value)
-    answer = (sum(kept) + value) % 10
-    terms = "+".join([*(f"#{CODES[v]}" for v in kept), str(value)])  # recalled as the same token pair
+    lines += ["ans", str(value)]
+    for v in kept:  # recalled as the same token pair "#X", then added like a chain step
+        value = (value + v) % 10
+        lines.append(f"#{CODES[v]}{v}={value}")
     return CarryProblem(
         question=" ".join(blanks),
-        solution=" ".join(lines) + f" ans {terms}={answer} \\boxed{{{answer}}}",
-        answer=str(answer),
+        solution=" ".join(lines) + f" \\boxed{{{value}}}",
+        answer=str(value),
     )
 
 
-def carry_problems(size: int, seed: int, steps: int = 10, carry: int = 1) -> list[CarryProblem]:
-    """``size`` distinct problems from ``seed`` (the same seed always gives the same list)."""
+def carry_problems(
+    size: int, seed: int, steps: Span = 10, carry: Span = 1, exclude: frozenset[tuple[int, int]] = frozenset()
+) -> list[CarryProblem]:
+    """``size`` distinct problems from ``seed`` (the same seed always gives the same list).
+
+    ``steps`` and ``carry`` are one number or an inclusive range; with ranges each problem draws its chain length,
+    then its number of values (capped at half the chain). ``exclude`` lists ``(steps, values)`` combinations never drawn
+    (a toy base's held-out variants).
+    """
+    s_lo, s_hi = span(steps, "data.carry_steps")
+    v_lo, v_hi = span(carry, "data.carry_values")
+    combos = [(s, v) for s in range(s_lo, s_hi + 1) for v in range(v_lo, min(v_hi, s // 2) + 1)]
+    combos = [c for c in combos if c not in exclude] or [(s_lo, v_lo)]  # one fixed combo still validates below
     rng = np.random.default_rng([seed, 7])
     out: dict[str, CarryProblem] = {}
     for _ in range(size * 20):
         if len(out) == size:
             break
-        p = carry_problem(rng, steps, carry)
+        s, v = combos[int(rng.integers(len(combos)))] if len(combos) > 1 else combos[0]
+        p = carry_problem(rng, s, v)
         out.setdefault(p.question, p)
     if len(out) < size:
         raise ValueError(f"data.size={size}: only {len(out)} distinct carry problems with steps={steps}")

@@ -14,6 +14,7 @@ from dataclasses import asdict
 from functools import partial
 
 import lightning as L
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 
@@ -147,7 +148,8 @@ class GRPOModule(L.LightningModule):
                 self.generator.set_state(self._resumed_rng)
         self.memory.start("rollout")
         t0 = time.perf_counter()
-        rollouts = generate_rollouts(self.model, self.tokenizer, prompts, cfg, self.policy_name, self.generator)
+        draw = self._schedule_draw()
+        rollouts = generate_rollouts(self.model, self.tokenizer, prompts, cfg, self.policy_name, self.generator, draw)
         t_rollout = time.perf_counter() - t0
         texts = [t for ro in rollouts for t in decode_responses(self.tokenizer, ro)]
         rewards, parts = self.reward(texts, golds)
@@ -234,9 +236,10 @@ class GRPOModule(L.LightningModule):
         self.model.eval()
         mb, prompts, targets = self.cfg.rollout.micro_batch, batch["prompts"], batch["solutions"]
         t0 = time.perf_counter()
+        draw = self._schedule_draw()
         rollouts = [
             teacher_forced(
-                self.tokenizer, prompts[i : i + mb], targets[i : i + mb], self.cfg, self.policy_name, self.device
+                self.tokenizer, prompts[i : i + mb], targets[i : i + mb], self.cfg, self.policy_name, self.device, draw
             )
             for i in range(0, len(prompts), mb)
         ]
@@ -254,11 +257,17 @@ class GRPOModule(L.LightningModule):
             "entropy": stats["entropy"] / max(stats["tokens"], 1.0),
             "response_length": stats["tokens"] / len(prompts),
             "evictions_per_seq": sum(len(ro.evict_before) for ro in rollouts) / len(rollouts),
+            "window": sum(ro.policy.window for ro in rollouts) / len(rollouts),
             "grad_norm": float(grad_norm),
             "lr": opt.param_groups[0]["lr"],
             "time_update_s": time.perf_counter() - t0,
         }
         self._publish(logs)
+
+    def _schedule_draw(self) -> np.random.Generator | None:
+        """The stream this step's cache schedules are drawn from (``cache.train_*``): seeded by the run's seed and the
+        step alone, so every process draws the same schedules and a resumed run the ones it would have drawn."""
+        return np.random.default_rng([self.cfg.seed, 29, self.global_step]) if self.cfg.cache.drawn else None
 
     def _log_step(self, rollouts, rewards, parts, stats, grad_norm, t_rollout, t_update) -> None:
         tokens = sum(float(ro.response_mask.sum()) for ro in rollouts)
@@ -275,6 +284,7 @@ class GRPOModule(L.LightningModule):
             "response_length": mean("response_length"),
             "truncated_frac": mean("truncated_frac"),
             "evictions_per_seq": mean("evictions"),
+            "window": sum(ro.policy.window for ro in rollouts) / len(rollouts),
             "kv_bytes_held_per_seq": sum(s["kv_bytes_held"] for s in ro_stats) / rows,
             "kv_bytes_peak_per_seq": max(
                 s["kv_bytes_peak"] / ro.response_ids.shape[0] for s, ro in zip(ro_stats, rollouts)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
@@ -46,9 +47,16 @@ def eviction_schedule(policy: CachePolicy, prompt_mask: torch.Tensor, steps: int
 
 
 def teacher_forced(
-    tok: PreTrainedTokenizerBase, prompts: list[str], targets: list[str], cfg: Config, policy_name: str, device
+    tok: PreTrainedTokenizerBase,
+    prompts: list[str],
+    targets: list[str],
+    cfg: Config,
+    policy_name: str,
+    device,
+    draw: np.random.Generator | None = None,
 ) -> Rollout:
-    """A Rollout whose responses are ``targets`` (each followed by EOS), ready for :func:`pte.engine.replay.replay`."""
+    """A Rollout whose responses are ``targets`` (each followed by EOS), ready for :func:`pte.engine.replay.replay`;
+    with ``draw`` its cache schedule is drawn (``cache.train_*``)."""
     ids, mask = encode_prompts(tok, prompts, chat=False, device=device)
     rows = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in targets]
     t_max = max(len(r) for r in rows)
@@ -57,7 +65,7 @@ def teacher_forced(
     for i, r in enumerate(rows):
         response[i, : len(r)] = torch.tensor(r, device=device)
         response_mask[i, : len(r)] = True
-    policy = cfg.cache.policy_for(int(mask.sum(1).max()), policy_name)
+    policy = cfg.cache.policy_for(int(mask.sum(1).max()), policy_name, draw)
     return Rollout(
         prompt_ids=ids,
         prompt_mask=mask,
