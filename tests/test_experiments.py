@@ -103,10 +103,13 @@ TINY = [
 def test_toy_table_trains_evaluates_and_resumes(tmp_path, monkeypatch):
     out = tmp_path / "table"
     argv = [*TINY, "--config", "configs/tiny.yaml", "--out", str(out), "--steps", "2", "--seeds", "0"]
-    argv += ["--problems", "4", "--tight", "4", "--medium", "8", "--arms", "base", "pte_sft_grpo"]
+    argv += ["--problems", "4", "--windows", "8", "4", "--arms", "base", "pte_sft_grpo"]
     table = toy_table.main(argv)
     assert set(table) == {"base", "pte_sft_grpo"}
-    assert {"tight", "medium", "full", "tight@evict0.05"} <= set(table["pte_sft_grpo"])
+    assert set(table["pte_sft_grpo"]) == {"W4", "W8", "full", "W4@evict0.05", "W4@evict0.15"}
+    assert set(table["base"]) == {"W4", "W8", "full"}
+    header = (out / "results.md").read_text().splitlines()[0]
+    assert header == "| arm | W4 | W8 | full | W4@evict0.05 | W4@evict0.15 |"
     assert (out / "pte_sft_grpo" / "seed0" / "sft" / "adapter" / "pte_adapter.safetensors").exists()
     assert (out / "pte_sft_grpo" / "seed0" / "grpo" / "tb").is_dir()
     assert (out / "results.md").read_text().startswith("| arm |") and (out / "accuracy_vs_budget.png").exists()

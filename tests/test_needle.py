@@ -1,7 +1,7 @@
 """Needle in an evicted thought: PTE, trained by cache-aware SFT, recalls a token that only its evicted response held.
 
 On the carry task (pte/training/carry.py) the worked solution writes one marked value as a capital letter (``#D``) early
-in the trace and must copy it again on its last line (``ans #D+...``). The letter appears nowhere in the prompt, and
+in the trace and must copy it again on its answer line (``ans 9 #D3=2``). The letter appears nowhere in the prompt, and
 under a 12-token window it is evicted about ten evictions before the recall. The toy base model (full-cache SFT,
 pte/models/toy.py) recalls it with a full cache; frozen, with only the thought encoder (h_g, W^a, A, B) trained by the
 default config's SFT (exact state-chain gradient), PTE must recall it under the window, while the plain window guesses
@@ -22,8 +22,8 @@ from pte.training.sft import teacher_forced
 
 
 def _recall_index(tok, solution: str) -> int:
-    """Response position of the recalled mark letter (the capital after ``ans #``)."""
-    head = solution[: solution.index("ans #") + len("ans #")]
+    """Response position of the first recalled mark letter (the capital after the answer line's first ``#``)."""
+    head = solution[: solution.index("#", solution.index(" ans ")) + 1]
     return len(tok(head, add_special_tokens=False)["input_ids"])
 
 

@@ -1,19 +1,22 @@
-"""The paper's table at toy scale, on a CPU: ``python -m pte.experiments.toy_table`` (``make repro``).
+"""The paper's budget sweep (its Figure 3) at toy scale, on a CPU: ``python -m pte.experiments.toy_table`` (``make repro``).
 
 Every arm starts from the same toy base (``model.name: toy-carry``, pte/models/toy.py) on the long-horizon carry task
-(pte/training/carry.py), with the same number of optimiser steps and the same seeds:
+(pte/training/carry.py), with the same number of optimiser steps, the same seeds and the same training schedules (the
+config's drawn windows and eviction ratios, ``cache.train_*``): one adapter per arm and seed, evaluated at every
+window.
 
     base             the untrained base model (evaluation only)
     lora             peft LoRA trained by GRPO under the full cache
-    lora_c           LoRA trained by GRPO under the tight window (the paper's LoRA_c)
+    lora_c           LoRA trained by GRPO under the window cache (the paper's LoRA_c)
     lora_c_sft_grpo  LoRA_c trained by cache-aware SFT, then GRPO (the same recipe as PTE's, for fairness)
     pte_grpo         PTE trained by cache-aware GRPO (the paper)
     pte_sft_grpo     PTE trained by cache-aware SFT (exact state-chain gradient), then GRPO
 
-Each trained arm is evaluated greedily on held-out problems under a tight window, a medium window and the full
-cache (for PTE arms "full" means the PTE policy with a window the response never fills: nothing is evicted).
-``--ablations`` adds PTE variants (global tokens, training eviction ratio, Normalize, detach vs chain) and
-inference eviction ratios. Writes ``results.json``, ``results.md`` (mean and spread over seeds) and
+Each arm is evaluated greedily on held-out problems at every window of ``--windows`` under its bounded policy (PTE for
+PTE arms, the plain window otherwise) and with nothing evicted (``full``: the full cache, or for PTE arms the PTE policy
+with a window the response never fills). ``--ablations`` adds PTE variants (one fixed training schedule instead of drawn
+ones, global tokens, Normalize, detach vs chain); PTE arms are also scored at inference eviction ratios 5 % and 15 %
+of the tightest window. Writes ``results.json``, ``results.md`` (mean ± sd over seeds, one column per window) and
 ``accuracy_vs_budget.png``; every stage keeps its own run directory with TensorBoard logs. An interrupted run
 resumes arm by arm: finished stages and evaluations are read back, not recomputed.
 """
@@ -44,13 +47,12 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml
 
 @dataclass(frozen=True)
 class Arm:
-    """A training recipe: its method, its stages (objectives, run in order within one step budget: see stage_steps),
-    config overrides, and extra inference eviction ratios to evaluate at the tight window."""
+    """A training recipe: its method, its stages (objectives, run in order within one step budget: see stage_steps) and
+    config overrides."""
 
     method: str
     stages: tuple[str, ...] = ()
     overrides: tuple[str, ...] = ()
-    eval_ratios: tuple[float, ...] = ()
 
 
 ARMS = {
@@ -59,11 +61,11 @@ ARMS = {
     "lora_c": Arm("lora_c", ("grpo",)),
     "lora_c_sft_grpo": Arm("lora_c", ("sft", "grpo")),
     "pte_grpo": Arm("pte", ("grpo",)),
-    "pte_sft_grpo": Arm("pte", ("sft", "grpo"), eval_ratios=(0.05, 0.15)),
+    "pte_sft_grpo": Arm("pte", ("sft", "grpo")),
 }
 ABLATIONS = {
-    **{f"pte_G{g}": Arm("pte", ("sft", "grpo"), (f"thought.global_tokens={g}",)) for g in (1, 16, 32, 64)},
-    **{f"pte_train_evict{r}": Arm("pte", ("sft", "grpo"), (f"cache.evict_ratio={r}",)) for r in (0.05, 0.15)},
+    "pte_fixed_schedule": Arm("pte", ("sft", "grpo"), ("cache.train_windows=[]", "cache.train_evict_ratios=[]")),
+    **{f"pte_G{g}": Arm("pte", ("sft", "grpo"), (f"thought.global_tokens={g}",)) for g in (1, 32)},
     **{f"pte_norm_{n}": Arm("pte", ("sft", "grpo"), (f"thought.normalize={n}",)) for n in ("frobenius", "none")},
     "pte_detach": Arm("pte", ("sft", "grpo"), ("thought.state_grad=detach",)),
 }
@@ -74,8 +76,7 @@ class Budget:
     """What is held fixed across arms."""
 
     steps: int  # optimiser steps per trained arm (two-stage arms: sft_share of them SFT, the rest GRPO)
-    tight: int  # thought window of the tight budget
-    medium: int  # thought window of the medium budget
+    windows: tuple[int, ...]  # thought windows evaluated; the tightest is also cache.window of fixed-schedule training
     problems: int  # held-out problems per evaluation
     seeds: tuple[int, ...]
     sft_share: float = 0.9  # SFT learns the trace and the carry; GRPO then polishes what sampling gets wrong
@@ -118,7 +119,7 @@ def train_arm(
             f"seed={seed}",
             f"trainer.max_steps={steps}",
             f"optim.lr={dict(budget.lr)[stage]}",
-            f"cache.window={budget.tight}",
+            f"cache.window={min(budget.windows)}",
             *arm.overrides,
         ]
         if adapter is not None:
@@ -130,10 +131,14 @@ def train_arm(
 def settings(arm: Arm, budget: Budget, max_new: int) -> list[tuple[str, str, int, float | None]]:
     """(column, policy, window, eval eviction ratio or None for the config's) for the arm's evaluations."""
     bounded = "pte" if arm.method == "pte" else "window"
-    out = [("tight", bounded, budget.tight, None), ("medium", bounded, budget.medium, None)]
+    out = [(f"W{w}", bounded, w, None) for w in budget.windows]
     out.append(("full", "pte", max_new + 1, None) if arm.method == "pte" else ("full", "full", 0, None))
-    out += [(f"tight@evict{r}", bounded, budget.tight, r) for r in arm.eval_ratios]
+    tight = min(budget.windows)
+    out += [(f"W{tight}@evict{r}", "pte", tight, r) for r in EVAL_RATIOS if arm.method == "pte"]
     return out
+
+
+EVAL_RATIOS = (0.05, 0.15)  # inference eviction ratios PTE arms are also scored at (the paper infers at 0.15)
 
 
 def evaluate_arm(model, tok, cfg: Config, arm: Arm, budget: Budget, problems, grader: Grader) -> dict[str, float]:
@@ -174,7 +179,7 @@ def summarise(results: dict, arms: list[str]) -> tuple[str, dict]:
         row = {}
         for c in columns:
             vals = [100 * s[c] for s in results[arm].values() if c in s]
-            if vals:  # columns such as tight@evict0.05 exist only for some arms
+            if vals:  # columns such as W12@evict0.05 exist only for some arms
                 row[c] = [statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0, len(vals)]
         table[arm] = row
         cells = [f"{row[c][0]:.1f} ± {row[c][1]:.1f}" if c in row else "-" for c in columns]
@@ -182,21 +187,25 @@ def summarise(results: dict, arms: list[str]) -> tuple[str, dict]:
     return "\n".join(lines) + "\n", table
 
 
-def _column_order(c: str) -> tuple[int, str]:
-    return ({"tight": 0, "medium": 1, "full": 2}.get(c, 3), c)
+def _column_order(c: str) -> tuple[int, int, str]:
+    """Windows in increasing order, then ``full``, then the eviction-ratio columns."""
+    if c == "full":
+        return (1, 0, c)
+    window, _, rest = c[1:].partition("@")
+    return (2 if rest else 0, int(window), c)
 
 
 def plot(table: dict, budget: Budget, max_new: int, path: Path) -> None:
-    """Accuracy against thought window per arm (the full cache drawn at the response limit), with spread bars."""
+    """Accuracy against thought window per arm (nothing evicted drawn at the response limit), with spread bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    xs = {"tight": budget.tight, "medium": budget.medium, "full": max_new}
+    xs = {f"W{w}": w for w in budget.windows} | {"full": max(max_new, 2 * max(budget.windows))}
     for arm, row in table.items():
-        cols = [c for c in ("tight", "medium", "full") if c in row]
+        cols = [c for c in xs if c in row]
         ax.errorbar(
             [xs[c] for c in cols],
             [row[c][0] for c in cols],
@@ -206,7 +215,7 @@ def plot(table: dict, budget: Budget, max_new: int, path: Path) -> None:
             label=arm,
         )
     ax.set_xscale("log", base=2)
-    ax.set_xticks(list(xs.values()), [f"W={budget.tight}", f"W={budget.medium}", "full"])
+    ax.set_xticks(list(xs.values()), [*(str(w) for w in budget.windows), "none\nevicted"])
     ax.set_ylim(0, 100)
     ax.set_ylabel("accuracy % (greedy)")
     ax.set_xlabel("thought window")
@@ -226,8 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sft-share", type=float, default=0.9, help="share of the steps spent on SFT before GRPO")
     parser.add_argument("--sft-lr", type=float, default=3e-3, help="learning rate of every SFT stage")
     parser.add_argument("--grpo-lr", type=float, default=3e-4, help="learning rate of every GRPO stage")
-    parser.add_argument("--tight", type=int, default=12, help="tight thought window W")
-    parser.add_argument("--medium", type=int, default=32, help="medium thought window W")
+    parser.add_argument("--windows", type=int, nargs="+", default=[12, 16, 24, 32, 64], help="thought windows W")
     parser.add_argument("--problems", type=int, default=100, help="held-out problems per evaluation")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=[*ARMS, *ABLATIONS])
     parser.add_argument("--ablations", action="store_true", help="add every ablation arm")
@@ -235,7 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     lr = (("sft", args.sft_lr), ("grpo", args.grpo_lr))
-    budget = Budget(args.steps, args.tight, args.medium, args.problems, tuple(args.seeds), args.sft_share, lr)
+    budget = Budget(args.steps, tuple(sorted(args.windows)), args.problems, tuple(args.seeds), args.sft_share, lr)
     arms = {**ARMS, **ABLATIONS}
     names = [*args.arms, *(n for n in ABLATIONS if args.ablations and n not in args.arms)]
     args.out.mkdir(parents=True, exist_ok=True)
