@@ -17,6 +17,8 @@ from pte.training.rewards import verify_answer
 def test_carry_solution_is_right_and_lines_up_with_the_question(steps, carry):
     p = carry_problem(np.random.default_rng(5), steps, carry)
     tokens = p.question.split(" ")
+    tokens, shape = tokens[: tokens.index("ans")], tokens[tokens.index("ans") :]
+    assert shape == ["ans", "?", *["@?=?"] * carry], "the question ends with the answer line's shape"
     words = p.solution.split(" ")
     filled = words[: len(tokens)]
     assert [q[:-1].replace("@", "#") if q.endswith("?") else q for q in tokens] == [
@@ -43,7 +45,7 @@ def test_carry_solution_is_right_and_lines_up_with_the_question(steps, carry):
 
 def test_carry_family_draws_every_variant_in_its_ranges_but_the_excluded():
     problems = carry_problems(400, seed=1, steps=[6, 9], carry=[1, 3], exclude=frozenset({(7, 2)}))
-    seen = {(len(p.question.split(" ")) - 1 - p.question.count("@"), p.question.count("@")) for p in problems}
+    seen = {(p.question.count("=?") - p.question.count("@?="), p.question.count("@?=")) for p in problems}
     assert seen == {(s, v) for s in range(6, 10) for v in range(1, min(3, s // 2) + 1)} - {(7, 2)}
     assert carry_problems(20, seed=1, steps=10, carry=1) == carry_problems(20, seed=1)
 
@@ -119,3 +121,30 @@ def test_toy_table_trains_evaluates_and_resumes(tmp_path, monkeypatch):
 
     monkeypatch.setattr(toy_table, "train_arm", fail)
     assert toy_table.main(argv) == table
+
+
+def test_seed_sweep_trains_each_seed_reads_its_curve_and_counts_the_target(tmp_path, monkeypatch):
+    from pte.experiments import seed_sweep
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    argv = ["--config", "configs/tiny.yaml", "--out", str(tmp_path), "--seeds", "0", "1", "--lanes", "2"]
+    summary = seed_sweep.main([*argv, "--target", "0.0", "trainer.val_every=1", "trainer.max_steps=2"])
+    assert summary["total"] == 2 and summary["reached"] == 2  # any accuracy is >= 0
+    assert all(len(summary["curves"][s]) == 2 for s in (0, 1)), "one val/accuracy per step"
+    assert (tmp_path / "seed1" / "config.yaml").read_text().count("seed: 1") == 1
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished seed must not be trained again")
+
+    monkeypatch.setattr(seed_sweep.subprocess, "Popen", fail)
+    again = seed_sweep.main([*argv, "--target", "1.01", "trainer.val_every=1", "trainer.max_steps=2"])
+    assert again["reached"] == 0 and again["curves"] == summary["curves"]
+
+
+def test_seed_sweep_summary_names_the_first_step_at_target():
+    from pte.experiments.seed_sweep import summarise
+
+    summary, markdown = summarise({3: [(25, 0.5), (50, 0.95), (75, 0.85)], 4: [(25, 0.1)]}, 0.9)
+    assert summary["seeds"][3] == {"first_step_at_target": 50, "last_accuracy": 0.85}
+    assert summary["seeds"][4]["first_step_at_target"] is None and summary["reached"] == 1
+    assert "| 4 | never | 10.0 % |" in markdown and "1 of 2 seeds" in markdown
