@@ -379,6 +379,8 @@ class TrainerCfg:
         and adapter are deleted); without it such a directory is refused unless ``ckpt_path`` resumes it.
     max_nonfinite: consecutive steps with a NaN/inf loss or gradient (each skipped, no optimiser step) after which
         the run saves and stops; 0 = never stop.
+    stop_at: end the run (saved and exported as at ``max_steps``) at the first evaluation whose ``val/accuracy`` reaches
+        this; null = run every step. For sweeps that ask "how soon", not "how far".
     precision: Lightning precision; the half ``-true`` values cast only the frozen base (pte/training/precision.py),
         so the adapter, the thought state and the optimiser state stay float32.
     """
@@ -398,6 +400,7 @@ class TrainerCfg:
     keep_last: int = 2
     overwrite: bool = False
     max_nonfinite: int = 3
+    stop_at: float | None = None
 
     def __post_init__(self) -> None:
         require(self.ckpt_every >= 0, "trainer.ckpt_every", "must be >= 0 (0 = only at the end)")

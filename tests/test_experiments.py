@@ -18,7 +18,7 @@ def test_carry_solution_is_right_and_lines_up_with_the_question(steps, carry):
     p = carry_problem(np.random.default_rng(5), steps, carry)
     tokens = p.question.split(" ")
     tokens, shape = tokens[: tokens.index("ans")], tokens[tokens.index("ans") :]
-    assert shape == ["ans", "?", *["@?=?"] * carry], "the question ends with the answer line's shape"
+    assert shape == ["ans", "?", *["@??=?"] * carry], "the question ends with the answer line's shape"
     words = p.solution.split(" ")
     filled = words[: len(tokens)]
     assert [q[:-1].replace("@", "#") if q.endswith("?") else q for q in tokens] == [
@@ -45,7 +45,7 @@ def test_carry_solution_is_right_and_lines_up_with_the_question(steps, carry):
 
 def test_carry_family_draws_every_variant_in_its_ranges_but_the_excluded():
     problems = carry_problems(400, seed=1, steps=[6, 9], carry=[1, 3], exclude=frozenset({(7, 2)}))
-    seen = {(p.question.count("=?") - p.question.count("@?="), p.question.count("@?=")) for p in problems}
+    seen = {(p.question.count("=?") - p.question.count("@??="), p.question.count("@??=")) for p in problems}
     assert seen == {(s, v) for s in range(6, 10) for v in range(1, min(3, s // 2) + 1)} - {(7, 2)}
     assert carry_problems(20, seed=1, steps=10, carry=1) == carry_problems(20, seed=1)
 

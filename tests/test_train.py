@@ -253,3 +253,12 @@ def test_pte_training_raises_a_learnable_reward(tmp_path, digit_reward):
     assert len(rewards) == 60
     first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
     assert last > first + 0.02, rewards
+
+
+def test_stop_at_ends_the_run_at_the_first_evaluation_reaching_it(tmp_path):
+    """trainer.stop_at=0 is reached by the first evaluation (step 2 of 6): the run stops there, saved and exported."""
+    run_dir = _train(tmp_path, "trainer.max_steps=6", "trainer.val_every=2", "trainer.stop_at=0.0")
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+    assert (run_dir / "adapter" / "config.yaml").exists()
+    unreachable = _train(tmp_path / "b", "trainer.max_steps=4", "trainer.val_every=2", "trainer.stop_at=1.01")
+    assert torch.load(unreachable / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4

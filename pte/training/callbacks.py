@@ -98,6 +98,10 @@ class EvalCallback(L.Callback):
         if trainer.is_global_zero:  # the step line shows training only; a run that learns nothing shows here
             log.info(eval_line(step, metrics))
         log_scalars(trainer, metrics, step)
+        stop_at = self.cfg.trainer.stop_at
+        if stop_at is not None and metrics["val/accuracy"] >= stop_at:  # gathered: every process decides alike
+            log.info("step %d: val/accuracy reached trainer.stop_at=%g; stopping", step, stop_at)
+            trainer.should_stop = True
         if curve:
             log_figure(trainer, "memory/kv_curve", kv_memory_curves({f"step {step}": curve}), step)
 

@@ -5,11 +5,12 @@ after each of ``values`` chosen steps in the first half of the chain. The soluti
 10), writes the running value into each mark as a capital letter (A=0 ... J=9), and ends with an answer line that
 starts from the last value and adds each marked value in turn, recalled as its letter and spelled as its digit::
 
-    question:  3 a5=? b1=? c4=? @? d9=? e2=? f6=? g8=? h3=? i7=? j1=? ans ? @?=?
+    question:  3 a5=? b1=? c4=? @? d9=? e2=? f6=? g8=? h3=? i7=? j1=? ans ? @??=?
     solution:  3 a5=8 b1=9 c4=3 #D d9=2 e2=4 f6=0 g8=8 h3=1 i7=8 j1=9 ans 9 #D3=2 \\boxed{2}
 
 The question ends with the answer line's shape, so where the chain stops and how many values come back are copied
-from the prompt like every other token, not counted: a base trained on some variants then solves the others.
+from the prompt like every other token, not counted: a base trained on some variants then solves the others. (Without
+it the base decided where to stop by length and failed variants held out of its training.)
 
 A family of variants: ``steps`` and ``values`` may each be one number or an inclusive ``(lo, hi)`` range drawn per
 problem (``values`` capped at ``steps // 2``), so one base and one adapter can be tested on chain lengths and
@@ -37,7 +38,7 @@ import numpy as np
 
 LABELS = string.ascii_lowercase
 CODES = "ABCDEFGHIJ"  # a marked value v is written as CODES[v]: the one capital letter of the trace
-FORMAT = "worksheet-6"  # bump when questions or solutions change: cached toy base models are keyed by it
+FORMAT = "worksheet-7"  # bump when questions or solutions change: cached toy base models are keyed by it
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,7 @@ def carry_problem(rng: np.random.Generator, steps: int, carry: int) -> CarryProb
             blanks.append("@?")  # not "#": in the solution "#" is followed only by marked values
             kept.append(value)
     lines += ["ans", str(value)]
-    blanks += ["ans", "?", *(["@?=?"] * len(kept))]  # the answer line's shape: where the chain ends, how many recalls
+    blanks += ["ans", "?", *(["@??=?"] * len(kept))]  # the answer line's shape: where the chain ends, how many recalls
     for v in kept:  # recalled as the same token pair "#X", then added like a chain step
         value = (value + v) % 10
         lines.append(f"#{CODES[v]}{v}={value}")
