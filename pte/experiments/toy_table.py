@@ -80,7 +80,7 @@ class Budget:
     problems: int  # held-out problems per evaluation
     seeds: tuple[int, ...]
     sft_share: float = 0.9  # SFT learns the trace and the carry; GRPO then polishes what sampling gets wrong
-    lr: tuple[tuple[str, float], ...] = (("sft", 3e-3), ("grpo", 3e-4))  # per objective, the same for every arm
+    lr: tuple[tuple[str, float], ...] = (("sft", 1.5e-3), ("grpo", 3e-4))  # per objective, the same for every arm
 
 
 def stage_steps(arm: Arm, budget: Budget) -> list[int]:
@@ -231,9 +231,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="base config of every arm")
     parser.add_argument("--out", type=Path, default=Path("runs/toy_table"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=500, help="optimiser steps per trained arm")
+    parser.add_argument("--steps", type=int, default=1000, help="optimiser steps per trained arm")
     parser.add_argument("--sft-share", type=float, default=0.9, help="share of the steps spent on SFT before GRPO")
-    parser.add_argument("--sft-lr", type=float, default=3e-3, help="learning rate of every SFT stage")
+    parser.add_argument("--sft-lr", type=float, default=1.5e-3, help="learning rate of every SFT stage")
     parser.add_argument("--grpo-lr", type=float, default=3e-4, help="learning rate of every GRPO stage")
     parser.add_argument("--windows", type=int, nargs="+", default=[12, 16, 24, 32, 64], help="thought windows W")
     parser.add_argument("--problems", type=int, default=100, help="held-out problems per evaluation")
