@@ -15,7 +15,7 @@ from pte.engine.encoder import get_thought
 from pte.engine.generate import encode_prompts
 from pte.engine.noise import RowNoise
 from pte.engine.replay import full_replay
-from pte.engine.rollout import DRAW_BLOCK, SamplingConfig, draw, rollout
+from pte.engine.rollout import DRAW_BLOCK, Rollout, SamplingConfig, draw, rollout
 from tests.helpers import PROMPTS, run, tiny, tiny_pte
 
 
@@ -323,3 +323,25 @@ def test_prefill_runs_once_per_group_and_changes_no_output(kind, retain, monkeyp
         assert torch.equal(batch.response_ids[b], alone.response_ids[0])
         torch.testing.assert_close(batch.logprobs[b], alone.logprobs[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(full_replay(model, batch) * batch.response_mask, batch.logprobs, atol=1e-4, rtol=0)
+
+
+def test_kv_held_per_sequence_does_not_depend_on_how_many_rows_finish_early():
+    """kv_bytes_held / rows is the cache a sequence holds at the end, even when most rows left the batch before it."""
+    def stats(held: list[int]) -> dict:
+        ro = Rollout(
+            prompt_ids=torch.zeros(4, 3, dtype=torch.long),
+            prompt_mask=torch.ones(4, 3, dtype=torch.bool),
+            response_ids=torch.zeros(4, 5, dtype=torch.long),
+            response_mask=torch.ones(4, 5, dtype=torch.bool),
+            logprobs=torch.zeros(4, 5),
+            truncated=torch.zeros(4, dtype=torch.bool),
+            policy=CachePolicy("window", 2),
+            temperature=1.0,
+            used_slots=[4, 5, 5, 5, 5],
+            held_rows=held,
+            slot_bytes=10,
+        )
+        return ro.stats()
+
+    assert stats([4] * 5)["kv_bytes_held"] == stats([4, 4, 1, 1, 1])["kv_bytes_held"] == 5 * 10 * 4
+    assert stats([4, 4, 1, 1, 1])["kv_bytes_peak"] == 5 * 10 * 4

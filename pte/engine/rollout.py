@@ -80,7 +80,11 @@ class Rollout:
         return {
             "evictions": float(len(self.evict_before)),
             "evicted_tokens": float(len(self.evict_before) * self.policy.evict_tokens),
-            "kv_bytes_held": float(kv[-1]) if len(kv) else 0.0,
+            # what each row's cache holds once generation ends (its size at the last step), summed over rows: divided
+            # by the rows it is the K/V a sequence holds, however many rows were still generating at the end
+            "kv_bytes_held": float(self.used_slots[-1] * self.slot_bytes * self.response_ids.shape[0])
+            if self.used_slots
+            else 0.0,
             "kv_bytes_peak": float(kv.max()) if len(kv) else 0.0,
             "response_length": float(lengths.mean()),
             "truncated_frac": float(self.truncated.float().mean()),
