@@ -327,6 +327,7 @@ def test_prefill_runs_once_per_group_and_changes_no_output(kind, retain, monkeyp
 
 def test_kv_held_per_sequence_does_not_depend_on_how_many_rows_finish_early():
     """kv_bytes_held / rows is the cache a sequence holds at the end, even when most rows left the batch before it."""
+
     def stats(held: list[int]) -> dict:
         ro = Rollout(
             prompt_ids=torch.zeros(4, 3, dtype=torch.long),
