@@ -148,3 +148,12 @@ def test_seed_sweep_summary_names_the_first_step_at_target():
     assert summary["seeds"][3] == {"first_step_at_target": 50, "last_accuracy": 0.85}
     assert summary["seeds"][4]["first_step_at_target"] is None and summary["reached"] == 1
     assert "| 4 | never | 10.0 % |" in markdown and "1 of 2 seeds" in markdown
+
+
+def test_toy_base_cli_reads_ranges_and_held_out_pairs():
+    from pte.models.toy import _parse_pairs, _parse_range, combinations
+
+    assert _parse_range("6,20") == (6, 20) and _parse_range("10") == (10, 10)
+    assert _parse_pairs("7:2,11:3") == ((7, 2), (11, 3)) and _parse_pairs("") == ()
+    spec = ToySpec(steps=(6, 7), values=(1, 3), held_out=((7, 2),))
+    assert combinations(spec) == [(6, 1), (6, 2), (6, 3), (7, 1), (7, 2), (7, 3)], "held-out ones are evaluated too"

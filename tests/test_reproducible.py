@@ -19,7 +19,18 @@ from pte.training.methods import build_model
 from pte.training.module import GRPOModule, build_datamodule
 
 DEFAULT = str(Path(__file__).resolve().parent.parent / "configs" / "default.yaml")
-TINY_SPEC = ToySpec(steps=3, hidden=16, layers=1, heads=2, kv_heads=1, train_steps=2, batch=2, eval_problems=2)
+TINY_SPEC = ToySpec(
+    steps=(3, 3),
+    values=(1, 1),
+    held_out=(),
+    hidden=16,
+    layers=1,
+    heads=2,
+    kv_heads=1,
+    train_steps=2,
+    batch=2,
+    eval_problems=2,
+)
 SMALL = ["data.carry_steps=3", "data.size=16", "data.val_size=2", "rollout.batch_size=4", "rollout.micro_batch=4"]
 
 
