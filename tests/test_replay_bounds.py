@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import math
+
 import torch
 from peft import LoraConfig, get_peft_model
 
@@ -204,3 +206,15 @@ def test_checkpointing_and_chunk_cap_lower_the_peak():
     ckpt, _ = _replay_peak(256, 6, 64, ReplayCfg(logits_chunk=8, checkpointing=True))
     capped, _ = _replay_peak(256, 6, 64, ReplayCfg(logits_chunk=8, checkpointing=True, max_chunk_tokens=16))
     assert capped < 0.8 * ckpt < 0.8 * plain, (plain, ckpt, capped)
+
+
+def test_entropy_is_finite_when_a_logit_is_minus_inf():
+    """A vocabulary entry the head masks to -inf has p = 0 and adds 0 to the entropy (-(p log p) would give NaN)."""
+    from pte.engine.logprobs import _piece
+
+    head = torch.nn.Linear(4, 5, bias=False)
+    mask = torch.tensor([0.0, 0.0, 0.0, float("-inf"), 0.0])
+    logp, entropy = _piece(lambda h: head(h) + mask, torch.randn(3, 4), torch.tensor([0, 1, 2]), 1.0)
+    assert torch.isfinite(entropy).all() and torch.isfinite(logp).all()
+    _, uniform = _piece(lambda h: torch.zeros(1, 5) + mask, torch.zeros(1, 4), torch.tensor([0]), 1.0)
+    assert torch.allclose(uniform, torch.tensor([math.log(4)]))  # uniform over the 4 live entries

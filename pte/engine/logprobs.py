@@ -52,5 +52,5 @@ def _piece(
     logits = head(hidden).float()  # the head in the model's dtype, then float32, as the rollout's logits
     logp = torch.log_softmax(logits / temperature if temperature > 0 else logits, dim=-1)
     with torch.no_grad():
-        entropy = -(logp.exp() * logp).sum(-1)
+        entropy = torch.special.entr(logp.exp()).sum(-1)  # -p log p with 0 where p = 0 (a -inf logit), not NaN
     return logp.gather(-1, targets[:, None]).squeeze(-1), entropy
