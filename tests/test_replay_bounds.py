@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-
-import pytest
 import math
 
+import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
