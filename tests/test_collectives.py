@@ -134,7 +134,8 @@ def _maximum(rank: int) -> Any:
 
 def _step_totals(rank: int) -> Any:
     rewards = torch.tensor([float(rank), rank + 0.5])  # from the reward function: on the CPU
-    rewards_all, parts, stats = global_step_totals(rewards, {"correctness": rewards > 0}, {"loss": rank + 1.0})
+    stats = {"loss": rank + 1.0, "gap_max": 5.0 - rank}
+    rewards_all, parts, stats = global_step_totals(rewards, {"correctness": rewards > 0}, stats, frozenset({"gap_max"}))
     return _placed(rewards_all), _placed(parts["correctness"]), stats
 
 
@@ -197,7 +198,7 @@ CHECKS: dict[str, tuple[Callable[[int], Any], list[Any]]] = {  # name: (check, w
     "maximum": (_maximum, [("cuda:0", [1, 0])] * WORLD),
     "step_totals": (
         _step_totals,
-        [(("cpu", [0.0, 0.5, 1.0, 1.5]), ("cpu", [False, True, True, True]), {"loss": 3.0})] * 2,
+        [(("cpu", [0.0, 0.5, 1.0, 1.5]), ("cpu", [False, True, True, True]), {"loss": 3.0, "gap_max": 5.0})] * 2,
     ),
     "gradients": (_gradients, [[("cuda:0", [3.0, 3.0, 3.0]), ("cuda:0", [1.0, 1.0])]] * WORLD),
     "objects": (_objects, [[_object(0), _object(1)]] * WORLD),

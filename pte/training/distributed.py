@@ -31,7 +31,7 @@ from torch.distributed.fsdp import fully_shard
 from pte.config import TrainerCfg
 from pte.engine.encoder import decoder_layers, get_thought, unwrap
 from pte.engine.thought import ThoughtLinear
-from pte.training.collectives import all_sum, broadcast_, gather_object, rank_world
+from pte.training.collectives import all_max, all_sum, broadcast_, gather_object, rank_world
 from pte.training.lockstep import is_sharded
 
 
@@ -53,9 +53,13 @@ def reduce_gradients(params: list[torch.nn.Parameter]) -> None:
 
 
 def global_step_totals(
-    rewards: torch.Tensor, parts: dict[str, torch.Tensor], stats: dict[str, float]
+    rewards: torch.Tensor,
+    parts: dict[str, torch.Tensor],
+    stats: dict[str, float],
+    maxima: frozenset[str] = frozenset(),
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, float]]:
-    """A step's rewards ``[N_global]`` and reward parts over all processes (rank order), and its update sums.
+    """A step's rewards ``[N_global]`` and reward parts over all processes (rank order), and its update statistics:
+    summed over processes, except the keys in ``maxima`` (their largest value, e.g. the worst log-prob gap).
 
     Reward statistics (mean, std, uniform groups) and token ratios (KL, clip fraction) are then those of the global
     batch, as in a single process; the update's loss is the sum of the processes' shares.
@@ -66,9 +70,12 @@ def global_step_totals(
     parts_all = {
         k: torch.cat([v.to(rewards.device) for v in gather_object(p.detach().cpu())]) for k, p in parts.items()
     }
-    keys = sorted(stats)
-    sums = all_sum(torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64))
-    return rewards_all, parts_all, dict(zip(keys, sums.tolist()))
+    totals = {}
+    for reduce, keys in ((all_sum, sorted(set(stats) - maxima)), (all_max, sorted(set(stats) & maxima))):
+        if keys:
+            values = reduce(torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64))
+            totals.update(zip(keys, values.tolist()))
+    return rewards_all, parts_all, totals
 
 
 def own_share(per_rank: Any) -> Any:

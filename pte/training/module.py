@@ -22,7 +22,7 @@ from pte.config import METHOD_POLICY, Config, as_dict, load_config
 from pte.engine.generate import decode_responses
 from pte.engine.update import build_experience, generate_rollouts, policy_update, replay_limits
 from pte.training.checkpoints import deferred_interrupts
-from pte.training.collectives import all_max, all_mean, all_sum
+from pte.training.collectives import all_mean, all_sum
 from pte.training.data import MathDataModule
 from pte.training.distributed import (
     ReplayFSDPStrategy,
@@ -172,9 +172,7 @@ class GRPOModule(L.LightningModule):
                 break
         self._finish_step()
         stats |= gap
-        gap_max = all_max(torch.tensor(stats.pop("logp_gap_max"), dtype=torch.float64, device=self.device))
-        rewards, parts, stats = global_step_totals(rewards, parts, stats)
-        stats["logp_gap_max"] = float(gap_max)
+        rewards, parts, stats = global_step_totals(rewards, parts, stats, maxima=frozenset({"logp_gap_max"}))
         self._log_step(rollouts, rewards, parts, stats, grad_norm, t_rollout, time.perf_counter() - t1)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
