@@ -157,3 +157,9 @@ def test_toy_base_cli_reads_ranges_and_held_out_pairs():
     assert _parse_pairs("7:2,11:3") == ((7, 2), (11, 3)) and _parse_pairs("") == ()
     spec = ToySpec(steps=(6, 7), values=(1, 3), held_out=((7, 2),))
     assert combinations(spec) == [(6, 1), (6, 2), (6, 3), (7, 1), (7, 2), (7, 3)], "held-out ones are evaluated too"
+
+
+def test_toy_table_shows_a_spread_only_over_several_seeds():
+    results = {"a": {"0": {"W12": 0.9}, "1": {"W12": 0.7}}, "b": {"0": {"W12": 0.5}}}
+    markdown, table = toy_table.summarise(results, ["a", "b"])
+    assert "| a | 80.0 ± 14.1 |" in markdown and "| b | 50.0 |" in markdown and table["b"]["W12"][2] == 1

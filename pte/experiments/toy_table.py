@@ -182,9 +182,14 @@ def summarise(results: dict, arms: list[str]) -> tuple[str, dict]:
             if vals:  # columns such as W12@evict0.05 exist only for some arms
                 row[c] = [statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0, len(vals)]
         table[arm] = row
-        cells = [f"{row[c][0]:.1f} ± {row[c][1]:.1f}" if c in row else "-" for c in columns]
+        cells = [_cell(*row[c]) if c in row else "-" for c in columns]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n", table
+
+
+def _cell(mean: float, sd: float, n: int) -> str:
+    """``92.0 ± 2.1`` over several seeds; one seed has no spread to show."""
+    return f"{mean:.1f}" if n == 1 else f"{mean:.1f} ± {sd:.1f}"
 
 
 def _column_order(c: str) -> tuple[int, int, str]:
@@ -219,7 +224,9 @@ def plot(table: dict, budget: Budget, max_new: int, path: Path) -> None:
     ax.set_ylim(0, 100)
     ax.set_ylabel("accuracy % (greedy)")
     ax.set_xlabel("thought window")
-    ax.set_title(f"carry task: {budget.problems} problems, mean ± sd over {len(budget.seeds)} seeds", fontsize=10)
+    n = len(budget.seeds)
+    spread = f"mean ± sd over {n} seeds" if n > 1 else "one seed"
+    ax.set_title(f"carry task: {budget.problems} problems, {spread}", fontsize=10)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
