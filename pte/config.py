@@ -22,6 +22,7 @@ from pte.engine.cache import POLICIES, CachePolicy
 from pte.engine.rollout import SamplingConfig
 from pte.engine.thought import ThoughtConfig
 from pte.errors import UserError
+from pte.training.carry import span
 
 METHODS = ("base", "lora", "lora_c", "pte")
 OBJECTIVES = ("grpo", "sft")
@@ -177,17 +178,10 @@ class DataCfg:
 
     def __post_init__(self) -> None:
         for key in ("carry_steps", "carry_values"):
-            x = getattr(self, key)
-            ok = isinstance(x, int) or (isinstance(x, list) and len(x) == 2 and all(isinstance(v, int) for v in x))
-            require(
-                ok and min(_as_list(x)) >= 1 and _as_list(x) == sorted(_as_list(x)),
-                f"data.{key}",
-                f"expected a positive number or [lo, hi], got {x!r}",
-            )
-
-
-def _as_list(x: int | list[int]) -> list[int]:
-    return [x] if isinstance(x, int) else list(x)
+            try:
+                span(getattr(self, key), key)
+            except ValueError:
+                require(False, f"data.{key}", f"expected a positive number or [lo, hi], got {getattr(self, key)!r}")
 
 
 ENGINE_SAMPLING = SamplingConfig()

@@ -32,7 +32,7 @@ from pte.engine.cache import CachePolicy
 from pte.engine.generate import generate
 from pte.models.tiny import cache_dir, tiny_tokenizer
 from pte.training.answers import extract_answer
-from pte.training.carry import FORMAT, CarryProblem, carry_problems, span
+from pte.training.carry import FORMAT, CarryProblem, carry_problems, variants
 from pte.training.prompts import format_prompt
 from pte.training.rewards import Grader
 
@@ -148,8 +148,7 @@ def global_rng_untouched() -> Iterator[None]:
 
 def combinations(spec: ToySpec) -> list[tuple[int, int]]:
     """Every (steps, values) variant in the spec's ranges, held-out ones included."""
-    (s_lo, s_hi), (v_lo, v_hi) = span(spec.steps, "steps"), span(spec.values, "values")
-    return [(s, v) for s in range(s_lo, s_hi + 1) for v in range(v_lo, min(v_hi, s // 2) + 1)]
+    return variants(spec.steps, spec.values)
 
 
 def heldout_problems(spec: ToySpec) -> dict[tuple[int, int], list[CarryProblem]]:

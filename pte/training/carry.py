@@ -55,10 +55,16 @@ Span = int | tuple[int, int] | list[int]  # one value, or an inclusive [lo, hi] 
 
 def span(x: Span, key: str) -> tuple[int, int]:
     """``(lo, hi)`` of a task size given as one number or an inclusive ``[lo, hi]`` range; ``key`` names it in errors."""
-    lo, hi = (int(x), int(x)) if isinstance(x, int) else tuple(int(v) for v in x) if len(x) == 2 else (0, -1)
-    if lo > hi or lo < 1:
-        raise ValueError(f"{key}={list(x) if not isinstance(x, int) else x}: expected a positive number or [lo, hi]")
-    return lo, hi
+    pair = [x, x] if isinstance(x, int) else list(x) if isinstance(x, (list, tuple)) else []
+    if len(pair) != 2 or not all(type(v) is int for v in pair) or not 1 <= pair[0] <= pair[1]:
+        raise ValueError(f"{key}={x!r}: expected a positive number or [lo, hi]")
+    return pair[0], pair[1]
+
+
+def variants(steps: Span, values: Span) -> list[tuple[int, int]]:
+    """Every ``(steps, values)`` combination in the ranges, values capped at half the chain."""
+    (s_lo, s_hi), (v_lo, v_hi) = span(steps, "data.carry_steps"), span(values, "data.carry_values")
+    return [(s, v) for s in range(s_lo, s_hi + 1) for v in range(v_lo, min(v_hi, s // 2) + 1)]
 
 
 def variant_name(steps: Span, values: Span) -> str:
@@ -112,10 +118,8 @@ def carry_problems(
     then its number of values (capped at half the chain). ``exclude`` lists ``(steps, values)`` combinations never drawn
     (a toy base's held-out variants).
     """
-    s_lo, s_hi = span(steps, "data.carry_steps")
-    v_lo, v_hi = span(carry, "data.carry_values")
-    combos = [(s, v) for s in range(s_lo, s_hi + 1) for v in range(v_lo, min(v_hi, s // 2) + 1)]
-    combos = [c for c in combos if c not in exclude] or [(s_lo, v_lo)]  # one fixed combo still validates below
+    lowest = (span(steps, "data.carry_steps")[0], span(carry, "data.carry_values")[0])
+    combos = [c for c in variants(steps, carry) if c not in exclude] or [lowest]  # one fixed combo validates below
     rng = np.random.default_rng([seed, 7])
     out: dict[str, CarryProblem] = {}
     for _ in range(size * 20):
