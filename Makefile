@@ -38,8 +38,9 @@ eval: $(STAMP)  ## evaluate the demo run's checkpoint
 	$(PY) eval.py ckpt=runs/default/adapter
 
 repro: $(STAMP)  ## the paper's budget sweep at toy scale: every arm x 3 seeds in two single-thread lanes (docs/results.md)
-	(OMP_NUM_THREADS=1 $(PY) -m pte.experiments.toy_table --seeds 0 && OMP_NUM_THREADS=1 $(PY) -m pte.experiments.toy_table --seeds 2) & \
-	lane=$$!; OMP_NUM_THREADS=1 $(PY) -m pte.experiments.toy_table --seeds 1 && wait $$lane
+	$(PY) -m pte.models.toy > /dev/null  # the toy base first, with every core
+	OMP_NUM_THREADS=1 $(PY) -m pte.experiments.toy_table --shard 0/2 & lane=$$!; \
+	OMP_NUM_THREADS=1 $(PY) -m pte.experiments.toy_table --shard 1/2 && wait $$lane
 	$(PY) -m pte.experiments.toy_table
 
 toy-base: $(STAMP)  ## build and cache the toy base model (python -m pte.models.toy)

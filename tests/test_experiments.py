@@ -13,7 +13,7 @@ from pte.training.carry import CODES, carry_problem, carry_problems
 from pte.training.rewards import verify_answer
 
 
-@pytest.mark.parametrize("steps,carry", [(10, 1), (6, 2), (20, 3), (26, 13)])
+@pytest.mark.parametrize("steps,carry", [(10, 1), (6, 2), (20, 3), (23, 11)])
 def test_carry_solution_is_right_and_lines_up_with_the_question(steps, carry):
     p = carry_problem(np.random.default_rng(5), steps, carry)
     tokens = p.question.split(" ")
@@ -34,6 +34,8 @@ def test_carry_solution_is_right_and_lines_up_with_the_question(steps, carry):
             value = (value + int(cell[1])) % 10
             assert cell.endswith(f"={value}")
     assert len(marks) == carry
+    labels = [cell[0] for cell in cells if not cell.startswith("#")]
+    assert len(set(labels)) == steps and not set(labels) & set("ans"), "distinct labels, none a letter of 'ans'"
     ans, last, *recalls, boxed = words[len(tokens) :]
     assert (ans, int(last)) == ("ans", value)
     for cell, mark in zip(recalls, marks, strict=True):  # each recall: the mark's letter, its digit, the running sum
@@ -48,6 +50,8 @@ def test_carry_family_draws_every_variant_in_its_ranges_but_the_excluded():
     seen = {(p.question.count("=?") - p.question.count("@??="), p.question.count("@??=")) for p in problems}
     assert seen == {(s, v) for s in range(6, 10) for v in range(1, min(3, s // 2) + 1)} - {(7, 2)}
     assert carry_problems(20, seed=1, steps=10, carry=1) == carry_problems(20, seed=1)
+    firsts = {p.question.split(" ")[1][0] for p in problems}
+    assert len(firsts) > 15, "labels follow no fixed order: the first step's label varies"
 
 
 @pytest.mark.parametrize("steps", [[0, 4], [9, 6], [1, 2, 3]])
@@ -70,7 +74,7 @@ def test_carry_problems_are_seeded_and_distinct():
     assert a != carry_problems(50, seed=4)
 
 
-@pytest.mark.parametrize("steps,carry", [(1, 1), (10, 0), (10, 6), (27, 1)])
+@pytest.mark.parametrize("steps,carry", [(1, 1), (10, 0), (10, 6), (24, 1)])
 def test_carry_knobs_are_checked(steps, carry):
     with pytest.raises(ValueError, match="data.carry_"):
         carry_problem(np.random.default_rng(0), steps, carry)
@@ -106,6 +110,16 @@ def test_toy_table_trains_evaluates_and_resumes(tmp_path, monkeypatch):
     out = tmp_path / "table"
     argv = [*TINY, "--config", "configs/tiny.yaml", "--out", str(out), "--steps", "2", "--seeds", "0"]
     argv += ["--problems", "4", "--windows", "8", "4", "--arms", "base", "pte_sft_grpo"]
+    assert toy_table.main([*argv, "--shard", "0/2"]) == {}  # jobs (base, 0) and (pte_sft_grpo, 0): the first only
+    assert (out / "base" / "seed0" / "scores.json").exists() and not (out / "pte_sft_grpo" / "seed0").exists()
+    assert not (out / "results.md").exists()
+    toy_table.main([*argv, "--shard", "1/2"])
+    assert (out / "pte_sft_grpo" / "seed0" / "scores.json").exists()
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished arm must not be trained or evaluated again")
+
+    monkeypatch.setattr(toy_table, "train_arm", fail)
     table = toy_table.main(argv)
     assert set(table) == {"base", "pte_sft_grpo"}
     assert set(table["pte_sft_grpo"]) == {"W4", "W8", "full", "W4@evict0.05", "W4@evict0.15"}
@@ -115,12 +129,21 @@ def test_toy_table_trains_evaluates_and_resumes(tmp_path, monkeypatch):
     assert (out / "pte_sft_grpo" / "seed0" / "sft" / "adapter" / "pte_adapter.safetensors").exists()
     assert (out / "pte_sft_grpo" / "seed0" / "grpo" / "tb").is_dir()
     assert (out / "results.md").read_text().startswith("| arm |") and (out / "accuracy_vs_budget.png").exists()
-
-    def fail(*args, **kwargs):
-        raise AssertionError("a finished arm must not be trained or evaluated again")
-
-    monkeypatch.setattr(toy_table, "train_arm", fail)
     assert toy_table.main(argv) == table
+    trained = toy_table.load_config(out / "pte_sft_grpo" / "seed0" / "sft" / "config.yaml", [])
+    assert trained.rollout.max_new_tokens == 30 and trained.eval.max_new_tokens == 17 + 5 * 3 + 10 + 8
+
+
+def test_generation_limits_fit_the_longest_solution_unless_overridden():
+    from pte.config import load_config
+    from pte.training.carry import carry_problems, solution_chars
+
+    for steps, values in ((10, 1), ((6, 20), (1, 3)), (4, (1, 3))):
+        longest = max(len(p.solution) for p in carry_problems(300, 1, steps, values))
+        assert longest <= solution_chars(steps, values) <= longest + 3
+    cfg = load_config("configs/default.yaml", ["data.carry_steps=[6,20]", "data.carry_values=[1,3]"])
+    assert toy_table.generation_limits(cfg, []) == ["rollout.max_new_tokens=155", "eval.max_new_tokens=155"]
+    assert toy_table.generation_limits(cfg, ["eval.max_new_tokens=9"]) == ["rollout.max_new_tokens=155"]
 
 
 def test_seed_sweep_trains_each_seed_reads_its_curve_and_counts_the_target(tmp_path, monkeypatch):

@@ -18,7 +18,10 @@ with a window the response never fills). ``--ablations`` adds PTE variants (one 
 ones, global tokens, Normalize, detach vs chain); PTE arms are also scored at inference eviction ratios 5 % and 15 %
 of the tightest window. Writes ``results.json``, ``results.md`` (mean ± sd over seeds, one column per window) and
 ``accuracy_vs_budget.png``; every stage keeps its own run directory with TensorBoard logs. An interrupted run
-resumes arm by arm: finished stages and evaluations are read back, not recomputed.
+resumes arm by arm: finished stages and evaluations are read back, not recomputed. ``--shard I/N`` runs every N-th
+(arm, seed) job only, so N processes share the sweep; a last call without it reads them back and writes the table.
+Generation (training and evaluation) stops at the task's longest solution plus a margin unless the overrides set it:
+an arm at chance under a window otherwise samples to the config's limit, sized for the longest variant.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from tqdm import tqdm
 from pte.config import CacheCfg, Config, load_config
 from pte.engine.rollout import SamplingConfig
 from pte.evaluation.evaluate import sample_batch
-from pte.training.carry import carry_problems
+from pte.training.carry import carry_problems, solution_chars
 from pte.training.methods import load_base, load_trained
 from pte.training.prompts import config_prompt
 from pte.training.rewards import Grader
@@ -233,6 +236,21 @@ def plot(table: dict, budget: Budget, max_new: int, path: Path) -> None:
     plt.close(fig)
 
 
+def generation_limits(cfg: Config, overrides: list[str]) -> list[str]:
+    """``rollout`` / ``eval.max_new_tokens`` at the task's longest solution plus a margin, unless ``overrides`` set them."""
+    need = solution_chars(cfg.data.carry_steps, cfg.data.carry_values) + 8
+    keys = ("rollout.max_new_tokens", "eval.max_new_tokens")
+    return [f"{k}={need}" for k in keys if not any(o.startswith(f"{k}=") for o in overrides)]
+
+
+def _shard(text: str) -> tuple[int, int]:
+    """``1/2`` -> (1, 2)."""
+    i, _, n = text.partition("/")
+    if not (i.isdigit() and n.isdigit() and int(i) < int(n)):
+        raise argparse.ArgumentTypeError(f"--shard {text!r}: expected I/N with 0 <= I < N")
+    return int(i), int(n)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="base config of every arm")
@@ -246,6 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--problems", type=int, default=100, help="held-out problems per evaluation")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=[*ARMS, *ABLATIONS])
     parser.add_argument("--ablations", action="store_true", help="add every ablation arm")
+    parser.add_argument("--shard", type=_shard, default=None, help="I/N: run every N-th job from the I-th (0-based)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every arm (e.g. rollout.batch_size=16)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -255,6 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
     names = [*args.arms, *(n for n in ABLATIONS if args.ablations and n not in args.arms)]
     args.out.mkdir(parents=True, exist_ok=True)
     base_cfg = load_config(args.config, args.overrides)
+    common = [*generation_limits(base_cfg, args.overrides), *args.overrides]
     problems = carry_problems(
         budget.problems, seed=20_000, steps=base_cfg.data.carry_steps, carry=base_cfg.data.carry_values
     )
@@ -262,17 +282,21 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {}
     with Grader(timeout_s=5.0, workers=1) as grader:
         jobs = [(n, s) for n in names for s in budget.seeds]
-        for name, seed in tqdm(jobs, desc="arms x seeds"):
+        mine = jobs if args.shard is None else jobs[args.shard[0] :: args.shard[1]]
+        for name, seed in tqdm(mine, desc="arms x seeds"):
             done = args.out / name / f"seed{seed}" / "scores.json"  # one file per job: seeds can run in parallel
             if not done.exists():
                 arm = arms[name]
-                adapter = train_arm(name, arm, seed, budget, args.config, args.out, list(args.overrides))
-                model, tok, cfg = load_arm_model(args.config, adapter, list(args.overrides))
+                adapter = train_arm(name, arm, seed, budget, args.config, args.out, common)
+                model, tok, cfg = load_arm_model(args.config, adapter, common)
                 scores = evaluate_arm(model, tok, cfg, arm, budget, problems, grader)
                 done.parent.mkdir(parents=True, exist_ok=True)
                 done.write_text(json.dumps(scores, indent=2))
                 log.info("%s seed %d: %s", name, seed, {k: round(100 * v, 1) for k, v in scores.items()})
             results.setdefault(name, {})[str(seed)] = json.loads(done.read_text())
+    if args.shard is not None:
+        log.info("shard %d/%d: %d jobs done in %.0f s", *args.shard, len(mine), time.perf_counter() - t0)
+        return {}
     setup = vars(args) | {"out": str(args.out), "config": str(args.config)}
     (args.out / "results.json").write_text(json.dumps({"setup": setup, "results": results}, indent=2, default=str))
     markdown, table = summarise(results, [n for n in names if n in results])
