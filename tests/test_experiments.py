@@ -13,7 +13,7 @@ from pte.training.carry import CODES, carry_problem, carry_problems
 from pte.training.rewards import verify_answer
 
 
-@pytest.mark.parametrize("steps,carry", [(10, 1), (6, 2), (20, 3), (23, 11)])
+@pytest.mark.parametrize("steps,carry", [(10, 1), (6, 2), (20, 3), (26, 13)])
 def test_carry_solution_is_right_and_lines_up_with_the_question(steps, carry):
     p = carry_problem(np.random.default_rng(5), steps, carry)
     tokens = p.question.split(" ")
@@ -34,8 +34,6 @@ def test_carry_solution_is_right_and_lines_up_with_the_question(steps, carry):
             value = (value + int(cell[1])) % 10
             assert cell.endswith(f"={value}")
     assert len(marks) == carry
-    labels = [cell[0] for cell in cells if not cell.startswith("#")]
-    assert len(set(labels)) == steps and not set(labels) & set("ans"), "distinct labels, none a letter of 'ans'"
     ans, last, *recalls, boxed = words[len(tokens) :]
     assert (ans, int(last)) == ("ans", value)
     for cell, mark in zip(recalls, marks, strict=True):  # each recall: the mark's letter, its digit, the running sum
@@ -50,8 +48,6 @@ def test_carry_family_draws_every_variant_in_its_ranges_but_the_excluded():
     seen = {(p.question.count("=?") - p.question.count("@??="), p.question.count("@??=")) for p in problems}
     assert seen == {(s, v) for s in range(6, 10) for v in range(1, min(3, s // 2) + 1)} - {(7, 2)}
     assert carry_problems(20, seed=1, steps=10, carry=1) == carry_problems(20, seed=1)
-    firsts = {p.question.split(" ")[1][0] for p in problems}
-    assert len(firsts) > 15, "labels follow no fixed order: the first step's label varies"
 
 
 @pytest.mark.parametrize("steps", [[0, 4], [9, 6], [1, 2, 3]])
@@ -74,7 +70,7 @@ def test_carry_problems_are_seeded_and_distinct():
     assert a != carry_problems(50, seed=4)
 
 
-@pytest.mark.parametrize("steps,carry", [(1, 1), (10, 0), (10, 6), (24, 1)])
+@pytest.mark.parametrize("steps,carry", [(1, 1), (10, 0), (10, 6), (27, 1)])
 def test_carry_knobs_are_checked(steps, carry):
     with pytest.raises(ValueError, match="data.carry_"):
         carry_problem(np.random.default_rng(0), steps, carry)

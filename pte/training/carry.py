@@ -1,21 +1,16 @@
 """The carry-chain task: a seeded, offline, long-horizon problem family whose answer needs evicted thoughts.
 
 A problem is a worksheet: a start digit and ``steps`` labelled additions with blank results, and a blank mark
-after each of ``values`` chosen steps in the first half of the chain. The labels run through the alphabet from a
-random letter (wrapping after z), so a label says nothing about its step's place in the chain and every letter is as
-common at every place, while the next label is still the next letter. The solution fills it in (a running sum mod
+after each of ``values`` chosen steps in the first half of the chain. The solution fills it in (a running sum mod
 10), writes the running value into each mark as a capital letter (A=0 ... J=9), and ends with an answer line that
 starts from the last value and adds each marked value in turn, recalled as its letter and spelled as its digit::
 
-    question:  3 u5=? v1=? w4=? @? x9=? y2=? z6=? b8=? c3=? d7=? e1=? ans ? @??=?
-    solution:  3 u5=8 v1=9 w4=3 #D x9=2 y2=4 z6=0 b8=8 c3=1 d7=8 e1=9 ans 9 #D3=2 \\boxed{2}
+    question:  3 a5=? b1=? c4=? @? d9=? e2=? f6=? g8=? h3=? i7=? j1=? ans ? @??=?
+    solution:  3 a5=8 b1=9 c4=3 #D d9=2 e2=4 f6=0 g8=8 h3=1 i7=8 j1=9 ans 9 #D3=2 \\boxed{2}
 
 The question ends with the answer line's shape, so where the chain stops and how many values come back are copied
 from the prompt like every other token, not counted: a base trained on some variants then solves the others. (Without
-it the base decided where to stop by length and failed variants held out of its training. With labels always starting
-at "a" it read the position off the label instead of looking the step up: it misread operands at the rare late
-letters and failed held-out variants, 5-85 % on 7x2, 17x2, 19x2, 20x1-3. With labels in a random order it had to
-look up the next label too, and stayed on a loss plateau for 6000 steps.)
+it the base decided where to stop by length and failed variants held out of its training.)
 
 A family of variants: ``steps`` and ``values`` may each be one number or an inclusive ``(lo, hi)`` range drawn per
 problem (``values`` capped at ``steps // 2``), so one base and one adapter can be tested on chain lengths and
@@ -41,9 +36,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-LABELS = "".join(c for c in string.ascii_lowercase if c not in "ans")  # step labels; never a letter of "ans"
+LABELS = string.ascii_lowercase
 CODES = "ABCDEFGHIJ"  # a marked value v is written as CODES[v]: the one capital letter of the trace
-FORMAT = "worksheet-8"  # bump when questions or solutions change: cached toy base models are keyed by it
+FORMAT = "worksheet-7"  # bump when questions or solutions change: cached toy base models are keyed by it
 
 
 @dataclass(frozen=True)
@@ -90,7 +85,7 @@ def carry_problem(rng: np.random.Generator, steps: int, carry: int) -> CarryProb
 
     Args:
         rng: numpy generator (the caller seeds it).
-        steps: chain length (2 to 23 labelled steps); the trace is about 5 tokens per step.
+        steps: chain length (2 to 26 labelled steps); the trace is about 5 tokens per step.
         carry: how many intermediate values the answer needs (1 to steps // 2).
     """
     if not 2 <= steps <= len(LABELS):
@@ -100,13 +95,11 @@ def carry_problem(rng: np.random.Generator, steps: int, carry: int) -> CarryProb
     start = int(rng.integers(10))
     digits = rng.integers(1, 10, size=steps).tolist()
     marked = sorted(rng.choice(np.arange(1, steps // 2 + 1), size=carry, replace=False).tolist())  # 1-based steps
-    first = int(rng.integers(len(LABELS)))
-    names = [LABELS[(first + j) % len(LABELS)] for j in range(steps)]
     value, lines, blanks, kept = start, [str(start)], [str(start)], []
     for i, d in enumerate(digits, start=1):
         value = (value + d) % 10
-        lines.append(f"{names[i - 1]}{d}={value}")
-        blanks.append(f"{names[i - 1]}{d}=?")
+        lines.append(f"{LABELS[i - 1]}{d}={value}")
+        blanks.append(f"{LABELS[i - 1]}{d}=?")
         if i in marked:
             lines.append(f"#{CODES[value]}")
             blanks.append("@?")  # not "#": in the solution "#" is followed only by marked values
