@@ -130,6 +130,27 @@ def test_toy_table_trains_evaluates_and_resumes(tmp_path, monkeypatch):
     assert trained.rollout.max_new_tokens == 30 and trained.eval.max_new_tokens == 17 + 5 * 3 + 10 + 8
 
 
+def test_a_diverging_arm_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    from pte.training.module import NonFiniteError
+
+    def train_arm(name, *args):
+        if name == "pte_sft_grpo":
+            raise NonFiniteError("3 consecutive steps had a non-finite loss")
+        return None  # base: nothing to train
+
+    monkeypatch.setattr(toy_table, "train_arm", train_arm)
+    out = tmp_path / "table"
+    argv = [*TINY, "--config", "configs/tiny.yaml", "--out", str(out), "--steps", "2", "--seeds", "0"]
+    table = toy_table.main([*argv, "--problems", "2", "--windows", "4", "--arms", "pte_sft_grpo", "base"])
+    assert json.loads((out / "pte_sft_grpo" / "seed0" / "scores.json").read_text()) == {
+        "failed": "3 consecutive steps had a non-finite loss"
+    }
+    assert table["pte_sft_grpo"] == {} and set(table["base"]) == {"W4", "full"}
+    markdown = (out / "results.md").read_text()
+    assert "| pte_sft_grpo | - | - |" in markdown and "- pte_sft_grpo seed 0: 3 consecutive steps" in markdown
+    assert (out / "accuracy_vs_budget.png").exists()
+
+
 def test_generation_limits_fit_the_longest_solution_unless_overridden():
     from pte.config import load_config
     from pte.training.carry import carry_problems, solution_chars

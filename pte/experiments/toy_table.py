@@ -41,10 +41,12 @@ from pte.engine.rollout import SamplingConfig
 from pte.evaluation.evaluate import sample_batch
 from pte.training.carry import carry_problems, solution_chars
 from pte.training.methods import load_base, load_trained
+from pte.training.module import NonFiniteError
 from pte.training.prompts import config_prompt
 from pte.training.rewards import Grader
 
 log = logging.getLogger("toy_table")
+FAILED = "failed"  # key of a job's scores.json when its training stopped on non-finite steps
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
 
 
@@ -174,19 +176,23 @@ def load_arm_model(config: Path, adapter: Path | None, common: list[str]):
 
 
 def summarise(results: dict, arms: list[str]) -> tuple[str, dict]:
-    """Mean and spread (sample std over seeds) per arm and column; a Markdown table."""
-    columns = sorted({c for arm in arms for s in results[arm].values() for c in s}, key=_column_order)
+    """Mean and spread (sample std over seeds) per arm and column; a Markdown table, then the jobs that diverged."""
+    scored = {arm: [s for s in results[arm].values() if FAILED not in s] for arm in arms}
+    columns = sorted({c for arm in arms for s in scored[arm] for c in s}, key=_column_order)
     table: dict[str, dict[str, list[float]]] = {}
     lines = ["| arm | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    failed = [f"- {arm} seed {seed}: {s[FAILED]}" for arm in arms for seed, s in results[arm].items() if FAILED in s]
     for arm in arms:
         row = {}
         for c in columns:
-            vals = [100 * s[c] for s in results[arm].values() if c in s]
+            vals = [100 * s[c] for s in scored[arm] if c in s]
             if vals:  # columns such as W12@evict0.05 exist only for some arms
                 row[c] = [statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0, len(vals)]
         table[arm] = row
         cells = [_cell(*row[c]) if c in row else "-" for c in columns]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    if failed:
+        lines += ["", "Diverged (no scores; they are left out of the means):", *failed]
     return "\n".join(lines) + "\n", table
 
 
@@ -214,6 +220,8 @@ def plot(table: dict, budget: Budget, max_new: int, path: Path) -> None:
     xs = {f"W{w}": w for w in budget.windows} | {"full": max(max_new, 2 * max(budget.windows))}
     for arm, row in table.items():
         cols = [c for c in xs if c in row]
+        if not cols:  # every seed diverged
+            continue
         ax.errorbar(
             [xs[c] for c in cols],
             [row[c][0] for c in cols],
@@ -287,12 +295,17 @@ def main(argv: list[str] | None = None) -> dict:
             done = args.out / name / f"seed{seed}" / "scores.json"  # one file per job: seeds can run in parallel
             if not done.exists():
                 arm = arms[name]
-                adapter = train_arm(name, arm, seed, budget, args.config, args.out, common)
-                model, tok, cfg = load_arm_model(args.config, adapter, common)
-                scores = evaluate_arm(model, tok, cfg, arm, budget, problems, grader)
                 done.parent.mkdir(parents=True, exist_ok=True)
-                done.write_text(json.dumps(scores, indent=2))
-                log.info("%s seed %d: %s", name, seed, {k: round(100 * v, 1) for k, v in scores.items()})
+                try:
+                    adapter = train_arm(name, arm, seed, budget, args.config, args.out, common)
+                except NonFiniteError as err:  # a diverging recipe is a result of the sweep, not the end of it
+                    done.write_text(json.dumps({FAILED: str(err)}, indent=2))
+                    log.warning("%s seed %d diverged: %s", name, seed, err)
+                else:
+                    model, tok, cfg = load_arm_model(args.config, adapter, common)
+                    scores = evaluate_arm(model, tok, cfg, arm, budget, problems, grader)
+                    done.write_text(json.dumps(scores, indent=2))
+                    log.info("%s seed %d: %s", name, seed, {k: round(100 * v, 1) for k, v in scores.items()})
             results.setdefault(name, {})[str(seed)] = json.loads(done.read_text())
     if args.shard is not None:
         log.info("shard %d/%d: %d jobs done in %.0f s", *args.shard, len(mine), time.perf_counter() - t0)
