@@ -22,6 +22,8 @@ resumes arm by arm: finished stages and evaluations are read back, not recompute
 (arm, seed) job only, so N processes share the sweep; a last call without it reads them back and writes the table.
 Generation (training and evaluation) stops at the task's longest solution plus a margin unless the overrides set it:
 an arm at chance under a window otherwise samples to the config's limit, sized for the longest variant.
+An arm whose training stops on non-finite steps is recorded as diverged and left out of the means (delete its
+``scores.json`` to try it again); the sweep goes on.
 """
 
 from __future__ import annotations
