@@ -75,7 +75,8 @@ def variant_name(steps: Span, values: Span) -> str:
 
 def solution_chars(steps: Span, values: Span) -> int:
     """An upper bound on a solution's length in characters over the variants (= tokens under the toy base's character
-    tokenizer): the start digit, 5 per step, 3 per mark, the answer line's head, 7 per recall and the boxed answer."""
+    tokenizer): the start digit, 5 per step, 3 per mark, the answer line's head (6), 7 per recall (6 and one spare)
+    and the boxed answer (10); the longest 10x1 solution is 76, the bound 77."""
     s_hi, v_hi = span(steps, "data.carry_steps")[1], span(values, "data.carry_values")[1]
     return 17 + 5 * s_hi + 10 * min(v_hi, s_hi // 2)
 
