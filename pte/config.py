@@ -333,6 +333,7 @@ class OptimCfg:
     grad_clip: float = 1.0
     warmup_steps: int = 0
     schedule: str = "constant"
+    zero_factor_lr: float = 1.0  # lr multiplier of each adapter's zero-initialised factor (PTE's A, LoRA's B)
 
     def __post_init__(self) -> None:
         require(
@@ -340,6 +341,7 @@ class OptimCfg:
             "optim.schedule",
             f"expected constant or cosine, got {self.schedule!r}",
         )
+        require(self.zero_factor_lr > 0, "optim.zero_factor_lr", f"must be > 0, got {self.zero_factor_lr}")
 
 
 @dataclass

@@ -298,3 +298,32 @@ def test_accuracy_plot_has_error_bars_and_marks_never_evicting_points():
     assert any(type(c).__name__ == "ErrorbarContainer" for c in ax.containers)
     assert "pte: never evicted (= full cache)" in [line.get_label() for line in ax.get_lines()]
     assert ax.get_ylim()[0] == 0 and "n = 10" in ax.get_title()
+
+
+def test_by_variant_scores_each_variant_in_natural_order():
+    from pte.evaluation.evaluate import by_variant
+    from pte.evaluation.math_sets import Problem
+
+    problems = [Problem(str(i), "q", "1", v) for i, v in enumerate(["14x1", "6x1", "14x1", "6x2", "6x1"])]
+    correct = {"0": [True], "1": [False, True], "2": [False], "3": [True], "4": [False, False]}
+    records = {k: {"gold_error": None, "correct": c} for k, c in correct.items()} | {"3": {"gold_error": "x"}}
+    table = by_variant(problems, [records[p.id] for p in problems])
+    assert list(table) == ["6x1", "14x1"]  # 6x2 had only an unscored problem
+    assert table["6x1"] == {"problems": 2, "pass@1": 0.25} and table["14x1"] == {"problems": 2, "pass@1": 0.5}
+
+
+def test_carry_family_eval_reports_accuracy_by_variant(tmp_path, monkeypatch):
+    """Over ranges of chain lengths and values, results.md breaks pass@1 down by variant, each problem counted once."""
+    from pte.evaluation.math_sets import load_benchmark
+    from pte.training.carry import problem_variant, variant_name
+
+    monkeypatch.chdir(tmp_path)
+    args = ["model.name=tiny-qwen2", "policies=[full]", "limit=12", "trainer.out_dir=runs", "benchmarks=[carry]"]
+    results = eval_cli.main([*args, "eval.max_new_tokens=4", "data.carry_steps=[6,7]", "data.carry_values=[1,2]"])
+    table = results["settings"][0]["benchmarks"]["carry"]["by_variant"]
+    problems = load_benchmark("carry", limit=12, carry=([6, 7], [1, 2]))
+    assert {p.variant for p in problems} == {variant_name(*problem_variant(p.question)) for p in problems}
+    assert table == {
+        v: {"problems": sum(p.variant == v for p in problems), "pass@1": 0.0} for v in ["6x1", "6x2", "7x1", "7x2"]
+    }
+    assert "## carry: pass@1 % by variant" in (tmp_path / "runs" / "eval-tiny-qwen2" / "results.md").read_text()

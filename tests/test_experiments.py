@@ -9,25 +9,30 @@ import pytest
 
 from pte.experiments import toy_table
 from pte.models.toy import ToySpec, train_toy_base
-from pte.training.carry import CODES, carry_problem, carry_problems
+from pte.training.carry import BLANKS, CODES, MARKS, carry_problem, carry_problems, problem_variant
 from pte.training.rewards import verify_answer
 
 
-@pytest.mark.parametrize("steps,carry", [(10, 1), (6, 2), (20, 3), (26, 13)])
+@pytest.mark.parametrize("steps,carry", [(10, 1), (6, 2), (20, 3), (26, 3)])
 def test_carry_solution_is_right_and_lines_up_with_the_question(steps, carry):
     p = carry_problem(np.random.default_rng(5), steps, carry)
+    assert problem_variant(p.question) == (steps, carry)
     tokens = p.question.split(" ")
     tokens, shape = tokens[: tokens.index("ans")], tokens[tokens.index("ans") :]
-    assert shape == ["ans", "?", *["@??=?"] * carry], "the question ends with the answer line's shape"
+    assert shape == ["ans", "?", *[f"{b}??=?" for b in BLANKS[:carry]]], (
+        "the question ends with the answer line's shape"
+    )
     words = p.solution.split(" ")
     filled = words[: len(tokens)]
-    assert [q[:-1].replace("@", "#") if q.endswith("?") else q for q in tokens] == [
+    blank_to_mark = str.maketrans(BLANKS, MARKS)
+    assert [q[:-1].translate(blank_to_mark) if q.endswith("?") else q for q in tokens] == [
         f[:-1] if q.endswith("?") else f for q, f in zip(tokens, filled)
     ]
     start, *cells = filled
     value, marks = int(start), []
     for cell in cells:
-        if cell.startswith("#"):
+        if cell[0] in MARKS:
+            assert cell[0] == MARKS[len(marks)], "the k-th mark has the k-th symbol"
             marks.append(CODES.index(cell[1]))
             assert marks[-1] == value, "a mark copies the running value"
         else:
@@ -36,16 +41,16 @@ def test_carry_solution_is_right_and_lines_up_with_the_question(steps, carry):
     assert len(marks) == carry
     ans, last, *recalls, boxed = words[len(tokens) :]
     assert (ans, int(last)) == ("ans", value)
-    for cell, mark in zip(recalls, marks, strict=True):  # each recall: the mark's letter, its digit, the running sum
+    for k, (cell, mark) in enumerate(zip(recalls, marks, strict=True)):  # the mark's symbol and letter, digit, sum
         value = (value + mark) % 10
-        assert cell == f"#{CODES[mark]}{mark}={value}"
+        assert cell == f"{MARKS[k]}{CODES[mark]}{mark}={value}"
     assert boxed == f"\\boxed{{{value}}}" and p.answer == str(value)
     assert p.answer == str((sum(marks) + int(last)) % 10) and verify_answer(p.solution, p.answer)
 
 
 def test_carry_family_draws_every_variant_in_its_ranges_but_the_excluded():
     problems = carry_problems(400, seed=1, steps=[6, 9], carry=[1, 3], exclude=frozenset({(7, 2)}))
-    seen = {(p.question.count("=?") - p.question.count("@??="), p.question.count("@??=")) for p in problems}
+    seen = {problem_variant(p.question) for p in problems}
     assert seen == {(s, v) for s in range(6, 10) for v in range(1, min(3, s // 2) + 1)} - {(7, 2)}
     assert carry_problems(20, seed=1, steps=10, carry=1) == carry_problems(20, seed=1)
 
@@ -54,6 +59,8 @@ def test_carry_family_draws_every_variant_in_its_ranges_but_the_excluded():
 def test_carry_ranges_are_checked(steps):
     with pytest.raises(ValueError, match="data.carry_steps"):
         carry_problems(4, seed=0, steps=steps)
+    with pytest.raises(ValueError, match="data.carry_values"):
+        carry_problems(4, seed=0, steps=12, carry=[1, 4])
 
 
 def test_built_in_model_names_pass_the_offline_check(monkeypatch):

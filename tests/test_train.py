@@ -262,3 +262,17 @@ def test_stop_at_ends_the_run_at_the_first_evaluation_reaching_it(tmp_path):
     assert (run_dir / "adapter" / "config.yaml").exists()
     unreachable = _train(tmp_path / "b", "trainer.max_steps=4", "trainer.val_every=2", "trainer.stop_at=1.01")
     assert torch.load(unreachable / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+
+
+@pytest.mark.parametrize("method", ["pte", "lora", "lora_c"])
+def test_zero_factor_lr_scales_exactly_the_zero_initialised_factors(method):
+    """optim.zero_factor_lr applies to PTE's A and LoRA's B (the factors that start at zero), and to nothing else."""
+    from pte.training.methods import build_model, param_groups
+
+    model, _ = build_model(load_config("configs/tiny.yaml", [f"method={method}"]))
+    rest, zero = param_groups(model, 1e-3, 8.0)
+    assert (rest["lr"], zero["lr"]) == (1e-3, 8e-3)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(rest["params"]) + len(zero["params"]) == len(trainable)
+    assert zero["params"] and all(not p.any() for p in zero["params"])
+    assert all(p.any() for p in rest["params"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -312,6 +313,9 @@ def collect(cfg: Config, settings: list[Setting], problems: dict[str, list[Probl
         fp = fingerprint(cfg, setting)
         per_bench = {b: summarize([store.get(fp, b, p.id) for p in ps], cfg.eval.k) for b, ps in problems.items()}
         avg = average(per_bench)
+        for b, ps in problems.items():
+            if len({p.variant for p in ps}) > 1:
+                per_bench[b]["by_variant"] = by_variant(ps, [store.get(fp, b, p.id) for p in ps])
         for s in (*per_bench.values(), avg):  # bounded but never evicted: it measured the full cache
             s["never_evicts"] = setting.policy != "full" and s["evictions"] == 0
         rows.append(
@@ -333,6 +337,17 @@ def collect(cfg: Config, settings: list[Setting], problems: dict[str, list[Probl
         "k": sorted(set(cfg.eval.k)),
         "settings": rows,
     }
+
+
+def by_variant(problems: list[Problem], records: list[dict]) -> dict[str, dict]:
+    """``{variant: {"problems": n, "pass@1": p}}`` over the scored problems of each variant (``records[i]`` is that of
+    ``problems[i]``), in natural order (``6x1`` before ``14x1``)."""
+    out: dict[str, list[float]] = {}
+    for p, r in zip(problems, records, strict=True):
+        if r["gold_error"] is None:
+            out.setdefault(p.variant, []).append(sum(r["correct"]) / len(r["correct"]))
+    order = sorted(out, key=lambda v: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", v)])
+    return {v: {"problems": len(out[v]), "pass@1": sum(out[v]) / len(out[v])} for v in order}
 
 
 def _curves(settings: list[Setting], store: RecordStore, cfg: Config) -> dict[str, list[list[float]]]:

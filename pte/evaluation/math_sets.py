@@ -27,6 +27,7 @@ class Problem:
     id: str
     question: str
     answer: str
+    variant: str = ""  # a task variant the report breaks accuracy down by (the carry task's ``14x2``), or none
 
 
 class BenchmarkFormatError(ValueError):
@@ -175,10 +176,14 @@ def _offline(name: str, limit: int | None, carry: tuple[Any, Any]) -> list[Probl
     """Offline held-out sets: reasoning-gym arithmetic at the training defaults, and the carry task ``carry``."""
     size = limit or OFFLINE[name]
     if name == "carry":
-        from pte.training.carry import carry_problems, variant_name
+        from pte.training.carry import carry_problems, problem_variant, variant_name
 
         problems = carry_problems(size, OFFLINE_SEED, *carry)
-        return [Problem(f"carry/{variant_name(*carry)}/{i}", p.question, p.answer) for i, p in enumerate(problems)]
+        name = variant_name(*carry)
+        return [
+            Problem(f"carry/{name}/{i}", p.question, p.answer, variant_name(*problem_variant(p.question)))
+            for i, p in enumerate(problems)
+        ]
     from pte.training.data import DEFAULT_TASK_CONFIGS, DEFAULT_TASKS, reasoning_gym_examples
 
     examples = reasoning_gym_examples(DEFAULT_TASKS, max(size, len(DEFAULT_TASKS)), OFFLINE_SEED, DEFAULT_TASK_CONFIGS)

@@ -288,7 +288,25 @@ def markdown_table(results: Mapping) -> str:
             "\n(never evicts): no eviction happened within eval.max_new_tokens, so this row measured the full cache; "
             "lower the window or raise eval.max_new_tokens to test the bounded cache.\n"
         )
-    return f"# {title}\n\n" + "\n".join(lines) + "\n" + notes
+    return f"# {title}\n\n" + "\n".join(lines) + "\n" + notes + _variant_tables(results)
+
+
+def _variant_tables(results: Mapping) -> str:
+    """pass@1 % per task variant (columns, with their problem counts) and setting (rows), for each benchmark whose
+    problems name variants (the carry task over ranges of ``data.carry_steps`` / ``data.carry_values``)."""
+    out = ""
+    for bench in results["benchmarks"]:
+        rows = [(s["name"], s["benchmarks"][bench].get("by_variant")) for s in results["settings"]]
+        rows = [(name, v) for name, v in rows if v]
+        if not rows:
+            continue
+        variants = list(rows[0][1])
+        head = ["setting", *(f"{v} (n={rows[0][1][v]['problems']})" for v in variants)]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for name, v in rows:
+            lines.append("| " + " | ".join([name, *(f"{100 * v[x]['pass@1']:.0f}" for x in variants)]) + " |")
+        out += f"\n## {bench}: pass@1 % by variant\n\n" + "\n".join(lines) + "\n"
+    return out
 
 
 def _accuracy_points(results: Mapping, bench: str) -> dict[str, list[Point]]:

@@ -5,21 +5,23 @@ after each of ``values`` chosen steps in the first half of the chain. The soluti
 10), writes the running value into each mark as a capital letter (A=0 ... J=9), and ends with an answer line that
 starts from the last value and adds each marked value in turn, recalled as its letter and spelled as its digit::
 
-    question:  3 a5=? b1=? c4=? @? d9=? e2=? f6=? g8=? h3=? i7=? j1=? ans ? @??=?
-    solution:  3 a5=8 b1=9 c4=3 #D d9=2 e2=4 f6=0 g8=8 h3=1 i7=8 j1=9 ans 9 #D3=2 \\boxed{2}
+    question:  8 a1=? b2=? @? c3=? d2=? &? e8=? f8=? g6=? h1=? i1=? j3=? ans ? @??=? &??=?
+    solution:  8 a1=9 b2=1 #B c3=4 d2=6 $G e8=4 f8=2 g6=8 h1=9 i1=0 j3=3 ans 3 #B1=4 $G6=0 \\boxed{0}
 
-The question ends with the answer line's shape, so where the chain stops and how many values come back are copied
-from the prompt like every other token, not counted: a base trained on some variants then solves the others. (Without
-it the base decided where to stop by length and failed variants held out of its training.)
+The k-th mark has its own symbol (``#``, ``$``, ``%`` in the solution; ``@``, ``&``, ``^`` for its blanks in the
+question), so every lookup is by content: which value a recall needs is named by the symbol before it, as a chain
+step is named by its label, and where the chain stops and how many values come back are copied from the question's
+last tokens, the answer line's shape. (With one symbol for every mark, a base trained on some variants recalled one
+value too few on others, and a state holding two letters could not tell which came first.)
 
 A family of variants: ``steps`` and ``values`` may each be one number or an inclusive ``(lo, hi)`` range drawn per
-problem (``values`` capped at ``steps // 2``), so one base and one adapter can be tested on chain lengths and
+problem (``values`` capped at ``steps // 2`` and at 3), so one base and one adapter can be tested on chain lengths and
 recall counts they were not tuned on.
 
 A mark is a capital letter so that the value to carry is one distinctive token (with a plain digit among dozens of
 digits, PTE did not learn to carry it within this project's CPU budget). Every step of the answer line is the
 chain's own two-operand addition (``#D3=2`` as ``a5=8``), so one, two or three recalled values cost the base the
-same skill; the only thing the line cannot compute locally is the letter after ``#``. The solution lines up token for
+same skill; the only thing the line cannot compute locally is the letter after a mark's symbol. The solution lines up token for
 token with the question, and every lookup is the same copy ("what followed this token before?"), so a small model
 learns it in minutes. Each step costs 5 tokens under a character tokenizer, so the trace is several times longer than
 a tight thought window, and a marked value is gone from the cache long before the answer line needs it. The prompt
@@ -38,7 +40,9 @@ import numpy as np
 
 LABELS = string.ascii_lowercase
 CODES = "ABCDEFGHIJ"  # a marked value v is written as CODES[v]: the one capital letter of the trace
-FORMAT = "worksheet-7"  # bump when questions or solutions change: cached toy base models are keyed by it
+MARKS = "#$%"  # the k-th mark's symbol in the solution, before its letter
+BLANKS = "@&^"  # the k-th mark's symbol in the question, where the solution has MARKS[k]
+FORMAT = "worksheet-8"  # bump when questions or solutions change: cached toy base models are keyed by it
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,8 @@ def span(x: Span, key: str) -> tuple[int, int]:
 def variants(steps: Span, values: Span) -> list[tuple[int, int]]:
     """Every ``(steps, values)`` combination in the ranges, values capped at half the chain."""
     (s_lo, s_hi), (v_lo, v_hi) = span(steps, "data.carry_steps"), span(values, "data.carry_values")
+    if v_hi > len(MARKS):
+        raise ValueError(f"data.carry_values={values!r}: at most {len(MARKS)} values (one mark symbol each)")
     return [(s, v) for s in range(s_lo, s_hi + 1) for v in range(v_lo, min(v_hi, s // 2) + 1)]
 
 
@@ -81,18 +87,24 @@ def solution_chars(steps: Span, values: Span) -> int:
     return 17 + 5 * s_hi + 10 * min(v_hi, s_hi // 2)
 
 
+def problem_variant(question: str) -> tuple[int, int]:
+    """``(steps, values)`` of a carry question, read from its blanks."""
+    recalls = sum(question.count(f"{b}??=?") for b in BLANKS)
+    return question.count("=?") - recalls, recalls
+
+
 def carry_problem(rng: np.random.Generator, steps: int, carry: int) -> CarryProblem:
     """Draw one problem: ``steps`` additions mod 10, ``carry`` marked steps in the first half of the chain.
 
     Args:
         rng: numpy generator (the caller seeds it).
         steps: chain length (2 to 26 labelled steps); the trace is about 5 tokens per step.
-        carry: how many intermediate values the answer needs (1 to steps // 2).
+        carry: how many intermediate values the answer needs (1 to steps // 2, at most 3).
     """
     if not 2 <= steps <= len(LABELS):
         raise ValueError(f"data.carry_steps={steps}: must be between 2 and {len(LABELS)}")
-    if not 1 <= carry <= steps // 2:
-        raise ValueError(f"data.carry_values={carry}: must be between 1 and steps // 2 = {steps // 2}")
+    if not 1 <= carry <= min(steps // 2, len(MARKS)):
+        raise ValueError(f"data.carry_values={carry}: must be between 1 and min(steps // 2, {len(MARKS)})")
     start = int(rng.integers(10))
     digits = rng.integers(1, 10, size=steps).tolist()
     marked = sorted(rng.choice(np.arange(1, steps // 2 + 1), size=carry, replace=False).tolist())  # 1-based steps
@@ -102,14 +114,14 @@ def carry_problem(rng: np.random.Generator, steps: int, carry: int) -> CarryProb
         lines.append(f"{LABELS[i - 1]}{d}={value}")
         blanks.append(f"{LABELS[i - 1]}{d}=?")
         if i in marked:
-            lines.append(f"#{CODES[value]}")
-            blanks.append("@?")  # not "#": in the solution "#" is followed only by marked values
+            lines.append(f"{MARKS[len(kept)]}{CODES[value]}")
+            blanks.append(f"{BLANKS[len(kept)]}?")  # in the solution a mark symbol is followed only by marked values
             kept.append(value)
     lines += ["ans", str(value)]
-    blanks += ["ans", "?", *(["@??=?"] * len(kept))]  # the answer line's shape: where the chain ends, how many recalls
-    for v in kept:  # recalled as the same token pair "#X", then added like a chain step
+    blanks += ["ans", "?", *(f"{b}??=?" for b in BLANKS[: len(kept)])]  # the answer line's shape
+    for k, v in enumerate(kept):  # recalled as the mark's own token pair ("$D"), then added like a chain step
         value = (value + v) % 10
-        lines.append(f"#{CODES[v]}{v}={value}")
+        lines.append(f"{MARKS[k]}{CODES[v]}{v}={value}")
     return CarryProblem(
         question=" ".join(blanks),
         solution=" ".join(lines) + f" \\boxed{{{value}}}",

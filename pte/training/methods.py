@@ -47,6 +47,18 @@ def add_adapter(model: PreTrainedModel, cfg: Config) -> nn.Module:
     return model
 
 
+def param_groups(model: nn.Module, lr: float, zero_factor_lr: float) -> list[dict]:
+    """AdamW groups of the trainable parameters: the zero-initialised factor of each adapter (PTE's A ``lr_a``, LoRA's
+    ``lora_B``) at ``lr * zero_factor_lr``, the rest at ``lr``. While that factor is zero the other factors get no
+    gradient, so its learning rate sets how soon they start learning (LoRA+, Hayou et al. 2024)."""
+    zero, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (zero if name.endswith("lr_a") or ".lora_B." in name else rest).append(p)
+    groups = [{"params": rest, "lr": lr}, {"params": zero, "lr": lr * zero_factor_lr}]
+    return [g for g in groups if g["params"]]
+
+
 def build_model(cfg: Config) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """Base model plus the method's adapter, ready to train (only adapter parameters require grad).
 

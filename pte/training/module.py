@@ -34,7 +34,7 @@ from pte.training.distributed import (
 )
 from pte.training.grpo import uniform_groups
 from pte.training.memory import MemoryTracker
-from pte.training.methods import build_model
+from pte.training.methods import build_model, param_groups
 from pte.training.prompts import few_shot_examples
 from pte.training.rewards import Grader, build_reward
 from pte.training.sft import sft_update, teacher_forced
@@ -319,7 +319,7 @@ class GRPOModule(L.LightningModule):
 
     def configure_optimizers(self):
         o = self.cfg.optim
-        opt = torch.optim.AdamW(self.trainable_parameters(), lr=o.lr, weight_decay=o.weight_decay)
+        opt = torch.optim.AdamW(param_groups(self.model, o.lr, o.zero_factor_lr), lr=o.lr, weight_decay=o.weight_decay)
         total = self.cfg.trainer.max_steps
         sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, o.warmup_steps, total, o.schedule))
         return {"optimizer": opt, "lr_scheduler": sched}
