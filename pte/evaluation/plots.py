@@ -292,19 +292,19 @@ def markdown_table(results: Mapping) -> str:
 
 
 def _variant_tables(results: Mapping) -> str:
-    """pass@1 % per task variant (columns, with their problem counts) and setting (rows), for each benchmark whose
+    """pass@1 % per task variant (rows, with their problem counts) and setting (columns), for each benchmark whose
     problems name variants (the carry task over ranges of ``data.carry_steps`` / ``data.carry_values``)."""
     out = ""
     for bench in results["benchmarks"]:
-        rows = [(s["name"], s["benchmarks"][bench].get("by_variant")) for s in results["settings"]]
-        rows = [(name, v) for name, v in rows if v]
-        if not rows:
+        cols = [(s["name"], s["benchmarks"][bench].get("by_variant")) for s in results["settings"]]
+        cols = [(name, v) for name, v in cols if v]
+        if not cols:
             continue
-        variants = list(rows[0][1])
-        head = ["setting", *(f"{v} (n={rows[0][1][v]['problems']})" for v in variants)]
+        head = ["variant", "problems", *(name for name, _ in cols)]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for name, v in rows:
-            lines.append("| " + " | ".join([name, *(f"{100 * v[x]['pass@1']:.0f}" for x in variants)]) + " |")
+        for variant, first in cols[0][1].items():
+            cells = [variant, str(first["problems"]), *(f"{100 * v[variant]['pass@1']:.0f}" for _, v in cols)]
+            lines.append("| " + " | ".join(cells) + " |")
         out += f"\n## {bench}: pass@1 % by variant\n\n" + "\n".join(lines) + "\n"
     return out
 
