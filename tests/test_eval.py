@@ -306,7 +306,7 @@ def test_by_variant_scores_each_variant_in_natural_order():
 
     problems = [Problem(str(i), "q", "1", v) for i, v in enumerate(["14x1", "6x1", "14x1", "6x2", "6x1"])]
     correct = {"0": [True], "1": [False, True], "2": [False], "3": [True], "4": [False, False]}
-    records = {k: {"gold_error": None, "correct": c} for k, c in correct.items()} | {"3": {"gold_error": "x"}}
+    records = {k: _record(c, ["1"] * len(c)) for k, c in correct.items()} | {"3": _record([], ["1"], gold_error="x")}
     table = by_variant(problems, [records[p.id] for p in problems])
     assert list(table) == ["6x1", "14x1"]  # 6x2 had only an unscored problem
     assert table["6x1"] == {"problems": 2, "pass@1": 0.25} and table["14x1"] == {"problems": 2, "pass@1": 0.5}

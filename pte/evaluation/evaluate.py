@@ -311,11 +311,12 @@ def collect(cfg: Config, settings: list[Setting], problems: dict[str, list[Probl
     rows = []
     for setting in settings:
         fp = fingerprint(cfg, setting)
-        per_bench = {b: summarize([store.get(fp, b, p.id) for p in ps], cfg.eval.k) for b, ps in problems.items()}
+        records = {b: [store.get(fp, b, p.id) for p in ps] for b, ps in problems.items()}
+        per_bench = {b: summarize(records[b], cfg.eval.k) for b in problems}
         avg = average(per_bench)
         for b, ps in problems.items():
             if len({p.variant for p in ps}) > 1:
-                per_bench[b]["by_variant"] = by_variant(ps, [store.get(fp, b, p.id) for p in ps])
+                per_bench[b]["by_variant"] = by_variant(ps, records[b])
         for s in (*per_bench.values(), avg):  # bounded but never evicted: it measured the full cache
             s["never_evicts"] = setting.policy != "full" and s["evictions"] == 0
         rows.append(
@@ -340,14 +341,14 @@ def collect(cfg: Config, settings: list[Setting], problems: dict[str, list[Probl
 
 
 def by_variant(problems: list[Problem], records: list[dict]) -> dict[str, dict]:
-    """``{variant: {"problems": n, "pass@1": p}}`` over the scored problems of each variant (``records[i]`` is that of
-    ``problems[i]``), in natural order (``6x1`` before ``14x1``)."""
-    out: dict[str, list[float]] = {}
+    """``{variant: {"problems": n, "pass@1": p}}`` (:func:`summarize` over each variant's records; ``records[i]`` is that
+    of ``problems[i]``) for the variants with a scored problem, in natural order (``6x1`` before ``14x1``)."""
+    groups: dict[str, list[dict]] = {}
     for p, r in zip(problems, records, strict=True):
-        if r["gold_error"] is None:
-            out.setdefault(p.variant, []).append(sum(r["correct"]) / len(r["correct"]))
-    order = sorted(out, key=lambda v: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", v)])
-    return {v: {"problems": len(out[v]), "pass@1": sum(out[v]) / len(out[v])} for v in order}
+        groups.setdefault(p.variant, []).append(r)
+    order = sorted(groups, key=lambda v: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", v)])
+    scores = {v: summarize(groups[v], [1]) for v in order}
+    return {v: {"problems": s["problems"], "pass@1": s["pass@1"]} for v, s in scores.items() if s["problems"]}
 
 
 def _curves(settings: list[Setting], store: RecordStore, cfg: Config) -> dict[str, list[list[float]]]:

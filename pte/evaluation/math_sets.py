@@ -179,9 +179,9 @@ def _offline(name: str, limit: int | None, carry: tuple[Any, Any]) -> list[Probl
         from pte.training.carry import carry_problems, problem_variant, variant_name
 
         problems = carry_problems(size, OFFLINE_SEED, *carry)
-        name = variant_name(*carry)
+        family = variant_name(*carry)
         return [
-            Problem(f"carry/{name}/{i}", p.question, p.answer, variant_name(*problem_variant(p.question)))
+            Problem(f"carry/{family}/{i}", p.question, p.answer, variant_name(*problem_variant(p.question)))
             for i, p in enumerate(problems)
         ]
     from pte.training.data import DEFAULT_TASK_CONFIGS, DEFAULT_TASKS, reasoning_gym_examples
