@@ -209,3 +209,11 @@ def test_toy_table_shows_a_spread_only_over_several_seeds():
     results = {"a": {"0": {"W12": 0.9}, "1": {"W12": 0.7}}, "b": {"0": {"W12": 0.5}}}
     markdown, table = toy_table.summarise(results, ["a", "b"])
     assert "| a | 80.0 ± 14.1 |" in markdown and "| b | 50.0 |" in markdown and table["b"]["W12"][2] == 1
+
+
+def test_two_stage_arms_split_the_steps_and_the_sft_only_arm_spends_them_all_on_sft():
+    budget = toy_table.Budget(steps=1000, windows=(12,), problems=10, seeds=(0,))
+    assert toy_table.stage_steps(toy_table.ARMS["pte_sft_grpo"], budget) == [900, 100]
+    sft_only = toy_table.ABLATIONS["pte_sft"]
+    assert (sft_only.method, sft_only.stages) == ("pte", ("sft",))
+    assert toy_table.stage_steps(sft_only, budget) == [1000]
