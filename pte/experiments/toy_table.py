@@ -15,8 +15,8 @@ window.
 Each arm is evaluated greedily on held-out problems at every window of ``--windows`` under its bounded policy (PTE for
 PTE arms, the plain window otherwise) and with nothing evicted (``full``: the full cache, or for PTE arms the PTE policy
 with a window the response never fills). ``--ablations`` adds PTE variants (SFT only, without the GRPO stage; one fixed
-training schedule instead of drawn ones; global tokens; Normalize; detach vs chain); PTE arms are also scored at inference eviction ratios 5 % and 15 %
-of the tightest window. Writes ``results.json``, ``results.md`` (mean ± sd over seeds, one column per window) and
+training schedule instead of drawn ones; global tokens; Normalize; detach vs chain); PTE arms are also scored at
+inference eviction ratios 5 % and 15 % of the tightest window. Writes ``results.json``, ``results.md`` (mean ± sd over seeds, one column per window) and
 ``accuracy_vs_budget.png``; every stage keeps its own run directory with TensorBoard logs. An interrupted run
 resumes arm by arm: finished stages and evaluations are read back, not recomputed. ``--shard I/N`` runs every N-th
 (arm, seed) job only, so N processes share the sweep; a last call without it reads them back and writes the table.
@@ -71,7 +71,7 @@ ARMS = {
     "pte_sft_grpo": Arm("pte", ("sft", "grpo")),
 }
 ABLATIONS = {
-    "pte_sft": Arm("pte", ("sft",)),  # the recipe without its GRPO stage: every step SFT (the demo's recipe)
+    "pte_sft": Arm("pte", ("sft",)),  # the recipe without its GRPO stage: every step SFT (the demo's, at --steps)
     "pte_fixed_schedule": Arm("pte", ("sft", "grpo"), ("cache.train_windows=[]", "cache.train_evict_ratios=[]")),
     **{f"pte_G{g}": Arm("pte", ("sft", "grpo"), (f"thought.global_tokens={g}",)) for g in (1, 32)},
     **{f"pte_norm_{n}": Arm("pte", ("sft", "grpo"), (f"thought.normalize={n}",)) for n in ("frobenius", "none")},
