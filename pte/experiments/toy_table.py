@@ -16,10 +16,11 @@ Each arm is evaluated greedily on held-out problems at every window of ``--windo
 PTE arms, the plain window otherwise) and with nothing evicted (``full``: the full cache, or for PTE arms the PTE policy
 with a window the response never fills). ``--ablations`` adds PTE variants (SFT only, without the GRPO stage; one fixed
 training schedule instead of drawn ones; global tokens; Normalize; detach vs chain); PTE arms are also scored at
-inference eviction ratios 5 % and 15 % of the tightest window. Writes ``results.json``, ``results.md`` (mean ± sd over seeds, one column per window) and
-``accuracy_vs_budget.png``; every stage keeps its own run directory with TensorBoard logs. An interrupted run
-resumes arm by arm: finished stages and evaluations are read back, not recomputed. ``--shard I/N`` runs every N-th
-(arm, seed) job only, so N processes share the sweep; a last call without it reads them back and writes the table.
+inference eviction ratios 5 % and 15 % of the tightest window. Writes ``results.json``, ``results.md`` (mean ± sd over
+seeds, one column per window) and ``accuracy_vs_budget.png``; every stage keeps its own run directory with TensorBoard
+logs. An interrupted run resumes arm by arm: finished stages and evaluations are read back, not recomputed.
+``--shard I/N`` runs every N-th (arm, seed) job only, so N processes share the sweep; a last call without it reads
+them back and writes the table.
 Generation (training and evaluation) stops at the task's longest solution plus a margin unless the overrides set it:
 an arm at chance under a window otherwise samples to the config's limit, sized for the longest variant.
 An arm whose training stops on non-finite steps is recorded as diverged and left out of the means (delete its
