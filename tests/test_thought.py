@@ -7,10 +7,11 @@ import math
 from dataclasses import replace
 
 import pytest
+import torch
 
 from pte.engine.cache import CachePolicy
 from pte.engine.encoder import attach_thought, get_thought
-from pte.engine.thought import ThoughtConfig
+from pte.engine.thought import LayerThought, ThoughtConfig
 from pte.training.module import lr_factor
 from tests.helpers import PROMPTS, run, tiny
 
@@ -64,3 +65,14 @@ def test_bad_schedule_names_the_key():
 
     with pytest.raises(ConfigError, match="optim.schedule"):
         load_config("configs/tiny.yaml", ["optim.schedule=linear"])
+
+
+@pytest.mark.parametrize(("how", "factor"), [("mean", 0.5), ("sum", 1.0)])
+def test_state_scale_weighs_an_eviction_of_two_tokens(how, factor):
+    """``mean`` averages the evicted tokens' terms (one token moves the state as far as many); ``sum`` adds them."""
+    torch.manual_seed(0)
+    layer = LayerThought(ThoughtConfig(rank=4, global_tokens=3, state_scale=how), d_model=8, q_dim=8, kv_dim=4)
+    q_lat = torch.randn(3, 4)
+    k, v = torch.randn(1, 2, 4), torch.randn(1, 2, 4)
+    singles = layer._increment(q_lat, k[:, :1], v[:, :1]) + layer._increment(q_lat, k[:, 1:], v[:, 1:])
+    torch.testing.assert_close(layer._increment(q_lat, k, v), factor * singles)

@@ -37,7 +37,10 @@ class ThoughtConfig:
         alpha: scale numerator of the update, y = Wx + alpha/r * A S B x.
         target_modules: linear layers (by attribute name) that get the dynamic update.
         normalize: ``rms`` (S / rms(S)), ``frobenius`` (S / ||S||_F) or ``none``.
-        state_scale: ``mean`` (1/m) or ``mean_sqrt_rank`` (1/(m sqrt r)) on the state increments.
+        state_scale: ``mean`` (1/m), ``mean_sqrt_rank`` (1/(m sqrt r)) or ``sum`` (1) on the state increments. ``mean``
+            (the paper's size-independent scale) moves the state as far for one evicted token as for a hundred, so a
+            schedule of one-token evictions renormalises it several times as often over the same trace; with ``sum``
+            every evicted token adds its own term, and the state a trace leaves depends less on how it was cut.
         evicted_keys: ``pre_rope`` (undo the rotary embedding of evicted keys) or ``post_rope`` (as cached).
         init_std: std of the global tokens; W^a and B use PyTorch's default Linear init; A is zero. It sets how far one
             eviction moves the normalised state. At 0.02 on a toy model S_g falls below the Normalize epsilon (it is
@@ -63,8 +66,8 @@ class ThoughtConfig:
             raise ValueError(f"thought.state_grad={self.state_grad!r}: expected detach or chain")
         if self.normalize not in ("rms", "frobenius", "none"):
             raise ValueError(f"thought.normalize={self.normalize!r}: expected rms, frobenius or none")
-        if self.state_scale not in ("mean", "mean_sqrt_rank"):
-            raise ValueError(f"thought.state_scale={self.state_scale!r}: expected mean or mean_sqrt_rank")
+        if self.state_scale not in ("mean", "mean_sqrt_rank", "sum"):
+            raise ValueError(f"thought.state_scale={self.state_scale!r}: expected mean, mean_sqrt_rank or sum")
         if self.evicted_keys not in ("pre_rope", "post_rope"):
             raise ValueError(f"thought.evicted_keys={self.evicted_keys!r}: expected pre_rope or post_rope")
         if self.rank < 1 or self.global_tokens < 1:
@@ -98,6 +101,8 @@ class LayerThought(nn.Module):
         self.lat_v = nn.Linear(kv_dim, cfg.rank, bias=False)  # W^a_V
 
     def _scale(self, m: int) -> float:
+        if self.cfg.state_scale == "sum":
+            return 1.0
         return 1.0 / (m * (math.sqrt(self.cfg.rank) if self.cfg.state_scale == "mean_sqrt_rank" else 1.0))
 
     def _increment(self, q_lat: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
