@@ -76,3 +76,19 @@ def test_state_scale_weighs_an_eviction_of_two_tokens(how, factor):
     k, v = torch.randn(1, 2, 4), torch.randn(1, 2, 4)
     singles = layer._increment(q_lat, k[:, :1], v[:, :1]) + layer._increment(q_lat, k[:, 1:], v[:, 1:])
     torch.testing.assert_close(layer._increment(q_lat, k, v), factor * singles)
+
+
+@torch.no_grad()
+def test_sum_scale_leaves_nearly_the_same_state_however_a_trace_is_cut():
+    """Two tokens evicted one at a time or together: ``sum`` ends near the same state, ``mean`` does not."""
+    torch.manual_seed(0)
+    k, v = 0.3 * torch.randn(1, 2, 4), 0.3 * torch.randn(1, 2, 4)  # [B, m, kv_dim]
+    q_proj, k_proj, v_proj = (torch.nn.Linear(8, n, bias=False) for n in (8, 4, 4))  # frozen base projections
+    gap = {}
+    for how in ("mean", "sum"):
+        torch.manual_seed(1)  # the same thought parameters for both
+        layer = LayerThought(ThoughtConfig(rank=4, global_tokens=3, state_scale=how), d_model=8, q_dim=8, kv_dim=4)
+        s0 = layer.initial_state((q_proj, k_proj, v_proj), batch=1)
+        apart = layer.update(layer.update(s0, q_proj, k[:, :1], v[:, :1]), q_proj, k[:, 1:], v[:, 1:])
+        gap[how] = float((apart - layer.update(s0, q_proj, k, v)).norm() / s0.norm())
+    assert gap["sum"] < 0.25 * gap["mean"], gap

@@ -9,7 +9,7 @@ H_q/H_kv query/kv heads, D head dim, d_model hidden size.
     S_e  <- N(S_e + S'_e)                                       progressive update at each eviction
     y = W x + (alpha / r) A (S_e (B x)),  A: d_out x G (zero init), B: r x d_in
 
-c_m is the size-independent scale (``state_scale``: 1/m or 1/(m sqrt r)); N is ``normalize`` (RMS or
+c_m is the scale (``state_scale``: the paper's size-independent 1/m or 1/(m sqrt r), or 1); N is ``normalize`` (RMS or
 Frobenius). Heads are flattened (K_e: [B, m, H_kv*D]); each layer's state comes from that layer's own
 evicted keys/values; keys are un-rotated back to their pre-rotary form by default (``evicted_keys``)
 so the state depends on content, not on absolute position.
