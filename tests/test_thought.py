@@ -67,11 +67,16 @@ def test_bad_schedule_names_the_key():
         load_config("configs/tiny.yaml", ["optim.schedule=linear"])
 
 
+def _layer(how: str) -> LayerThought:
+    """One layer's thought parameters under state scale ``how`` (d_model = q_dim = 8, kv_dim = 4, r = 4, G = 3)."""
+    return LayerThought(ThoughtConfig(rank=4, global_tokens=3, state_scale=how), d_model=8, q_dim=8, kv_dim=4)
+
+
 @pytest.mark.parametrize(("how", "factor"), [("mean", 0.5), ("sum", 1.0)])
 def test_state_scale_weighs_an_eviction_of_two_tokens(how, factor):
     """``mean`` averages the evicted tokens' terms (one token moves the state as far as many); ``sum`` adds them."""
     torch.manual_seed(0)
-    layer = LayerThought(ThoughtConfig(rank=4, global_tokens=3, state_scale=how), d_model=8, q_dim=8, kv_dim=4)
+    layer = _layer(how)
     q_lat = torch.randn(3, 4)
     k, v = torch.randn(1, 2, 4), torch.randn(1, 2, 4)
     singles = layer._increment(q_lat, k[:, :1], v[:, :1]) + layer._increment(q_lat, k[:, 1:], v[:, 1:])
@@ -87,7 +92,7 @@ def test_sum_scale_leaves_nearly_the_same_state_however_a_trace_is_cut():
     gap = {}
     for how in ("mean", "sum"):
         torch.manual_seed(1)  # the same thought parameters for both
-        layer = LayerThought(ThoughtConfig(rank=4, global_tokens=3, state_scale=how), d_model=8, q_dim=8, kv_dim=4)
+        layer = _layer(how)
         s0 = layer.initial_state((q_proj, k_proj, v_proj), batch=1)
         apart = layer.update(layer.update(s0, q_proj, k[:, :1], v[:, :1]), q_proj, k[:, 1:], v[:, 1:])
         gap[how] = float((apart - layer.update(s0, q_proj, k, v)).norm() / s0.norm())
