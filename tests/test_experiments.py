@@ -125,10 +125,10 @@ def test_toy_table_trains_evaluates_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(toy_table, "train_arm", fail)
     table = toy_table.main(argv)
     assert set(table) == {"base", "pte_sft_grpo"}
-    assert set(table["pte_sft_grpo"]) == {"W4", "W8", "full", "W4@evict0.05", "W4@evict0.15"}
+    assert set(table["pte_sft_grpo"]) == {"W4", "W8", "full", "W4@evict0.05", "W8@evict0.15"}
     assert set(table["base"]) == {"W4", "W8", "full"}
     header = (out / "results.md").read_text().splitlines()[0]
-    assert header == "| arm | W4 | W8 | full | W4@evict0.05 | W4@evict0.15 |"
+    assert header == "| arm | W4 | W8 | full | W4@evict0.05 | W8@evict0.15 |"
     assert (out / "pte_sft_grpo" / "seed0" / "sft" / "adapter" / "pte_adapter.safetensors").exists()
     assert (out / "pte_sft_grpo" / "seed0" / "grpo" / "tb").is_dir()
     assert (out / "results.md").read_text().startswith("| arm |") and (out / "accuracy_vs_budget.png").exists()

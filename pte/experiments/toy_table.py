@@ -16,11 +16,11 @@ Each arm is evaluated greedily on held-out problems at every window of ``--windo
 PTE arms, the plain window otherwise) and with nothing evicted (``full``: the full cache, or for PTE arms the PTE policy
 with a window the response never fills). ``--ablations`` adds PTE variants (SFT only, without the GRPO stage; one fixed
 training schedule instead of drawn ones; global tokens; Normalize; detach vs chain); PTE arms are also scored at
-inference eviction ratios 5 % and 15 % of the tightest window. Writes ``results.json``, ``results.md`` (mean ± sd over
-seeds, one column per window) and ``accuracy_vs_budget.png``; every stage keeps its own run directory with TensorBoard
-logs. An interrupted run resumes arm by arm: finished stages and evaluations are read back, not recomputed.
-``--shard I/N`` runs every N-th (arm, seed) job only, so N processes share the sweep; a last call without it reads
-them back and writes the table.
+the tightest window with 5 % evicted at once (one token) and at the middle window with the paper's inference 15 %.
+Writes ``results.json``, ``results.md`` (mean ± sd over seeds, one column per window) and ``accuracy_vs_budget.png``;
+every stage keeps its own run directory with TensorBoard logs. An interrupted run resumes arm by arm: finished stages
+and evaluations are read back, not recomputed. ``--shard I/N`` runs every N-th (arm, seed) job only, so N processes
+share the sweep; a last call without it reads them back and writes the table.
 Generation (training and evaluation) stops at the task's longest solution plus a margin unless the overrides set it:
 an arm at chance under a window otherwise samples to the config's limit, sized for the longest variant.
 An arm whose training stops on non-finite steps is recorded as diverged and left out of the means (delete its
@@ -142,12 +142,16 @@ def settings(arm: Arm, budget: Budget, max_new: int) -> list[tuple[str, str, int
     bounded = "pte" if arm.method == "pte" else "window"
     out = [(f"W{w}", bounded, w, None) for w in budget.windows]
     out.append(("full", "pte", max_new + 1, None) if arm.method == "pte" else ("full", "full", 0, None))
-    tight = min(budget.windows)
-    out += [(f"W{tight}@evict{r}", "pte", tight, r) for r in EVAL_RATIOS if arm.method == "pte"]
+    if arm.method == "pte":
+        out += [(f"W{w}@evict{r}", "pte", w, r) for w, r in eviction_schedules(budget.windows)]
     return out
 
 
-EVAL_RATIOS = (0.05, 0.15)  # inference eviction ratios PTE arms are also scored at (the paper infers at 0.15)
+def eviction_schedules(windows: tuple[int, ...]) -> list[tuple[int, float]]:
+    """(window, eviction ratio) PTE arms are also scored at, beside the config's ratio: the tightest window at 5 %
+    (one token per eviction, the most state updates per trace) and the middle window at the paper's inference 15 %."""
+    ordered = sorted(windows)
+    return [(ordered[0], 0.05), (ordered[len(ordered) // 2], 0.15)]
 
 
 def evaluate_arm(model, tok, cfg: Config, arm: Arm, budget: Budget, problems, grader: Grader) -> dict[str, float]:
