@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from pte.experiments import toy_table
 from pte.models.toy import ToySpec, train_toy_base
@@ -93,6 +94,7 @@ def test_toy_base_saves_a_hub_style_directory(tmp_path):
     )  # fmt: skip
     record = train_toy_base(spec, tmp_path / "toy", tiny_tokenizer())
     assert 0.0 <= record["heldout_full_cache_accuracy"] <= 1.0 and record["heldout_problems_per_combination"] == 3
+    assert record["built_on"]["cpu"] and record["built_on"]["torch"] == torch.__version__
     assert set(record["heldout_accuracy_by_steps_x_values"]) == {"3x1", "4x1", "4x2"}  # the held-out 4x1 included
     model, tok = load_model_and_tokenizer(str(tmp_path / "toy"))
     assert model.config.num_hidden_layers == 2 and tok.decode(tok("3 a5=8")["input_ids"]) == "3 a5=8"

@@ -15,6 +15,7 @@ import argparse
 import hashlib
 import json
 import logging
+import platform
 import random
 import time
 from collections import deque
@@ -205,6 +206,7 @@ def train_toy_base(spec: ToySpec, out_dir: Path, tok: PreTrainedTokenizerFast) -
         "heldout_problems_per_combination": spec.eval_problems,
         "heldout_accuracy_by_steps_x_values": per_combo,
         "seconds": round(time.perf_counter() - t0, 1),
+        "built_on": built_on(),
     }
     tmp = out_dir.with_suffix(".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
@@ -220,6 +222,20 @@ def train_toy_base(spec: ToySpec, out_dir: Path, tok: PreTrainedTokenizerFast) -
         out_dir,
     )
     return record
+
+
+def built_on() -> dict[str, str | int]:
+    """What the build ran on: the same spec trains another model on a CPU whose kernels round differently
+    (docs/results.md, "Task and base model"), so the record names the machine beside the cache name."""
+    info = Path("/proc/cpuinfo")  # Linux; elsewhere platform's coarser name
+    lines = info.read_text().splitlines() if info.exists() else []
+    names = [line.partition(":")[2].strip() for line in lines if line.startswith("model name")]
+    return {
+        "cpu": names[0] if names else platform.processor() or platform.machine(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
 
 
 DEFAULT_SPEC = ToySpec()  # what ``model.name: toy-carry`` loads (tests swap in a tiny spec)
