@@ -125,12 +125,21 @@ def in_child(bench: str, setting: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux; elsewhere platform's coarser name, then "cpu"): CPUs differ in
+    speed and in how their kernels round, so figures and builds say which one they came from."""
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    names = [line.partition(":")[2].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor() or "cpu"
+
+
 def conditions() -> dict:
     """What a reader needs to compare figures: device, threads, versions."""
     import transformers
 
     info = {
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else cpu_name(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "threads": torch.get_num_threads(),

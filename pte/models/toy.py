@@ -15,7 +15,6 @@ import argparse
 import hashlib
 import json
 import logging
-import platform
 import random
 import time
 from collections import deque
@@ -29,6 +28,7 @@ import torch
 from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from pte.bench.common import cpu_name
 from pte.engine.cache import CachePolicy
 from pte.engine.generate import generate
 from pte.models.tiny import cache_dir, tiny_tokenizer
@@ -227,11 +227,8 @@ def train_toy_base(spec: ToySpec, out_dir: Path, tok: PreTrainedTokenizerFast) -
 def built_on() -> dict[str, str | int]:
     """What the build ran on: the same spec trains another model on a CPU whose kernels round differently
     (docs/results.md, "Task and base model"), so the record names the machine beside the cache name."""
-    info = Path("/proc/cpuinfo")  # Linux; elsewhere platform's coarser name
-    lines = info.read_text().splitlines() if info.exists() else []
-    names = [line.partition(":")[2].strip() for line in lines if line.startswith("model name")]
     return {
-        "cpu": names[0] if names else platform.processor() or platform.machine(),
+        "cpu": cpu_name(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
