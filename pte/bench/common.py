@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from pte.machine import cpu_name
 from pte.models.load import load_model_and_tokenizer
 from pte.models.tiny import tiny_model
 from pte.training.memory import max_rss_bytes
@@ -123,15 +123,6 @@ def in_child(bench: str, setting: dict) -> dict:
     if out.returncode != 0:
         raise RuntimeError(f"{bench} child {setting} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def cpu_name() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux; elsewhere platform's coarser name, then "cpu"): CPUs differ in
-    speed and in how their kernels round, so figures and builds say which one they came from."""
-    info = Path("/proc/cpuinfo")
-    lines = info.read_text().splitlines() if info.exists() else []
-    names = [line.partition(":")[2].strip() for line in lines if line.startswith("model name")]
-    return names[0] if names else platform.processor() or "cpu"
 
 
 def conditions() -> dict:

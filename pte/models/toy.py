@@ -28,9 +28,9 @@ import torch
 from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from pte.bench.common import cpu_name
 from pte.engine.cache import CachePolicy
 from pte.engine.generate import generate
+from pte.machine import cpu_name
 from pte.models.tiny import cache_dir, tiny_tokenizer
 from pte.training.answers import extract_answer
 from pte.training.carry import FORMAT, CarryProblem, carry_problems, variants
