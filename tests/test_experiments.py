@@ -219,3 +219,14 @@ def test_two_stage_arms_split_the_steps_and_the_sft_only_arm_spends_them_all_on_
     sft_only = toy_table.ABLATIONS["pte_sft"]
     assert (sft_only.method, sft_only.stages) == ("pte", ("sft",))
     assert toy_table.stage_steps(sft_only, budget) == [1000]
+
+
+def test_each_ablation_changes_one_thing_in_the_recipe():
+    recipe = toy_table.ARMS["pte_sft_grpo"]
+    for name, arm in toy_table.ABLATIONS.items():
+        if name == "pte_sft":
+            continue
+        assert (arm.method, arm.stages) == (recipe.method, recipe.stages), name
+        keys = {o.split("=")[0] for o in arm.overrides}
+        assert len(keys) == 1 or keys == {"cache.train_windows", "cache.train_evict_ratios"}, name
+    assert toy_table.ABLATIONS["pte_scale_mean"].overrides == ("thought.state_scale=mean",)

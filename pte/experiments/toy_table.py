@@ -15,8 +15,9 @@ window.
 Each arm is evaluated greedily on held-out problems at every window of ``--windows`` under its bounded policy (PTE for
 PTE arms, the plain window otherwise) and with nothing evicted (``full``: the full cache, or for PTE arms the PTE policy
 with a window the response never fills). ``--ablations`` adds PTE variants (SFT only, without the GRPO stage; one fixed
-training schedule instead of drawn ones; global tokens; Normalize; detach vs chain); PTE arms are also scored at
-the tightest window with 5 % evicted at once (one token) and at the middle window with the paper's inference 15 %.
+training schedule instead of drawn ones; global tokens; Normalize; detach vs chain; the paper's mean state scale); PTE
+arms are also scored at the tightest window with 5 % evicted at once (one token) and at the middle window with the
+paper's inference 15 %.
 Writes ``results.json``, ``results.md`` (mean ± sd over seeds, one column per window) and ``accuracy_vs_budget.png``;
 every stage keeps its own run directory with TensorBoard logs. An interrupted run resumes arm by arm: finished stages
 and evaluations are read back, not recomputed. ``--shard I/N`` runs every N-th (arm, seed) job only, so N processes
@@ -77,6 +78,7 @@ ABLATIONS = {
     **{f"pte_G{g}": Arm("pte", ("sft", "grpo"), (f"thought.global_tokens={g}",)) for g in (1, 32)},
     **{f"pte_norm_{n}": Arm("pte", ("sft", "grpo"), (f"thought.normalize={n}",)) for n in ("frobenius", "none")},
     "pte_detach": Arm("pte", ("sft", "grpo"), ("thought.state_grad=detach",)),
+    "pte_scale_mean": Arm("pte", ("sft", "grpo"), ("thought.state_scale=mean",)),  # the paper's 1/m, not the sum
 }
 
 
