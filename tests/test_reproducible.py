@@ -30,6 +30,7 @@ TINY_SPEC = ToySpec(
     train_steps=2,
     batch=2,
     eval_problems=2,
+    lookup_steps=2,
 )
 SMALL = ["data.carry_steps=3", "data.size=16", "data.val_size=2", "rollout.batch_size=4", "rollout.micro_batch=4"]
 

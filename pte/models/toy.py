@@ -1,12 +1,18 @@
-"""A toy base reasoning model for the carry task, trained on this CPU in minutes: ``python -m pte.models.toy``.
+"""A toy base reasoning model for the carry task, trained on this CPU: ``python -m pte.models.toy``.
 
 The paper's table compares methods built on one base model that already reasons with a full cache. At toy scale
 that base is a small Llama (grouped-query attention, rotary positions, character tokenizer) trained by ordinary
 full-cache next-token prediction on worked carry-chain solutions (pte/training/carry.py) over a family of variants
 (chain lengths 6-20, one to three marked values), until it solves held-out problems with a full cache. A few
 (length, values) combinations never appear in its training; the build record lists the full-cache accuracy of every
-combination, held-out ones included, so an adapter can be tested on variants nobody tuned for. It is saved as a plain Hugging Face model directory (``model.name`` can point to it);
-``model.name: toy-carry`` builds it on first use and caches it under ``$PTE_CACHE`` (``~/.cache/pte``).
+combination, held-out ones included, so an adapter can be tested on variants nobody tuned for.
+
+Two phases. The first learns the task from a random start; its model finds operands and where the chain ends by
+relative position and the question's length, which fails on held-out combinations. The second (the lookup phase)
+goes on from it with filler items at random places of the worksheet and solutions shifted to random positions, which
+only a lookup by content survives. Each phase is cached on its own (the first is reused by any second phase started
+from it). The base is saved as a plain Hugging Face model directory (``model.name`` can point to it); ``model.name:
+toy-carry`` builds it on first use and caches it under ``$PTE_CACHE`` (``~/.cache/pte``).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -57,17 +63,37 @@ class ToySpec:
     layers: int = 3
     heads: int = 4
     kv_heads: int = 2
-    train_steps: int = 12000  # at most; the loss sits near 0.78 to ~5000, then stops at 6638 (~17 min on 2 cores)
+    train_steps: int = 12000  # first phase, at most; the loss sits near 0.78 to ~5000, stops at 6638-7343 (17-31 min)
     stop_loss: float = 1e-3  # stop early once the mean loss of the last 50 steps is below this
     batch: int = 32
     lr: float = 3e-3  # constant; AdamW without weight decay
     seed: int = 0
     eval_problems: int = 20  # held-out problems per (steps, values) combination
+    lookup_steps: int = 4000  # second phase (0: none), lr decaying linearly from lookup_lr to 0; see lookup_batch
+    lookup_lr: float = 2e-3
+    fillers: int = 3  # second phase: 0 to this many filler items per problem, at random places of its worksheet
+    position_jump: int = 32  # second phase: the solution's positions shifted by 0 to this many, drawn per problem
 
     @property
     def name(self) -> str:
-        digest = hashlib.sha1(json.dumps([asdict(self), FORMAT], sort_keys=True).encode()).hexdigest()[:8]
-        return f"toy-carry-{digest}"
+        """``toy-carry-<first phase>``, then ``-lookup-<second phase>`` when there is one: a built first phase is
+        reused by every second phase started from it."""
+        spec = asdict(self)
+        lookup = {k: spec.pop(k) for k in LOOKUP_FIELDS}
+        name = f"toy-carry-{_digest([spec, FORMAT])}"
+        return f"{name}-lookup-{_digest([lookup, LOOKUP_RECIPE])}" if self.lookup_steps else name
+
+    def first_phase(self) -> ToySpec:
+        return replace(self, lookup_steps=0)
+
+
+FILLER = "."  # the lookup phase's filler item
+LOOKUP_RECIPE = "fillers-anywhere"  # bump when the lookup phase changes: its cached bases are keyed by it
+LOOKUP_FIELDS = ("lookup_steps", "lookup_lr", "fillers", "position_jump")
+
+
+def _digest(obj: object) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def carry_prompt(tok: PreTrainedTokenizerFast, question: str) -> str:
@@ -159,36 +185,24 @@ def heldout_problems(spec: ToySpec) -> dict[tuple[int, int], list[CarryProblem]]
 
 
 @global_rng_untouched()
-def train_toy_base(spec: ToySpec, out_dir: Path, tok: PreTrainedTokenizerFast) -> dict:
+def train_toy_base(spec: ToySpec, out_dir: Path, tok: PreTrainedTokenizerFast, start: Path | None = None) -> dict:
     """Train the toy base, check it on held-out problems, save it to ``out_dir``; return the build record.
 
-    Seeded by ``spec.seed`` alone, and the caller's global random streams are left as they were.
+    The first phase is read from ``start`` (a built ``spec.first_phase()``) when given, else trained here. Seeded by
+    ``spec.seed`` alone, and the caller's global random streams are left as they were.
     """
     t0 = time.perf_counter()
     held_out = heldout_problems(spec)
     banned = {p.question for ps in held_out.values() for p in ps}
-    model = new_model(spec, len(tok)).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
-    rng = np.random.default_rng([spec.seed, 3])
-    recent: deque[float] = deque(maxlen=50)
-    skip = frozenset(spec.held_out)
-    bar = tqdm(range(spec.train_steps), desc="toy base (full-cache SFT)", mininterval=5)
-    for step in bar:
-        seed = int(rng.integers(2**31))
-        problems = carry_problems(spec.batch, seed, spec.steps, spec.values, exclude=skip)
-        ids, labels = _batch(tok, [p for p in problems if p.question not in banned])
-        loss = model(input_ids=ids, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-        recent.append(loss.item())
-        if len(recent) == recent.maxlen and sum(recent) / len(recent) < spec.stop_loss:
-            log.info("toy base: mean loss of the last %d steps below %g at step %d", len(recent), spec.stop_loss, step)
-            break
-        if step % 50 == 0:
-            log.info("toy base step %d: loss %.3f", step, loss.item())
+    if start is None:
+        model, steps_run = first_phase(spec, tok, banned)
+        first: dict = {"train_steps_run": steps_run}
+    else:  # the first phase's own record, under first_phase
+        model = LlamaForCausalLM.from_pretrained(start).train()
+        built = json.loads((start / "toy_base.json").read_text())
+        first = {"train_steps_run": built["train_steps_run"], "first_phase": {"name": start.name, **built}}
+    if spec.lookup_steps:
+        lookup_phase(spec, model, tok, banned)
     model.eval().requires_grad_(False)
     flat = [p for ps in held_out.values() for p in ps]
     correct = full_cache_correct(model, tok, flat)
@@ -200,7 +214,7 @@ def train_toy_base(spec: ToySpec, out_dir: Path, tok: PreTrainedTokenizerFast) -
         "spec": asdict(spec),
         "format": FORMAT,
         "params": sum(p.numel() for p in model.parameters()),
-        "train_steps_run": step + 1,
+        **first,
         "heldout_full_cache_accuracy": sum(correct) / len(correct),
         "heldout_min_combination_accuracy": min(per_combo.values()),
         "heldout_problems_per_combination": spec.eval_problems,
@@ -224,6 +238,84 @@ def train_toy_base(spec: ToySpec, out_dir: Path, tok: PreTrainedTokenizerFast) -
     return record
 
 
+def first_phase(spec: ToySpec, tok: PreTrainedTokenizerFast, banned: set[str]) -> tuple[LlamaForCausalLM, int]:
+    """Full-cache next-token prediction from a random start, until the loss is near 0 or ``spec.train_steps``;
+    returns the model and the steps run."""
+    model = new_model(spec, len(tok)).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
+    rng = np.random.default_rng([spec.seed, 3])
+    recent: deque[float] = deque(maxlen=50)
+    skip = frozenset(spec.held_out)
+    bar = tqdm(range(spec.train_steps), desc="toy base (full-cache SFT)", mininterval=5)
+    for step in bar:
+        seed = int(rng.integers(2**31))
+        problems = carry_problems(spec.batch, seed, spec.steps, spec.values, exclude=skip)
+        ids, labels = _batch(tok, [p for p in problems if p.question not in banned])
+        loss = _step(model, opt, model(input_ids=ids, labels=labels).loss)
+        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+        recent.append(loss)
+        if len(recent) == recent.maxlen and sum(recent) / len(recent) < spec.stop_loss:
+            log.info("toy base: mean loss of the last %d steps below %g at step %d", len(recent), spec.stop_loss, step)
+            break
+        if step % 50 == 0:
+            log.info("toy base step %d: loss %.3f", step, loss)
+    return model, step + 1
+
+
+def lookup_phase(spec: ToySpec, model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, banned: set[str]) -> None:
+    """Second phase: teach the built base to look its question up by content.
+
+    The first phase's base finds operands and where the chain ends by relative position and the question's length:
+    exact on every trained variant, wrong on held-out ones, and a solution shifted by one position is all wrong
+    (docs/results.md). Here each problem carries 0 to ``spec.fillers`` filler items at random places of its worksheet,
+    copied into the solution (so what comes after each step or recall must be looked up, and no length gives where
+    the chain or the answer line ends), and its solution starts 0 to ``spec.position_jump`` positions late (so no
+    fixed offset reaches an operand).
+    """
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lookup_lr, weight_decay=0.0)
+    decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 - i / spec.lookup_steps)
+    rng = np.random.default_rng([spec.seed, 4])
+    skip = frozenset(spec.held_out)
+    bar = tqdm(range(spec.lookup_steps), desc="toy base (lookup phase)", mininterval=5)
+    for step in bar:
+        problems = carry_problems(spec.batch, int(rng.integers(2**31)), spec.steps, spec.values, exclude=skip)
+        ids, labels = _batch(tok, [with_fillers(p, rng, spec.fillers) for p in problems if p.question not in banned])
+        positions = shifted_positions(labels, rng, spec.position_jump)
+        loss = _step(model, opt, model(input_ids=ids, position_ids=positions, labels=labels).loss)
+        decay.step()
+        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+        if step % 50 == 0:
+            log.info("toy base lookup step %d: loss %.4f", step, loss)
+
+
+def _step(model: LlamaForCausalLM, opt: torch.optim.Optimizer, loss: torch.Tensor) -> float:
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss.item()
+
+
+def with_fillers(problem: CarryProblem, rng: np.random.Generator, most: int) -> CarryProblem:
+    """``problem`` with 0 to ``most`` filler items (``.``) at random places after its start digit, in question and
+    solution alike (the question's items line up one to one with the solution's, which ends with one more)."""
+    question, solution = problem.question.split(" "), problem.solution.split(" ")
+    for i in sorted(rng.integers(1, len(question) + 1, size=int(rng.integers(most + 1))).tolist(), reverse=True):
+        question.insert(i, FILLER)
+        solution.insert(i, FILLER)
+    return CarryProblem(" ".join(question), " ".join(solution), problem.answer)
+
+
+def shifted_positions(labels: torch.Tensor, rng: np.random.Generator, most: int) -> torch.Tensor:
+    """Position ids ``[N, L]`` for right-padded rows: each row's solution (from its first labelled token) moved 0 to
+    ``most`` positions later, drawn per row."""
+    n, width = labels.shape
+    start = (labels != -100).int().argmax(1)  # [N]
+    pos = torch.arange(width).expand(n, width)
+    jump = torch.from_numpy(rng.integers(0, most + 1, size=n))
+    return pos + jump[:, None] * (pos >= start[:, None])
+
+
 def built_on() -> dict[str, str | int]:
     """What the build ran on: the same spec trains another model on a CPU whose kernels round differently
     (docs/results.md, "Task and base model"), so the record names the machine beside the cache name."""
@@ -243,8 +335,9 @@ def toy_base_dir(spec: ToySpec | None = None) -> Path:
     spec = DEFAULT_SPEC if spec is None else spec
     out = cache_dir() / spec.name
     if not (out / "toy_base.json").exists():
+        start = toy_base_dir(spec.first_phase()) if spec.lookup_steps else None
         log.info("building the toy base model %s (once, a few minutes on a CPU)", spec.name)
-        train_toy_base(spec, out, tiny_tokenizer())
+        train_toy_base(spec, out, tiny_tokenizer(), start=start)
     return out
 
 

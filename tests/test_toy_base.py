@@ -1,0 +1,68 @@
+"""The toy base's second (lookup) phase: fillers, shifted solutions, cache names, and a build from a cached first phase."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from pte.models import toy
+from pte.models.toy import FILLER, ToySpec, shifted_positions, toy_base_dir, with_fillers
+from pte.training.carry import carry_problems
+from pte.training.rewards import verify_answer
+
+TINY = ToySpec(
+    steps=(3, 4), values=(1, 2), held_out=((4, 1),), hidden=16, layers=1, heads=2, kv_heads=1, train_steps=2,
+    batch=4, eval_problems=2, lookup_steps=2,
+)  # fmt: skip
+
+
+def test_fillers_go_into_question_and_solution_alike():
+    rng = np.random.default_rng(0)
+    seen = set()
+    for p in carry_problems(200, 1, (6, 20), (1, 3)):
+        f = with_fillers(p, rng, 3)
+        q, s = f.question.split(" "), f.solution.split(" ")
+        n = q.count(FILLER)
+        seen.add(n)
+        assert n == s.count(FILLER) <= 3 and f.answer == p.answer and verify_answer(f.solution, f.answer)
+        assert len(s) == len(q) + 1 and all(q[i] == s[i] for i in range(len(q)) if FILLER in (q[i], s[i]))
+        assert [x for x in q if x != FILLER] == p.question.split(" "), "only fillers were added"
+        assert [x for x in s if x != FILLER] == p.solution.split(" ")
+    assert seen == {0, 1, 2, 3}
+
+
+def test_a_shifted_solution_keeps_its_prompt_positions_and_moves_as_one_block():
+    labels = torch.full((64, 10), -100)
+    labels[:, 6:9] = 5  # the solution: tokens 6-8, then padding
+    pos = shifted_positions(labels, np.random.default_rng(0), 4)
+    assert torch.equal(pos[:, :6], torch.arange(6).expand(64, 6))
+    jump = pos[:, 6] - 6
+    assert torch.equal(pos[:, 6:], torch.arange(6, 10) + jump[:, None]), "the solution stays contiguous"
+    assert set(jump.tolist()) == {0, 1, 2, 3, 4}
+
+
+def test_the_lookup_phase_has_its_own_name_after_the_first_phases():
+    first = TINY.first_phase()
+    assert first.lookup_steps == 0 and TINY.name.startswith(first.name + "-lookup-")
+    other = replace(TINY, lookup_lr=1e-4)
+    assert other.name != TINY.name and other.first_phase().name == first.name
+    assert replace(first, lookup_lr=1e-4).name == first.name, "lookup settings do not rename a base without the phase"
+    assert ToySpec().first_phase().name == "toy-carry-56b5a185", "the default first phase keeps its cache name"
+
+
+def test_a_built_first_phase_is_reused_and_the_record_names_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("PTE_CACHE", str(tmp_path))
+    calls = []
+    real = toy.first_phase
+    monkeypatch.setattr(toy, "first_phase", lambda *a: calls.append(1) or real(*a))
+    out = toy_base_dir(TINY)
+    assert out.name == TINY.name and (tmp_path / TINY.first_phase().name / "toy_base.json").is_file()
+    record = json.loads((out / "toy_base.json").read_text())
+    assert record["first_phase"]["name"] == TINY.first_phase().name and record["spec"]["lookup_steps"] == 2
+    assert record["train_steps_run"] == record["first_phase"]["train_steps_run"] == 2
+    assert set(record["heldout_accuracy_by_steps_x_values"]) == {"3x1", "4x1", "4x2"}
+    toy_base_dir(replace(TINY, lookup_lr=1e-4))  # another second phase from the same first phase
+    assert len(calls) == 1, "the first phase was trained again"
