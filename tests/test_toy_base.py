@@ -1,4 +1,4 @@
-"""The toy base's second (lookup) phase: fillers, shifted solutions, cache names, and a build from a cached first phase."""
+"""The toy base's lookup phase: fillers, shifted solutions, cache names, a build from a cached first phase."""
 
 from __future__ import annotations
 
@@ -56,8 +56,8 @@ def test_the_lookup_phase_has_its_own_name_after_the_first_phases():
 def test_a_built_first_phase_is_reused_and_the_record_names_it(tmp_path, monkeypatch):
     monkeypatch.setenv("PTE_CACHE", str(tmp_path))
     calls = []
-    real = toy.first_phase
-    monkeypatch.setattr(toy, "first_phase", lambda *a: calls.append(1) or real(*a))
+    real = toy.train_first_phase
+    monkeypatch.setattr(toy, "train_first_phase", lambda *a: calls.append(1) or real(*a))
     out = toy_base_dir(TINY)
     assert out.name == TINY.name and (tmp_path / TINY.first_phase().name / "toy_base.json").is_file()
     record = json.loads((out / "toy_base.json").read_text())

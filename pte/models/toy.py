@@ -69,7 +69,7 @@ class ToySpec:
     lr: float = 3e-3  # constant; AdamW without weight decay
     seed: int = 0
     eval_problems: int = 20  # held-out problems per (steps, values) combination
-    lookup_steps: int = 4000  # second phase (0: none), lr decaying linearly from lookup_lr to 0; see lookup_batch
+    lookup_steps: int = 4000  # second phase (0: none), lr decaying linearly from lookup_lr to 0; see train_lookup_phase
     lookup_lr: float = 2e-3
     fillers: int = 3  # second phase: 0 to this many filler items per problem, at random places of its worksheet
     position_jump: int = 32  # second phase: the solution's positions shifted by 0 to this many, drawn per problem
@@ -195,14 +195,14 @@ def train_toy_base(spec: ToySpec, out_dir: Path, tok: PreTrainedTokenizerFast, s
     held_out = heldout_problems(spec)
     banned = {p.question for ps in held_out.values() for p in ps}
     if start is None:
-        model, steps_run = first_phase(spec, tok, banned)
+        model, steps_run = train_first_phase(spec, tok, banned)
         first: dict = {"train_steps_run": steps_run}
     else:  # the first phase's own record, under first_phase
         model = LlamaForCausalLM.from_pretrained(start).train()
         built = json.loads((start / "toy_base.json").read_text())
         first = {"train_steps_run": built["train_steps_run"], "first_phase": {"name": start.name, **built}}
     if spec.lookup_steps:
-        lookup_phase(spec, model, tok, banned)
+        train_lookup_phase(spec, model, tok, banned)
     model.eval().requires_grad_(False)
     flat = [p for ps in held_out.values() for p in ps]
     correct = full_cache_correct(model, tok, flat)
@@ -238,7 +238,7 @@ def train_toy_base(spec: ToySpec, out_dir: Path, tok: PreTrainedTokenizerFast, s
     return record
 
 
-def first_phase(spec: ToySpec, tok: PreTrainedTokenizerFast, banned: set[str]) -> tuple[LlamaForCausalLM, int]:
+def train_first_phase(spec: ToySpec, tok: PreTrainedTokenizerFast, banned: set[str]) -> tuple[LlamaForCausalLM, int]:
     """Full-cache next-token prediction from a random start, until the loss is near 0 or ``spec.train_steps``;
     returns the model and the steps run."""
     model = new_model(spec, len(tok)).train()
@@ -262,7 +262,7 @@ def first_phase(spec: ToySpec, tok: PreTrainedTokenizerFast, banned: set[str]) -
     return model, step + 1
 
 
-def lookup_phase(spec: ToySpec, model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, banned: set[str]) -> None:
+def train_lookup_phase(spec: ToySpec, model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, banned: set[str]) -> None:
     """Second phase: teach the built base to look its question up by content.
 
     The first phase's base finds operands and where the chain ends by relative position and the question's length:
