@@ -245,12 +245,9 @@ def train_first_phase(spec: ToySpec, tok: PreTrainedTokenizerFast, banned: set[s
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
     rng = np.random.default_rng([spec.seed, 3])
     recent: deque[float] = deque(maxlen=50)
-    skip = frozenset(spec.held_out)
     bar = tqdm(range(spec.train_steps), desc="toy base (full-cache SFT)", mininterval=5)
     for step in bar:
-        seed = int(rng.integers(2**31))
-        problems = carry_problems(spec.batch, seed, spec.steps, spec.values, exclude=skip)
-        ids, labels = _batch(tok, [p for p in problems if p.question not in banned])
+        ids, labels = _batch(tok, training_problems(spec, rng, banned))
         loss = _step(model, opt, model(input_ids=ids, labels=labels).loss)
         bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
         recent.append(loss)
@@ -275,17 +272,23 @@ def train_lookup_phase(spec: ToySpec, model: LlamaForCausalLM, tok: PreTrainedTo
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lookup_lr, weight_decay=0.0)
     decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 - i / spec.lookup_steps)
     rng = np.random.default_rng([spec.seed, 4])
-    skip = frozenset(spec.held_out)
     bar = tqdm(range(spec.lookup_steps), desc="toy base (lookup phase)", mininterval=5)
     for step in bar:
-        problems = carry_problems(spec.batch, int(rng.integers(2**31)), spec.steps, spec.values, exclude=skip)
-        ids, labels = _batch(tok, [with_fillers(p, rng, spec.fillers) for p in problems if p.question not in banned])
+        ids, labels = _batch(tok, [with_fillers(p, rng, spec.fillers) for p in training_problems(spec, rng, banned)])
         positions = shifted_positions(labels, rng, spec.position_jump)
         loss = _step(model, opt, model(input_ids=ids, position_ids=positions, labels=labels).loss)
         decay.step()
         bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
         if step % 50 == 0:
             log.info("toy base lookup step %d: loss %.4f", step, loss)
+
+
+def training_problems(spec: ToySpec, rng: np.random.Generator, banned: set[str]) -> list[CarryProblem]:
+    """One batch of the family, held-out variants and the evaluation's own problems left out."""
+    problems = carry_problems(
+        spec.batch, int(rng.integers(2**31)), spec.steps, spec.values, exclude=frozenset(spec.held_out)
+    )
+    return [p for p in problems if p.question not in banned]
 
 
 def _step(model: LlamaForCausalLM, opt: torch.optim.Optimizer, loss: torch.Tensor) -> float:
@@ -336,7 +339,7 @@ def toy_base_dir(spec: ToySpec | None = None) -> Path:
     out = cache_dir() / spec.name
     if not (out / "toy_base.json").exists():
         start = toy_base_dir(spec.first_phase()) if spec.lookup_steps else None
-        log.info("building the toy base model %s (once, a few minutes on a CPU)", spec.name)
+        log.info("building the toy base model %s (once; 20-50 min on a 2-core CPU)", spec.name)
         train_toy_base(spec, out, tiny_tokenizer(), start=start)
     return out
 
