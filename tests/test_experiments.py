@@ -213,6 +213,35 @@ def test_toy_table_shows_a_spread_only_over_several_seeds():
     assert "| a | 80.0 ± 14.1 |" in markdown and "| b | 50.0 |" in markdown and table["b"]["W12"][2] == 1
 
 
+def test_toy_table_names_the_seeds_of_an_arm_scored_on_fewer():
+    results = {
+        "a": {"0": {"W12": 0.9}, "1": {"W12": 0.7}},
+        "b": {"2": {"W12": 0.5}},
+        "c": {"0": {}, "1": {"failed": "x"}},
+    }
+    markdown, _ = toy_table.summarise(results, ["a", "b", "c"], seeds=(0, 1))
+    assert "| a | 80.0 ± 14.1 |" in markdown and "| b (seed 2) | 50.0 |" in markdown and "| c (seed 0) |" in markdown
+
+
+def test_toy_table_summarise_trains_nothing_and_tables_the_scored_jobs(tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("--summarise must not train")
+
+    monkeypatch.setattr(toy_table, "train_arm", fail)
+    out = tmp_path / "table"
+    for arm, seed, acc in [("base", 0, 0.1), ("pte_sft", 0, 1.0), ("pte_sft", 2, 0.8)]:
+        (out / arm / f"seed{seed}").mkdir(parents=True)
+        (out / arm / f"seed{seed}" / "scores.json").write_text(json.dumps({"W4": acc, "full": 1.0}))
+    argv = [*TINY, "--config", "configs/tiny.yaml", "--out", str(out), "--seeds", "0", "1", "2", "--windows", "4"]
+    table = toy_table.main([*argv, "--arms", "base", "pte_sft", "lora", "--summarise"])
+    assert set(table) == {"base", "pte_sft"} and table["pte_sft"]["W4"][:1] == [90.0]
+    markdown = (out / "results.md").read_text()
+    assert "| base (seed 0) | 10.0 | 100.0 |" in markdown and "| pte_sft (seeds 0, 2) | 90.0 ± 14.1 |" in markdown
+    assert (out / "accuracy_vs_budget.png").exists() and not (out / "lora").exists()
+    with pytest.raises(SystemExit):
+        toy_table.main([*argv, "--summarise", "--shard", "0/2"])
+
+
 def test_two_stage_arms_split_the_steps_and_the_sft_only_arm_spends_them_all_on_sft():
     budget = toy_table.Budget(steps=1000, windows=(12,), problems=10, seeds=(0,))
     assert toy_table.stage_steps(toy_table.ARMS["pte_sft_grpo"], budget) == [900, 100]

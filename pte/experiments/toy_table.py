@@ -21,7 +21,8 @@ paper's inference 15 %.
 Writes ``results.json``, ``results.md`` (mean ± sd over seeds, one column per window) and ``accuracy_vs_budget.png``;
 every stage keeps its own run directory with TensorBoard logs. An interrupted run resumes arm by arm: finished stages
 and evaluations are read back, not recomputed. ``--shard I/N`` runs every N-th (arm, seed) job only, so N processes
-share the sweep; a last call without it reads them back and writes the table.
+share the sweep; a last call without it reads them back and writes the table. ``--summarise`` trains nothing: it writes
+the table and plot from the jobs already scored, whichever seeds each arm has (a row names its seeds when they are fewer).
 Generation (training and evaluation) stops at the task's longest solution plus a margin unless the overrides set it:
 an arm at chance under a window otherwise samples to the config's limit, sized for the longest variant.
 An arm whose training stops on non-finite steps is recorded as diverged and left out of the means (delete its
@@ -185,8 +186,9 @@ def load_arm_model(config: Path, adapter: Path | None, common: list[str]):
     return model, tok, cfg
 
 
-def summarise(results: dict, arms: list[str]) -> tuple[str, dict]:
-    """Mean and spread (sample std over seeds) per arm and column; a Markdown table, then the jobs that diverged."""
+def summarise(results: dict, arms: list[str], seeds: tuple[int, ...] | None = None) -> tuple[str, dict]:
+    """Mean and spread (sample std over seeds) per arm and column; a Markdown table, then the jobs that diverged.
+    An arm scored on other seeds than ``seeds`` is labelled with its own."""
     scored = {arm: [s for s in results[arm].values() if FAILED not in s] for arm in arms}
     columns = sorted({c for arm in arms for s in scored[arm] for c in s}, key=_column_order)
     table: dict[str, dict[str, list[float]]] = {}
@@ -200,10 +202,18 @@ def summarise(results: dict, arms: list[str]) -> tuple[str, dict]:
                 row[c] = [statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0, len(vals)]
         table[arm] = row
         cells = [_cell(*row[c]) if c in row else "-" for c in columns]
-        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_label(arm, results[arm], seeds)} | " + " | ".join(cells) + " |")
     if failed:
         lines += ["", "Diverged (no scores; they are left out of the means):", *failed]
     return "\n".join(lines) + "\n", table
+
+
+def _label(arm: str, jobs: dict, seeds: tuple[int, ...] | None) -> str:
+    """``pte_grpo (seeds 0, 2)`` where the arm's scored seeds are not the listed ones."""
+    own = sorted(int(s) for s, scores in jobs.items() if FAILED not in scores)
+    if seeds is None or own == sorted(seeds):
+        return arm
+    return f"{arm} (seed{'s' if len(own) != 1 else ''} {', '.join(map(str, own))})"
 
 
 def _cell(mean: float, sd: float, n: int) -> str:
@@ -232,13 +242,14 @@ def plot(table: dict, budget: Budget, max_new: int, path: Path) -> None:
         cols = [c for c in xs if c in row]
         if not cols:  # every seed diverged
             continue
+        scored = max(row[c][2] for c in cols)
         ax.errorbar(
             [xs[c] for c in cols],
             [row[c][0] for c in cols],
             yerr=[row[c][1] for c in cols],
             marker="o",
             capsize=3,
-            label=arm,
+            label=arm if scored == len(budget.seeds) else f"{arm} ({scored} seed{'s' if scored > 1 else ''})",
         )
     ax.set_xscale("log", base=2)
     ax.set_xticks(list(xs.values()), [*(str(w) for w in budget.windows), "none\nevicted"])
@@ -283,8 +294,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=[*ARMS, *ABLATIONS])
     parser.add_argument("--ablations", action="store_true", help="add every ablation arm")
     parser.add_argument("--shard", type=_shard, default=None, help="I/N: run every N-th job from the I-th (0-based)")
+    parser.add_argument("--summarise", action="store_true", help="train nothing: table and plot of the scored jobs")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every arm (e.g. rollout.batch_size=16)")
     args = parser.parse_args(argv)
+    if args.summarise and args.shard is not None:
+        parser.error("--summarise writes the whole table: it takes no --shard")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     lr = (("sft", args.sft_lr), ("grpo", args.grpo_lr))
     budget = Budget(args.steps, tuple(sorted(args.windows)), args.problems, tuple(args.seeds), args.sft_share, lr)
@@ -303,6 +317,8 @@ def main(argv: list[str] | None = None) -> dict:
         mine = jobs if args.shard is None else jobs[args.shard[0] :: args.shard[1]]
         for name, seed in tqdm(mine, desc="arms x seeds"):
             done = args.out / name / f"seed{seed}" / "scores.json"  # one file per job: seeds can run in parallel
+            if not done.exists() and args.summarise:
+                continue
             if not done.exists():
                 arm = arms[name]
                 done.parent.mkdir(parents=True, exist_ok=True)
@@ -322,7 +338,7 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     setup = vars(args) | {"out": str(args.out), "config": str(args.config)}
     (args.out / "results.json").write_text(json.dumps({"setup": setup, "results": results}, indent=2, default=str))
-    markdown, table = summarise(results, [n for n in names if n in results])
+    markdown, table = summarise(results, [n for n in names if n in results], budget.seeds)
     (args.out / "results.md").write_text(markdown)
     plot(table, budget, base_cfg.rollout.max_new_tokens, args.out / "accuracy_vs_budget.png")
     print(markdown)
