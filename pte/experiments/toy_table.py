@@ -209,9 +209,10 @@ def summarise(results: dict, arms: list[str], seeds: tuple[int, ...] | None = No
 
 
 def _label(arm: str, jobs: dict, seeds: tuple[int, ...] | None) -> str:
-    """``pte_grpo (seeds 0, 2)`` where the arm's scored seeds are not the listed ones."""
+    """``pte_grpo (seeds 0, 2)`` where the arm's scored seeds are not the listed ones (none scored: the name alone, the
+    diverged jobs are listed under the table)."""
     own = sorted(int(s) for s, scores in jobs.items() if FAILED not in scores)
-    if seeds is None or own == sorted(seeds):
+    if seeds is None or not own or own == sorted(seeds):
         return arm
     return f"{arm} (seed{'s' if len(own) != 1 else ''} {', '.join(map(str, own))})"
 
