@@ -230,8 +230,9 @@ def _column_order(c: str) -> tuple[int, int, str]:
     return (2 if rest else 0, int(window), c)
 
 
-def plot(table: dict, budget: Budget, max_new: int, path: Path) -> None:
-    """Accuracy against thought window per arm (nothing evicted drawn at the response limit), with spread bars."""
+def plot(table: dict, labels: dict[str, str], budget: Budget, max_new: int, path: Path) -> None:
+    """Accuracy against thought window per arm (nothing evicted drawn at the response limit), with spread bars; each
+    arm's legend entry is its table label."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -243,14 +244,13 @@ def plot(table: dict, budget: Budget, max_new: int, path: Path) -> None:
         cols = [c for c in xs if c in row]
         if not cols:  # every seed diverged
             continue
-        scored = max(row[c][2] for c in cols)
         ax.errorbar(
             [xs[c] for c in cols],
             [row[c][0] for c in cols],
             yerr=[row[c][1] for c in cols],
             marker="o",
             capsize=3,
-            label=arm if scored == len(budget.seeds) else f"{arm} ({scored} seed{'s' if scored > 1 else ''})",
+            label=labels[arm],
         )
     ax.set_xscale("log", base=2)
     ax.set_xticks(list(xs.values()), [*(str(w) for w in budget.windows), "none\nevicted"])
@@ -318,9 +318,9 @@ def main(argv: list[str] | None = None) -> dict:
         mine = jobs if args.shard is None else jobs[args.shard[0] :: args.shard[1]]
         for name, seed in tqdm(mine, desc="arms x seeds"):
             done = args.out / name / f"seed{seed}" / "scores.json"  # one file per job: seeds can run in parallel
-            if not done.exists() and args.summarise:
-                continue
             if not done.exists():
+                if args.summarise:
+                    continue
                 arm = arms[name]
                 done.parent.mkdir(parents=True, exist_ok=True)
                 try:
@@ -341,7 +341,8 @@ def main(argv: list[str] | None = None) -> dict:
     (args.out / "results.json").write_text(json.dumps({"setup": setup, "results": results}, indent=2, default=str))
     markdown, table = summarise(results, [n for n in names if n in results], budget.seeds)
     (args.out / "results.md").write_text(markdown)
-    plot(table, budget, base_cfg.rollout.max_new_tokens, args.out / "accuracy_vs_budget.png")
+    labels = {arm: _label(arm, results[arm], budget.seeds) for arm in table}
+    plot(table, labels, budget, base_cfg.rollout.max_new_tokens, args.out / "accuracy_vs_budget.png")
     print(markdown)
     log.info("wall time this call: %.0f s; results in %s", time.perf_counter() - t0, args.out)
     return table
