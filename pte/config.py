@@ -22,7 +22,7 @@ from pte.engine.cache import POLICIES, CachePolicy
 from pte.engine.rollout import SamplingConfig
 from pte.engine.thought import ThoughtConfig
 from pte.errors import UserError
-from pte.training.carry import span
+from pte.training.carry import letter_span, span
 
 METHODS = ("base", "lora", "lora_c", "pte")
 OBJECTIVES = ("grpo", "sft")
@@ -153,7 +153,8 @@ class DataCfg:
 
     ``carry_steps`` / ``carry_values`` size the offline long-horizon task (``source: carry``, pte/training/carry.py, and
     the ``carry`` benchmark of eval.py): chain length (about 5 tokens of trace per step) and how many marked values the
-    answer needs, each one number or an inclusive ``[lo, hi]`` range drawn per problem.
+    answer needs, each one number or an inclusive ``[lo, hi]`` range drawn per problem; ``carry_letters`` how many codes
+    (2-10) a marked value is drawn from (10: any digit, the task; fewer: a recall under a plain window guesses better).
     """
 
     source: str = "reasoning_gym"
@@ -161,6 +162,7 @@ class DataCfg:
     size: int = 512
     carry_steps: Any = 10
     carry_values: Any = 1
+    carry_letters: Any = 10
     path: str | None = None
     hf_name: str | None = None
     hf_config: str | None = None
@@ -182,6 +184,12 @@ class DataCfg:
                 span(getattr(self, key), key)
             except ValueError:
                 require(False, f"data.{key}", f"expected a positive number or [lo, hi], got {getattr(self, key)!r}")
+        try:
+            letter_span(self.carry_letters)
+        except ValueError:
+            require(
+                False, "data.carry_letters", f"expected 2 to 10 or [lo, hi] within them, got {self.carry_letters!r}"
+            )
 
 
 ENGINE_SAMPLING = SamplingConfig()

@@ -14,9 +14,9 @@ from pte.training.carry import BLANKS, CODES, MARKS, carry_problem, carry_proble
 from pte.training.rewards import verify_answer
 
 
-@pytest.mark.parametrize("steps,carry", [(10, 1), (6, 2), (20, 3), (26, 3)])
-def test_carry_solution_is_right_and_lines_up_with_the_question(steps, carry):
-    p = carry_problem(np.random.default_rng(5), steps, carry)
+@pytest.mark.parametrize("steps,carry,letters", [(10, 1, 10), (6, 2, 2), (20, 3, 10), (26, 3, 3), (12, 2, 5)])
+def test_carry_solution_is_right_and_lines_up_with_the_question(steps, carry, letters):
+    p = carry_problem(np.random.default_rng(5), steps, carry, letters)
     assert problem_variant(p.question) == (steps, carry)
     tokens = p.question.split(" ")
     tokens, shape = tokens[: tokens.index("ans")], tokens[tokens.index("ans") :]
@@ -39,7 +39,7 @@ def test_carry_solution_is_right_and_lines_up_with_the_question(steps, carry):
         else:
             value = (value + int(cell[1])) % 10
             assert cell.endswith(f"={value}")
-    assert len(marks) == carry
+    assert len(marks) == carry and max(marks) < letters
     ans, last, *recalls, boxed = words[len(tokens) :]
     assert (ans, int(last)) == ("ans", value)
     for k, (cell, mark) in enumerate(zip(recalls, marks, strict=True)):  # the mark's symbol and letter, digit, sum
@@ -54,6 +54,38 @@ def test_carry_family_draws_every_variant_in_its_ranges_but_the_excluded():
     seen = {problem_variant(p.question) for p in problems}
     assert seen == {(s, v) for s in range(6, 10) for v in range(1, min(3, s // 2) + 1)} - {(7, 2)}
     assert carry_problems(20, seed=1, steps=10, carry=1) == carry_problems(20, seed=1)
+
+
+def test_carry_letters_bound_the_marked_values_and_leave_the_full_alphabet_unchanged():
+    def letters_of(problems):
+        return [c[1] for p in problems for c in p.solution.split(" ") if c[0] in MARKS and len(c) == 2]
+
+    family = carry_problems(300, seed=1, steps=[6, 20], carry=[1, 3], letters=[2, 4])
+    drawn = letters_of(family)
+    assert set(drawn) == {"A", "B", "C", "D"} and drawn.count("A") > drawn.count("D"), "A, B lie in every alphabet"
+    assert set(letters_of(carry_problems(100, seed=1, letters=2))) == {"A", "B"}
+    assert set(letters_of(carry_problems(300, seed=1))) == set(CODES)
+    first = carry_problems(1, seed=0, steps=[6, 20], carry=[1, 3], letters=10)[0]  # what the toy base trained on
+    assert first.solution.startswith("0 a3=3 b7=0 c6=6 d8=4 #E e5=9 f5=4 $E g9=3 %D h8=1")
+    assert carry_problems(50, seed=2, letters=[10, 10]) == carry_problems(50, seed=2)
+    for bad in (1, 11, [3, 2], [1, 4]):
+        with pytest.raises(ValueError, match="data.carry_letters"):
+            carry_problems(4, seed=0, letters=bad)
+
+
+def test_carry_letters_in_a_config_reach_the_data_and_a_bad_value_names_the_key(tmp_path):
+    from pte.config import ConfigError, load_config
+    from pte.training.module import build_datamodule
+
+    with pytest.raises(ConfigError, match="data.carry_letters"):
+        load_config("configs/default.yaml", ["data.carry_letters=1"])
+    cfg = load_config(
+        "configs/default.yaml", ["data.carry_letters=[2,3]", "data.size=60", "data.val_size=4", "data.template=plain"]
+    )
+    data = build_datamodule(cfg, None)
+    data.setup("fit")
+    marks = {c[1] for e in data.train_examples for c in e.solution.split(" ") if c[0] in MARKS and len(c) == 2}
+    assert marks == {"A", "B", "C"}
 
 
 @pytest.mark.parametrize("steps", [[0, 4], [9, 6], [1, 2, 3]])
@@ -259,3 +291,15 @@ def test_each_ablation_changes_one_thing_in_the_recipe():
         keys = {o.split("=")[0] for o in arm.overrides}
         assert len(keys) == 1 or keys == {"cache.train_windows", "cache.train_evict_ratios"}, name
     assert toy_table.ABLATIONS["pte_scale_mean"].overrides == ("thought.state_scale=mean",)
+
+
+def test_task_mix_arms_train_grpo_alone_on_the_letter_mix(tmp_path, monkeypatch):
+    stages = []
+    monkeypatch.setattr(toy_table, "run_stage", lambda config, overrides, out: stages.append((out.name, overrides)))
+    budget = toy_table.Budget(steps=10, windows=(12, 24), problems=4, seeds=(0,))
+    for name, method in (("pte_grpo_mix", "pte"), ("lora_c_mix", "lora_c")):
+        stages.clear()
+        toy_table.train_arm(name, toy_table.MIXED[name], 0, budget, tmp_path / "c.yaml", tmp_path, ["data.size=9"])
+        [(stage, overrides)] = stages
+        assert stage == "grpo" and f"method={method}" in overrides and "trainer.max_steps=10" in overrides
+        assert overrides[-1] == "data.carry_letters=[2,10]" and "data.size=9" in overrides

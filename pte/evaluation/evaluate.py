@@ -252,8 +252,9 @@ def rollout_rows(e: EvalCfg) -> int:
 def _load_problems(bench: str, path: str | None, limit: int | None, cfg: Config) -> list[Problem]:
     """load_benchmark (the carry task at ``data.carry_*``), with a hub that cannot be reached reported as a config
     problem naming the way out."""
+    d = cfg.data
     try:
-        return load_benchmark(bench, path=path, limit=limit, carry=(cfg.data.carry_steps, cfg.data.carry_values))
+        return load_benchmark(bench, path=path, limit=limit, carry=(d.carry_steps, d.carry_values, d.carry_letters))
     except (ConnectionError, OSError) as err:
         if path is not None:
             raise

@@ -17,7 +17,9 @@ PTE arms, the plain window otherwise) and with nothing evicted (``full``: the fu
 with a window the response never fills). ``--ablations`` adds PTE variants (SFT only, without the GRPO stage; one fixed
 training schedule instead of drawn ones; global tokens; Normalize; detach vs chain; the paper's mean state scale); PTE
 arms are also scored at the tightest window with 5 % evicted at once (one token) and at the middle window with the
-paper's inference 15 %.
+paper's inference 15 %. ``--arms lora_c_mix pte_grpo_mix`` trains GRPO alone on a task mix whose marked values are
+drawn from 2 to 10 letters per problem (``data.carry_letters=[2,10]``: a recall under the window is a 1-in-2 to 1-in-10
+guess, so a group's samples disagree more often), evaluated on the task itself (10 letters).
 Writes ``results.json``, ``results.md`` (mean ± sd over seeds, one column per window) and ``accuracy_vs_budget.png``;
 every stage keeps its own run directory with TensorBoard logs. An interrupted run resumes arm by arm: finished stages
 and evaluations are read back, not recomputed. ``--shard I/N`` runs every N-th (arm, seed) job only, so N processes
@@ -80,6 +82,13 @@ ABLATIONS = {
     **{f"pte_norm_{n}": Arm("pte", ("sft", "grpo"), (f"thought.normalize={n}",)) for n in ("frobenius", "none")},
     "pte_detach": Arm("pte", ("sft", "grpo"), ("thought.state_grad=detach",)),
     "pte_scale_mean": Arm("pte", ("sft", "grpo"), ("thought.state_scale=mean",)),  # the paper's 1/m, not the sum
+}
+
+
+TASK_MIX = ("data.carry_letters=[2,10]",)  # training only: every arm is evaluated on the problems of the sweep's config
+MIXED = {
+    "lora_c_mix": Arm("lora_c", ("grpo",), TASK_MIX),
+    "pte_grpo_mix": Arm("pte", ("grpo",), TASK_MIX),
 }
 
 
@@ -292,7 +301,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--grpo-lr", type=float, default=3e-4, help="learning rate of every GRPO stage")
     parser.add_argument("--windows", type=int, nargs="+", default=[12, 16, 24, 32, 64], help="thought windows W")
     parser.add_argument("--problems", type=int, default=100, help="held-out problems per evaluation")
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=[*ARMS, *ABLATIONS])
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=[*ARMS, *ABLATIONS, *MIXED])
     parser.add_argument("--ablations", action="store_true", help="add every ablation arm")
     parser.add_argument("--shard", type=_shard, default=None, help="I/N: run every N-th job from the I-th (0-based)")
     parser.add_argument("--summarise", action="store_true", help="train nothing: table and plot of the scored jobs")
@@ -303,14 +312,13 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     lr = (("sft", args.sft_lr), ("grpo", args.grpo_lr))
     budget = Budget(args.steps, tuple(sorted(args.windows)), args.problems, tuple(args.seeds), args.sft_share, lr)
-    arms = {**ARMS, **ABLATIONS}
+    arms = {**ARMS, **ABLATIONS, **MIXED}
     names = [*args.arms, *(n for n in ABLATIONS if args.ablations and n not in args.arms)]
     args.out.mkdir(parents=True, exist_ok=True)
     base_cfg = load_config(args.config, args.overrides)
     common = [*generation_limits(base_cfg, args.overrides), *args.overrides]
-    problems = carry_problems(
-        budget.problems, seed=20_000, steps=base_cfg.data.carry_steps, carry=base_cfg.data.carry_values
-    )
+    d = base_cfg.data
+    problems = carry_problems(budget.problems, 20_000, d.carry_steps, d.carry_values, letters=d.carry_letters)
     t0 = time.perf_counter()
     results: dict = {}
     with Grader(timeout_s=5.0, workers=1) as grader:

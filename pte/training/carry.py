@@ -16,7 +16,9 @@ value too few on others, and a state holding two letters could not tell which ca
 
 A family of variants: ``steps`` and ``values`` may each be one number or an inclusive ``(lo, hi)`` range drawn per
 problem (``values`` capped at ``steps // 2`` and at 3), so one base and one adapter can be tested on chain lengths and
-recall counts they were not tuned on.
+recall counts they were not tuned on. ``letters`` (``data.carry_letters``, default 10: any digit) draws every marked
+value from the first ``letters`` codes (``A``, ``B``, ...; one number or a range drawn per problem): under a plain
+window a recall is then a 1-in-``letters`` guess, so a mix of alphabets gives GRPO groups whose samples disagree.
 
 A mark is a capital letter so that the value to carry is one distinctive token (with a plain digit among dozens of
 digits, PTE did not learn to carry it within this project's CPU budget). Every step of the answer line is the
@@ -65,6 +67,14 @@ def span(x: Span, key: str) -> tuple[int, int]:
     return pair[0], pair[1]
 
 
+def letter_span(letters: Span) -> tuple[int, int]:
+    """``(lo, hi)`` of ``data.carry_letters``: how many codes a marked value is drawn from, 2 to 10."""
+    lo, hi = span(letters, "data.carry_letters")
+    if not 2 <= lo <= hi <= len(CODES):
+        raise ValueError(f"data.carry_letters={letters!r}: expected 2 to {len(CODES)} letters, or [lo, hi] within them")
+    return lo, hi
+
+
 def variants(steps: Span, values: Span) -> list[tuple[int, int]]:
     """Every ``(steps, values)`` combination in the ranges, values capped at half the chain."""
     (s_lo, s_hi), (v_lo, v_hi) = span(steps, "data.carry_steps"), span(values, "data.carry_values")
@@ -93,23 +103,29 @@ def problem_variant(question: str) -> tuple[int, int]:
     return question.count("=?") - recalls, recalls
 
 
-def carry_problem(rng: np.random.Generator, steps: int, carry: int) -> CarryProblem:
+def carry_problem(rng: np.random.Generator, steps: int, carry: int, letters: int = 10) -> CarryProblem:
     """Draw one problem: ``steps`` additions mod 10, ``carry`` marked steps in the first half of the chain.
 
     Args:
         rng: numpy generator (the caller seeds it).
         steps: chain length (2 to 26 labelled steps); the trace is about 5 tokens per step.
         carry: how many intermediate values the answer needs (1 to steps // 2, at most 3).
+        letters: marked values lie in ``0 .. letters - 1`` (2 to 10): a marked step's digit is drawn to land there,
+            any digit but the one that keeps the value. At 10 nothing more is drawn (the same problems as before).
     """
     if not 2 <= steps <= len(LABELS):
         raise ValueError(f"data.carry_steps={steps}: must be between 2 and {len(LABELS)}")
     if not 1 <= carry <= min(steps // 2, len(MARKS)):
         raise ValueError(f"data.carry_values={carry}: must be between 1 and min(steps // 2, {len(MARKS)})")
+    letter_span(letters)
     start = int(rng.integers(10))
     digits = rng.integers(1, 10, size=steps).tolist()
     marked = sorted(rng.choice(np.arange(1, steps // 2 + 1), size=carry, replace=False).tolist())  # 1-based steps
     value, lines, blanks, kept = start, [str(start)], [str(start)], []
     for i, d in enumerate(digits, start=1):
+        if i in marked and letters < len(CODES):
+            target = [t for t in range(letters) if t != value][int(rng.integers(letters - (value < letters)))]
+            d = (target - value) % 10
         value = (value + d) % 10
         lines.append(f"{LABELS[i - 1]}{d}={value}")
         blanks.append(f"{LABELS[i - 1]}{d}=?")
@@ -130,14 +146,21 @@ def carry_problem(rng: np.random.Generator, steps: int, carry: int) -> CarryProb
 
 
 def carry_problems(
-    size: int, seed: int, steps: Span = 10, carry: Span = 1, exclude: frozenset[tuple[int, int]] = frozenset()
+    size: int,
+    seed: int,
+    steps: Span = 10,
+    carry: Span = 1,
+    exclude: frozenset[tuple[int, int]] = frozenset(),
+    letters: Span = 10,
 ) -> list[CarryProblem]:
     """``size`` distinct problems from ``seed`` (the same seed always gives the same list).
 
     ``steps`` and ``carry`` are one number or an inclusive range; with ranges each problem draws its chain length,
     then its number of values (capped at half the chain). ``exclude`` lists ``(steps, values)`` combinations never drawn
-    (a toy base's held-out variants).
+    (a toy base's held-out variants). ``letters`` (one number or a range drawn per problem, after its variant) bounds
+    the marked values: see :func:`carry_problem`.
     """
+    lo, hi = letter_span(letters)
     lowest = (span(steps, "data.carry_steps")[0], span(carry, "data.carry_values")[0])
     combos = [c for c in variants(steps, carry) if c not in exclude] or [lowest]  # one fixed combo validates below
     rng = np.random.default_rng([seed, 7])
@@ -146,7 +169,8 @@ def carry_problems(
         if len(out) == size:
             break
         s, v = combos[int(rng.integers(len(combos)))] if len(combos) > 1 else combos[0]
-        p = carry_problem(rng, s, v)
+        k = hi if lo == hi else int(rng.integers(lo, hi + 1))
+        p = carry_problem(rng, s, v, k)
         out.setdefault(p.question, p)
     if len(out) < size:
         raise ValueError(f"data.size={size}: only {len(out)} distinct carry problems with steps={steps}")

@@ -73,12 +73,12 @@ def reasoning_gym_examples(
     return [items[j] for j in range(longest) for items in per_task if j < len(items)]
 
 
-def carry_examples(size: int, seed: int, steps: int, values: int) -> list[Example]:
+def carry_examples(size: int, seed: int, steps: Any, values: Any, letters: Any = 10) -> list[Example]:
     """The offline long-horizon carry task (pte/training/carry.py) with worked solutions; ids ``carry/<seed>/<i>``."""
     from pte.training.carry import carry_problems
 
     try:
-        problems = carry_problems(size, seed, steps, values)
+        problems = carry_problems(size, seed, steps, values, letters=letters)
     except ValueError as err:
         raise DataError(str(err)) from None
     return [Example(f"carry/{seed}/{i}", p.question, p.answer, p.solution) for i, p in enumerate(problems)]
@@ -206,6 +206,7 @@ class MathDataModule(lightning.LightningDataModule):
         task_configs: Mapping[str, Mapping[str, Any]] | None = None,
         carry_steps: int = 12,
         carry_values: int = 1,
+        carry_letters: Any = 10,
         name: str | None = None,
         split: str = "train",
         config: str | None = None,
@@ -227,7 +228,7 @@ class MathDataModule(lightning.LightningDataModule):
         Args:
             tokenizer: Serves the ``chat`` template.
             source: ``reasoning_gym`` (``tasks``, ``size``, ``task_configs``), ``carry`` (``size``, ``carry_steps``,
-                ``carry_values``: the long-horizon task of pte/training/carry.py), ``hf`` (``name``, ``split``,
+                ``carry_values``, ``carry_letters``: the long-horizon task of pte/training/carry.py), ``hf`` (``name``, ``split``,
                 ``config``, ``revision``) or ``file`` (``path``); the last two read ``question_field`` /
                 ``answer_field`` and keep the first ``limit`` rows.
             val_size: Held-out validation questions (0 for none).
@@ -269,7 +270,9 @@ class MathDataModule(lightning.LightningDataModule):
         if h.source == "reasoning_gym":
             return ExampleTable.from_examples(reasoning_gym_examples(h.tasks, h.size, h.seed, h.task_configs))
         if h.source == "carry":
-            return ExampleTable.from_examples(carry_examples(h.size, h.seed, h.carry_steps, h.carry_values))
+            return ExampleTable.from_examples(
+                carry_examples(h.size, h.seed, h.carry_steps, h.carry_values, h.carry_letters)
+            )
         fields = (h.question_field, h.answer_field)
         if h.source == "hf":
             return hf_examples(h.name, h.split, *fields, config=h.config, revision=h.revision, limit=h.limit)

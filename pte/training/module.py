@@ -51,6 +51,7 @@ def build_datamodule(cfg: Config, tokenizer) -> MathDataModule:
         size=d.size,
         carry_steps=d.carry_steps,
         carry_values=d.carry_values,
+        carry_letters=d.carry_letters,
         name=d.hf_name,
         split=d.split,
         config=d.hf_config,
