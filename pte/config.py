@@ -127,6 +127,7 @@ class ThoughtCfg:
     normalize: str = "rms"
     state_scale: str = "mean"
     evicted_keys: str = "pre_rope"
+    evicted_context: str = "token"
     init_std: float = 1.0
     state_grad: str = "detach"
 

@@ -20,10 +20,10 @@ def tiny(family: str = "qwen2", **overrides):
     return tiny_model(family, len(tok), **overrides), tok
 
 
-def tiny_pte(family: str = "qwen2", random_a: bool = True, seed: int = 1):
+def tiny_pte(family: str = "qwen2", random_a: bool = True, seed: int = 1, thought: ThoughtConfig = THOUGHT):
     """A tiny model with a thought encoder; ``random_a`` makes A non-zero so the state changes outputs."""
     model, tok = tiny(family)
-    attach_thought(model, THOUGHT)
+    attach_thought(model, thought)
     if random_a:
         gen = torch.Generator().manual_seed(seed)
         for name, p in model.named_parameters():

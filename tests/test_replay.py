@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -10,14 +11,14 @@ import torch
 from pte.engine.cache import CachePolicy
 from pte.engine.encoder import get_thought, load_thought, save_thought
 from pte.engine.replay import full_replay, reference_logprobs, replay
-from tests.helpers import PROMPTS, run, tiny, tiny_pte
+from tests.helpers import PROMPTS, THOUGHT, run, tiny, tiny_pte
 
 EOS = list(range(40, 44))  # a few characters: rows stop at different steps
 
 
-@pytest.mark.parametrize("family", ["qwen2", "llama"])
-def test_replay_logprobs_equal_rollout(family):
-    model, tok = tiny_pte(family)
+@pytest.mark.parametrize("family,context", [("qwen2", "token"), ("llama", "token"), ("llama", "pair")])
+def test_replay_logprobs_equal_rollout(family, context):
+    model, tok = tiny_pte(family, thought=dataclasses.replace(THOUGHT, evicted_context=context))
     ro = run(model, tok, PROMPTS, CachePolicy("pte", window=8, evict_ratio=0.25), 40, eos=EOS, temperature=1.0, seed=0)
     lengths = ro.response_mask.sum(1)
     assert len(ro.evict_before) >= 3
@@ -78,10 +79,10 @@ def test_adapter_roundtrip(tmp_path):
     assert torch.equal(run(fresh, tok, PROMPTS, policy, 20).logprobs, run(model, tok, PROMPTS, policy, 20).logprobs)
 
 
-@pytest.mark.parametrize("kind", ["pte", "sink"])
-def test_replay_equals_rollout_without_retained_prompt(kind):
+@pytest.mark.parametrize("kind,context", [("pte", "token"), ("pte", "pair"), ("sink", "token")])
+def test_replay_equals_rollout_without_retained_prompt(kind, context):
     """Rows evict at their own steps (prompts of 21, 42 and 31 tokens, window 8): replay cuts at all of them."""
-    model, tok = tiny_pte()
+    model, tok = tiny_pte(thought=dataclasses.replace(THOUGHT, evicted_context=context))
     policy = CachePolicy(kind, window=8, evict_ratio=0.25, sink_tokens=2 if kind == "sink" else 0, retain_prompt=False)
     ro = run(model, tok, PROMPTS, policy, 40, eos=EOS, temperature=1.0, seed=0)
     assert len(ro.evict_before) >= 6

@@ -97,3 +97,36 @@ def test_sum_scale_leaves_nearly_the_same_state_however_a_trace_is_cut():
         apart = layer.update(layer.update(s0, q_proj, k[:, :1], v[:, :1]), q_proj, k[:, 1:], v[:, 1:])
         gap[how] = float((apart - layer.update(s0, q_proj, k, v)).norm() / s0.norm())
     assert gap["sum"] < 0.25 * gap["mean"], gap
+
+
+def test_pair_context_folds_each_evicted_token_beside_its_predecessor():
+    """Evictions of two tokens: both rows, then row 0 alone, then row 1 alone (the same K/V as row 0's second). Each K/V row of the increment is the
+    token's own row then its predecessor's (zeros before the first), carried across evictions per row."""
+    model, _ = tiny("llama", initializer_range=64**-0.5)
+    cfg = ThoughtConfig(rank=4, global_tokens=3, alpha=8.0, evicted_keys="post_rope", evicted_context="pair")
+    encoder = attach_thought(model, cfg)
+    encoder.begin(2)
+    layers = len(encoder.layers)
+    gen = torch.Generator().manual_seed(0)
+    heads, dim = model.config.num_key_value_heads, model.config.hidden_size // model.config.num_attention_heads
+    kv = [[torch.randn(2, heads, 2, dim, generator=gen) for _ in range(layers)] for _ in range(4)]  # k1, v1, k2, v2
+    both, first = torch.tensor([True, True]), torch.tensor([True, False])
+    expected = [s.clone() for s in encoder.store.states]
+    encoder.absorb(kv[0], kv[1], torch.tensor([[5, 6], [5, 6]]), both)
+    encoder.absorb(kv[2], kv[3], torch.tensor([[7, 8], [7, 8]]), first)
+    encoder.absorb(kv[2], kv[3], torch.tensor([[9, 10], [7, 8]]), ~first)  # row 1 now: after its own first eviction
+
+    def flat(x):
+        return x.transpose(1, 2).flatten(2)  # [B, m, H_kv*D]
+
+    for i, lt in enumerate(encoder.layers):
+        q = encoder._proj[i][0]
+        k1, v1, k2, v2 = (flat(x[i]) for x in kv)
+        zero = torch.zeros_like(k1[:, :1])
+        s1 = lt.update(expected[i], q, *(torch.cat([x, torch.cat([zero, x[:, :1]], 1)], -1) for x in (k1, v1)))
+        s2 = lt.update(
+            s1, q, *(torch.cat([b, torch.cat([a[:, 1:], b[:, :1]], 1)], -1) for a, b in ((k1, k2), (v1, v2)))
+        )
+        torch.testing.assert_close(encoder.store.states[i], torch.stack([s2[0], s2[1]]))
+    token = attach_thought(tiny("llama", initializer_range=64**-0.5)[0], replace(cfg, evicted_context="token"))
+    assert encoder.layers[0].lat_k.in_features == 2 * token.layers[0].lat_k.in_features

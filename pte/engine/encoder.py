@@ -64,10 +64,12 @@ class ThoughtEncoder(nn.Module):
         """Reset the states of a new batch of sequences to S_g."""
         self.store.begin([lt.initial_state(p, batch) for lt, p in zip(self.layers, self._proj)])
         self._links: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
+        self._last: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.layers)  # pair: K, V [B, 1, kv]
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep the states of batch ``rows`` (long ``[B']``) only, as the cache does when finished rows leave."""
         self.store.states = [s.index_select(0, rows) for s in self.store.states]
+        self._last = [None if kv is None else tuple(x.index_select(0, rows) for x in kv) for kv in self._last]
 
     def detach_states(self) -> None:
         """Cut the graph between replay chunks: the carried state is a constant for the next chunk."""
@@ -142,8 +144,23 @@ class ThoughtEncoder(nn.Module):
         for i, (lt, k, v) in enumerate(zip(self.layers, keys, values)):
             flat_k = k.transpose(1, 2).flatten(2)  # [B, m, H_kv*D]
             flat_v = v.transpose(1, 2).flatten(2)
+            if self.cfg.evicted_context == "pair":
+                flat_k, flat_v = self._pair(i, flat_k, flat_v, rows)  # [B, m, 2*H_kv*D]
             new = lt.update(self.store.states[i], self._proj[i][0], flat_k, flat_v)
             self.store.states[i] = new if rows is None else torch.where(rows[:, None, None], new, self.store.states[i])
+
+    def _pair(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each evicted row beside its predecessor's: ``[B, m, kv]`` -> ``[B, m, 2 kv]``. Evictions leave in order, so
+        the first token's predecessor is the last token of the row's previous eviction (zeros before any)."""
+        last = self._last[layer] or (k.new_zeros(k[:, :1].shape), v.new_zeros(v[:, :1].shape))
+        out = [torch.cat([x, torch.cat([prev, x[:, :-1]], dim=1)], dim=-1) for x, prev in zip((k, v), last)]
+        ends = (k[:, -1:], v[:, -1:])
+        if rows is not None:  # rows that did not evict keep their predecessor
+            ends = tuple(torch.where(rows[:, None, None], end, prev) for end, prev in zip(ends, last))
+        self._last[layer] = ends
+        return out[0], out[1]
 
 
 def attach_thought(model: PreTrainedModel, cfg: ThoughtConfig) -> ThoughtEncoder:

@@ -12,7 +12,9 @@ H_q/H_kv query/kv heads, D head dim, d_model hidden size.
 c_m is the scale (``state_scale``: the paper's size-independent 1/m or 1/(m sqrt r), or 1); N is ``normalize`` (RMS or
 Frobenius). Heads are flattened (K_e: [B, m, H_kv*D]); each layer's state comes from that layer's own
 evicted keys/values; keys are un-rotated back to their pre-rotary form by default (``evicted_keys``)
-so the state depends on content, not on absolute position.
+so the state depends on content, not on absolute position. With ``evicted_context: pair`` (not the paper) each evicted
+token's K and V rows are concatenated with its predecessor's, [K_t, K_{t-1}] and [V_t, V_{t-1}], so one term of the
+state can bind a token to the one before it (a recalled letter to its mark's symbol).
 
 Precision (pte/training/precision.py): every parameter here is float32 and the state is built and updated in float32,
 with autocast off, whatever the base model's dtype; only ThoughtLinear's update runs in the activation dtype.
@@ -42,6 +44,10 @@ class ThoughtConfig:
             schedule of one-token evictions renormalises it several times as often over the same trace; with ``sum``
             every evicted token adds its own term, and the state a trace leaves depends less on how it was cut.
         evicted_keys: ``pre_rope`` (undo the rotary embedding of evicted keys) or ``post_rope`` (as cached).
+        evicted_context: ``token`` (the paper: the state sums one term per evicted token, built from its own K and V)
+            or ``pair`` (each token's K and V rows concatenated with its predecessor's, W^a_K and W^a_V twice as wide).
+            The sum has no cross-token terms, so with ``token`` a term can bind two facts only if one token's K/V hold
+            both; on the toy base a marked letter's own K/V say which mark it belongs to at 39-82 % (docs/results.md).
         init_std: std of the global tokens; W^a and B use PyTorch's default Linear init; A is zero. It sets how far one
             eviction moves the normalised state. At 0.02 on a toy model S_g falls below the Normalize epsilon (it is
             cubic in init_std), the first eviction alone sets the state and later ones move it by under 1 %, so PTE
@@ -58,6 +64,7 @@ class ThoughtConfig:
     normalize: str = "rms"
     state_scale: str = "mean"
     evicted_keys: str = "pre_rope"
+    evicted_context: str = "token"
     init_std: float = 1.0
     state_grad: str = "detach"
 
@@ -70,6 +77,8 @@ class ThoughtConfig:
             raise ValueError(f"thought.state_scale={self.state_scale!r}: expected mean, mean_sqrt_rank or sum")
         if self.evicted_keys not in ("pre_rope", "post_rope"):
             raise ValueError(f"thought.evicted_keys={self.evicted_keys!r}: expected pre_rope or post_rope")
+        if self.evicted_context not in ("token", "pair"):
+            raise ValueError(f"thought.evicted_context={self.evicted_context!r}: expected token or pair")
         if self.rank < 1 or self.global_tokens < 1:
             raise ValueError("thought.rank and thought.global_tokens must be >= 1")
 
@@ -97,8 +106,9 @@ class LayerThought(nn.Module):
         self.cfg = cfg
         self.global_tokens = nn.Parameter(torch.randn(cfg.global_tokens, d_model) * cfg.init_std)  # h_g [G, d]
         self.lat_q = nn.Linear(q_dim, cfg.rank, bias=False)  # W^a_Q
-        self.lat_k = nn.Linear(kv_dim, cfg.rank, bias=False)  # W^a_K
-        self.lat_v = nn.Linear(kv_dim, cfg.rank, bias=False)  # W^a_V
+        self.width = kv_dim * (2 if cfg.evicted_context == "pair" else 1)  # a row of the state's K/V input
+        self.lat_k = nn.Linear(self.width, cfg.rank, bias=False)  # W^a_K
+        self.lat_v = nn.Linear(self.width, cfg.rank, bias=False)  # W^a_V
 
     def _scale(self, m: int) -> float:
         if self.cfg.state_scale == "sum":
@@ -110,9 +120,11 @@ class LayerThought(nn.Module):
         k_lat, v_lat = _latent(self.lat_k, k), _latent(self.lat_v, v)  # [B, m, r]
         return q_lat @ k_lat.transpose(-1, -2) @ v_lat * self._scale(k.shape[1])
 
-    def _project(self, proj: nn.Module) -> torch.Tensor:
-        """A frozen projection of the global tokens, computed in the base dtype, returned in float32."""
-        return proj(self.global_tokens.to(proj.weight.dtype)).float()
+    def _project(self, proj: nn.Module, width: int | None = None) -> torch.Tensor:
+        """A frozen projection of the global tokens, computed in the base dtype, returned in float32; zero-padded to
+        ``width`` (with ``evicted_context: pair`` a global token has no predecessor)."""
+        out = proj(self.global_tokens.to(proj.weight.dtype)).float()
+        return nn.functional.pad(out, (0, (width or out.shape[-1]) - out.shape[-1]))
 
     def initial_state(self, proj: tuple[nn.Module, nn.Module, nn.Module], batch: int) -> torch.Tensor:
         """S_g from the global tokens alone, repeated for ``batch`` rows: ``[B, G, r]`` (float32), contiguous like every
@@ -120,11 +132,12 @@ class LayerThought(nn.Module):
         q_proj, k_proj, v_proj = proj
         with _no_autocast(self.global_tokens.device):
             q_lat = _latent(self.lat_q, self._project(q_proj))  # [G, r]
-            s = self._increment(q_lat, self._project(k_proj)[None], self._project(v_proj)[None])
+            k_g, v_g = self._project(k_proj, self.width), self._project(v_proj, self.width)  # [G, width]
+            s = self._increment(q_lat, k_g[None], v_g[None])
             return normalize_state(s, self.cfg.normalize).repeat(batch, 1, 1)
 
     def update(self, state: torch.Tensor, q_proj: nn.Module, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """S_e <- N(S_e + S'_e) for evicted keys/values already flattened to ``[B, m, kv_dim]``.
+        """S_e <- N(S_e + S'_e) for evicted keys/values already flattened to ``[B, m, width]``.
 
         Runs in float32 whatever the base dtype, the parameters' dtype or an enclosing autocast
         (pte/training/precision.py): the state sums every eviction of a sequence, and bf16 rounding would compound along

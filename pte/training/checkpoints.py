@@ -47,6 +47,7 @@ STRUCTURE_KEYS = (
     "thought.normalize",
     "thought.state_scale",
     "thought.evicted_keys",
+    "thought.evicted_context",
     "lora.rank",
     "lora.alpha",
     "lora.target_modules",
