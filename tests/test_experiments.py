@@ -303,3 +303,16 @@ def test_task_mix_arms_train_grpo_alone_on_the_letter_mix(tmp_path, monkeypatch)
         [(stage, overrides)] = stages
         assert stage == "grpo" and f"method={method}" in overrides and "trainer.max_steps=10" in overrides
         assert overrides[-1] == "data.carry_letters=[2,10]" and "data.size=9" in overrides
+
+
+def test_binding_probe_reads_the_mark_only_beside_the_predecessor_at_layer_0(monkeypatch):
+    """Layer 0's K/V of a letter are a function of the letter alone: the mark it belongs to cannot be read from them
+    (no better than always guessing one mark), and it can from the row beside the mark's own (pair)."""
+    from pte.experiments import binding_probe
+    from tests.helpers import tiny
+
+    monkeypatch.setattr(binding_probe, "load_model_and_tokenizer", lambda name: tiny("llama"))
+    out = binding_probe.main(["--problems", "150"])
+    assert {"0 k", "0 v pair", "1 k pair"} <= set(out)
+    assert out["0 k pair"][0] == 1.0 and out["0 v pair"][0] == 1.0
+    assert out["0 k"][0] < 0.6 and out["0 k"][1] == 1.0
