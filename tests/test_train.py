@@ -183,6 +183,19 @@ def test_resume_refuses_a_checkpoint_of_another_adapter_shape(tmp_path):
     assert (run_dir / "checkpoints" / "last.ckpt").read_bytes() == before
 
 
+def test_warm_start_from_an_adapter_of_another_shape_names_the_key(tmp_path, capsys):
+    """A token-context export cannot start a pair-context run (W^a_K, W^a_V are twice as wide): the error names the key,
+    not torch's size mismatch; the same shape warm-starts."""
+    adapter = _train(tmp_path, "trainer.max_steps=1") / "adapter"
+    with pytest.raises(SystemExit):
+        _train(tmp_path / "b", "trainer.max_steps=1", f"model.adapter={adapter}", "thought.evicted_context=pair")
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: thought.evicted_context: model.adapter ") and err.endswith(
+        "'token', this run has 'pair'"
+    )
+    _train(tmp_path / "c", "trainer.max_steps=1", f"model.adapter={adapter}")
+
+
 def test_resume_refuses_a_corrupt_checkpoint_in_one_line(tmp_path):
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"half a checkpoint")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import pickle
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -19,7 +20,8 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from pte.config import Config, ConfigError, load_config, to_yaml
-from pte.engine.encoder import attach_thought, load_thought, load_thought_weights, save_thought
+from pte.engine.encoder import attach_thought, get_thought, load_thought, load_thought_weights, save_thought
+from pte.engine.thought import ThoughtConfig
 from pte.errors import UserError
 from pte.models.load import load_model_and_tokenizer
 
@@ -86,12 +88,31 @@ def warm_start(model: nn.Module, method: str, adapter_dir: Path) -> None:
         raise ConfigError(f"model.adapter: no {path.name} in {adapter_dir} (an adapter export of method={method}?)")
     weights = load_file(str(path))
     if method == "pte":
+        _check_thought_shape(model, adapter_dir)
         if load_thought_weights(model, weights):
             raise ConfigError(f"model.adapter: {adapter_dir} does not match this model's PTE adapter")
     else:
         result = set_peft_model_state_dict(model, weights)
         if result.unexpected_keys:
             raise ConfigError(f"model.adapter: {adapter_dir} does not match this model's LoRA adapter")
+
+
+def _check_thought_shape(model: nn.Module, adapter_dir: Path) -> None:
+    """Name the ``thought.*`` key whose value differs between a PTE export and this run's adapter (a shape mismatch
+    would otherwise surface as torch's size-mismatch error)."""
+    saved = json.loads((adapter_dir / "pte_config.json").read_text())
+    ours = asdict(get_thought(model).cfg)
+    for key in ("rank", "global_tokens", "target_modules", "evicted_context"):
+        old = saved.get(key, ThoughtConfig.__dataclass_fields__[key].default)  # exports before a key had its default
+        if _plain(old) != _plain(ours[key]):
+            raise ConfigError(
+                f"thought.{key}: model.adapter {adapter_dir} was trained with {old!r}, this run has {ours[key]!r}"
+            )
+
+
+def _plain(value: object) -> object:
+    """Lists and tuples compare as lists (JSON gives lists, the config tuples)."""
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def export_adapter(model: nn.Module, cfg: Config, out_dir: str | Path) -> Path:
