@@ -321,7 +321,7 @@ def test_carry_family_eval_reports_accuracy_by_variant(tmp_path, monkeypatch):
     args = ["model.name=tiny-qwen2", "policies=[full]", "limit=12", "trainer.out_dir=runs", "benchmarks=[carry]"]
     results = eval_cli.main([*args, "eval.max_new_tokens=4", "data.carry_steps=[6,7]", "data.carry_values=[1,2]"])
     table = results["settings"][0]["benchmarks"]["carry"]["by_variant"]
-    problems = load_benchmark("carry", limit=12, carry=([6, 7], [1, 2]))
+    problems = load_benchmark("carry", limit=12, carry=([6, 7], [1, 2], 10))
     assert {p.variant for p in problems} == {variant_name(*problem_variant(p.question)) for p in problems}
     assert table == {
         v: {"problems": sum(p.variant == v for p in problems), "pass@1": 0.0} for v in ["6x1", "6x2", "7x1", "7x2"]

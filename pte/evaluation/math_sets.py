@@ -172,14 +172,14 @@ OFFLINE_SEED = 1_000_003  # far from any training seed, so these problems are he
 OFFLINE = {"arithmetic": 200, "carry": 200}  # procedural benchmarks generated locally: name -> default size
 
 
-def _offline(name: str, limit: int | None, carry: tuple[Any, ...]) -> list[Problem]:
+def _offline(name: str, limit: int | None, carry: tuple[Any, Any, Any]) -> list[Problem]:
     """Offline held-out sets: reasoning-gym arithmetic at the training defaults, and the carry task ``carry``."""
     size = limit or OFFLINE[name]
     if name == "carry":
         from pte.training.carry import carry_problems, problem_variant, variant_name
 
-        steps, values, *letters = carry
-        problems = carry_problems(size, OFFLINE_SEED, steps, values, letters=letters[0] if letters else 10)
+        steps, values, letters = carry
+        problems = carry_problems(size, OFFLINE_SEED, steps, values, letters=letters)
         family = variant_name(steps, values)
         return [
             Problem(f"carry/{family}/{i}", p.question, p.answer, variant_name(*problem_variant(p.question)))
@@ -192,7 +192,7 @@ def _offline(name: str, limit: int | None, carry: tuple[Any, ...]) -> list[Probl
 
 
 def load_benchmark(
-    name: str, path: str | None = None, limit: int | None = None, carry: tuple[Any, ...] = (10, 1)
+    name: str, path: str | None = None, limit: int | None = None, carry: tuple[Any, Any, Any] = (10, 1, 10)
 ) -> list[Problem]:
     """Load a registered benchmark as Problems, from a local JSONL copy or from the Hugging Face Hub.
 
@@ -201,8 +201,8 @@ def load_benchmark(
             ``carry`` (the carry task of pte/training/carry.py, seed OFFLINE_SEED, variant ``carry``).
         path: a JSONL file in that benchmark's own row format; None loads ``hf_id`` at ``revision`` from the Hub.
         limit: keep only the first ``limit`` problems.
-        carry: ``(steps, values)`` or ``(steps, values, letters)`` of the carry task, each one number or an inclusive
-            ``[lo, hi]`` range (``data.carry_steps``, ``data.carry_values``, ``data.carry_letters``).
+        carry: ``(steps, values, letters)`` of the carry task, each one number or an inclusive ``[lo, hi]`` range
+            (``data.carry_steps``, ``data.carry_values``, ``data.carry_letters``).
 
     Returns:
         Problems in file order. Ids are ``"<name>/<row id>"``, or ``"<name>/<row number>"`` where rows have no id

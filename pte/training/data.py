@@ -228,9 +228,9 @@ class MathDataModule(lightning.LightningDataModule):
         Args:
             tokenizer: Serves the ``chat`` template.
             source: ``reasoning_gym`` (``tasks``, ``size``, ``task_configs``), ``carry`` (``size``, ``carry_steps``,
-                ``carry_values``, ``carry_letters``: the long-horizon task of pte/training/carry.py), ``hf`` (``name``, ``split``,
-                ``config``, ``revision``) or ``file`` (``path``); the last two read ``question_field`` /
-                ``answer_field`` and keep the first ``limit`` rows.
+                ``carry_values``, ``carry_letters``: the long-horizon task of pte/training/carry.py), ``hf``
+                (``name``, ``split``, ``config``, ``revision``) or ``file`` (``path``); the last two read
+                ``question_field`` / ``answer_field`` and keep the first ``limit`` rows.
             val_size: Held-out validation questions (0 for none).
             prompts_per_step: Prompts per training batch (GRPO samples a group per prompt).
             seed: Seeds generation (reasoning-gym), the validation split and the training order.
