@@ -129,6 +129,7 @@ class ThoughtCfg:
     evicted_keys: str = "pre_rope"
     evicted_context: str = "token"
     init_std: float = 1.0
+    init_move: float | None = None
     state_grad: str = "detach"
 
     def build(self) -> ThoughtConfig:

@@ -316,3 +316,17 @@ def test_binding_probe_reads_the_mark_only_beside_the_predecessor_at_layer_0(mon
     assert {"0 k", "0 v pair", "1 k pair"} <= set(out)
     assert out["0 k pair"][0] == 1.0 and out["0 v pair"][0] == 1.0
     assert out["0 k"][0] < 0.6 and out["0 k"][1] == 1.0
+
+
+def test_state_memory_shows_large_moves_forget_the_marked_letter():
+    """A global-token scale whose increments rival the normalised state keeps an evicted letter for a few evictions;
+    one with small moves keeps it to the recall. The tiny model's K/V are small, so its scales are large."""
+    from pte.experiments import state_memory
+
+    def run(init_std: float) -> dict:
+        return state_memory.main(["--problems", "40", "model.name=tiny-llama", f"thought.init_std={init_std}"])
+
+    small, large = run(10.0), run(300.0)
+    assert max(small["moves"]) < 0.1 and min(large["moves"]) > 0.5
+    for kept, forgot, near_s, near_l in zip(small["recall"], large["recall"], small["memory"][10], large["memory"][10]):
+        assert kept > 0.5 * near_s and forgot < 0.05 * near_l

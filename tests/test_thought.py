@@ -10,20 +10,26 @@ import pytest
 import torch
 
 from pte.engine.cache import CachePolicy
+from pte.engine.calibrate import calibrate
 from pte.engine.encoder import attach_thought, get_thought
+from pte.engine.generate import encode_prompts
 from pte.engine.thought import LayerThought, ThoughtConfig
 from pte.training.module import lr_factor
 from tests.helpers import PROMPTS, run, tiny
 
 
-def _relative_moves(init_std: float) -> list[float]:
-    """|S_k - S_{k-1}| / |S_{k-1}| of layer 0 at each eviction of a pte rollout (S_0 = S_g).
+def _relative_moves(init_std: float, init_move: float | None = None) -> list[float]:
+    """|S_k - S_{k-1}| / |S_{k-1}| of layer 0 at each eviction of a pte rollout (S_0 = S_g); with ``init_move`` the
+    global tokens are first calibrated for it on the prompts' K/V.
 
     The tiny model's weights get a trained model's scale (std 1/sqrt(hidden), activations of order one), not Hugging
     Face's 0.02 init, under which every K/V, and so every increment, is tiny.
     """
     model, tok = tiny("llama", initializer_range=64**-0.5)
     attach_thought(model, replace(ThoughtConfig(rank=4, global_tokens=3, alpha=8.0), init_std=init_std))
+    policy = CachePolicy("pte", window=8, evict_ratio=0.25)
+    if init_move is not None:
+        calibrate(model, *encode_prompts(tok, PROMPTS), init_move, policy.evict_tokens)
     encoder = get_thought(model)
     absorb, moves = encoder.absorb, []
 
@@ -33,7 +39,7 @@ def _relative_moves(init_std: float) -> list[float]:
         moves.append(float((encoder.store.states[0] - before).norm() / before.norm()))
 
     encoder.absorb = recording
-    run(model, tok, PROMPTS[:2], CachePolicy("pte", window=8, evict_ratio=0.25), steps=40)
+    run(model, tok, PROMPTS[:2], policy, steps=40)
     return moves
 
 
@@ -47,6 +53,15 @@ def test_tiny_global_tokens_let_the_first_eviction_own_the_state():
     """The trap the default avoids: S_g below the Normalize epsilon, so later evictions barely register."""
     moves = _relative_moves(0.02)
     assert moves[0] > 10 and max(moves[2:]) < 0.02, moves
+
+
+@pytest.mark.parametrize("init_std", [0.02, 1.0, 50.0])
+@pytest.mark.parametrize("init_move", [0.05, 0.3])
+def test_calibrated_global_tokens_move_the_state_by_init_move(init_std, init_move):
+    """Whatever scale the global tokens start at (the trap above included), calibration on the prompts' K/V sets how far
+    each later eviction of a rollout moves the state."""
+    later = sorted(_relative_moves(init_std, init_move)[1:])
+    assert init_move / 2 < later[len(later) // 2] < init_move * 2, later
 
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])

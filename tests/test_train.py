@@ -289,3 +289,23 @@ def test_zero_factor_lr_scales_exactly_the_zero_initialised_factors(method):
     assert len(rest["params"]) + len(zero["params"]) == len(trainable)
     assert zero["params"] and all(not p.any() for p in zero["params"])
     assert all(p.any() for p in rest["params"])
+
+
+def test_init_move_scales_a_fresh_adapters_global_tokens_once(tmp_path, digit_reward):
+    """thought.init_move rescales each layer's global tokens at the start of a fresh run (their direction kept), and a
+    resumed run keeps its checkpoint's tokens: two steps straight equal one, a checkpoint and one more to the bit, even
+    when the resumed run asks for another move (a calibration after the restore would rescale them)."""
+    calibrated = ("thought.init_move=0.2", "rollout.temperature=1.0")
+    unmoved = _train(tmp_path / "z", "trainer.max_steps=1", "optim.lr=0", *calibrated)
+    fresh, _ = pte.training.module.build_model(load_config("configs/tiny.yaml", ["thought.init_move=0.2"]))
+    start = {n: p for n, p in fresh.named_parameters() if n.endswith("global_tokens")}
+    saved = torch.load(unmoved / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    for name, tokens in start.items():
+        ratio = saved[f"model.{name}"] / tokens.detach()
+        assert torch.allclose(ratio, ratio.mean(), rtol=1e-4) and abs(float(ratio.mean()) - 1) > 0.01
+    straight = _train(tmp_path / "a", "trainer.max_steps=2", *calibrated)
+    first = _train(tmp_path / "b", "trainer.max_steps=1", *calibrated)
+    _train(tmp_path / "b", "trainer.max_steps=2", "thought.init_move=0.05", f"ckpt_path={first}/checkpoints/last.ckpt")
+    a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    b = torch.load(first / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -60,6 +60,11 @@ class ThoughtEncoder(nn.Module):
         ]
         self._rotary = [model.model.rotary_emb]
 
+    @property
+    def projections(self) -> list[tuple[nn.Module, nn.Module, nn.Module]]:
+        """Per layer, the frozen q, k and v projections (the base linears under any adapter)."""
+        return self._proj
+
     def begin(self, batch: int) -> None:
         """Reset the states of a new batch of sequences to S_g."""
         self.store.begin([lt.initial_state(p, batch) for lt, p in zip(self.layers, self._proj)])

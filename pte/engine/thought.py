@@ -52,6 +52,9 @@ class ThoughtConfig:
             eviction moves the normalised state. At 0.02 on a toy model S_g falls below the Normalize epsilon (it is
             cubic in init_std), the first eviction alone sets the state and later ones move it by under 1 %, so PTE
             can only carry what the first eviction held. docs/method.md lists measured moves per model and value.
+        init_move: when set (e.g. 0.15), training a fresh adapter rescales each layer's global tokens so that one
+            eviction moves the state by this fraction (pte/engine/calibrate.py): the state starts with a memory
+            whatever the model's K/V scale; ``init_std`` then only draws their direction.
         state_grad: ``detach`` (the paper's memory claim: the carried state is a constant in each replay chunk, so
             h_g and W^a learn only from the newest eviction) or ``chain`` (exact gradient through every state
             update; the evicted K/V stay constants, and the chain keeps them for the W^a gradient).
@@ -66,6 +69,7 @@ class ThoughtConfig:
     evicted_keys: str = "pre_rope"
     evicted_context: str = "token"
     init_std: float = 1.0
+    init_move: float | None = None
     state_grad: str = "detach"
 
     def __post_init__(self) -> None:
@@ -79,6 +83,8 @@ class ThoughtConfig:
             raise ValueError(f"thought.evicted_keys={self.evicted_keys!r}: expected pre_rope or post_rope")
         if self.evicted_context not in ("token", "pair"):
             raise ValueError(f"thought.evicted_context={self.evicted_context!r}: expected token or pair")
+        if self.init_move is not None and not 0.0 < self.init_move < 1.0:
+            raise ValueError(f"thought.init_move={self.init_move!r}: expected null or a fraction in (0, 1)")
         if self.rank < 1 or self.global_tokens < 1:
             raise ValueError("thought.rank and thought.global_tokens must be >= 1")
 

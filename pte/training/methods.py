@@ -20,7 +20,9 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from pte.config import Config, ConfigError, load_config, to_yaml
+from pte.engine.calibrate import calibrate
 from pte.engine.encoder import attach_thought, get_thought, load_thought, load_thought_weights, save_thought
+from pte.engine.generate import encode_prompts
 from pte.engine.thought import ThoughtConfig
 from pte.errors import UserError
 from pte.models.load import load_model_and_tokenizer
@@ -78,6 +80,19 @@ def build_model(cfg: Config) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     if cfg.model.adapter:
         warm_start(model, cfg.method, Path(cfg.model.adapter))
     return model, tok
+
+
+def calibrate_thought(
+    model: nn.Module, tok: PreTrainedTokenizerBase, cfg: Config, prompts: list[str], solutions: list[str]
+) -> tuple[list[float], int]:
+    """Scale a fresh PTE adapter's global tokens for ``thought.init_move`` (pte/engine/calibrate.py) on the K/V of
+    formatted ``prompts`` followed by their worked ``solutions`` (empty where there are none), with the eviction
+    size of ``cache.window`` / ``cache.evict_ratio``. Returns the per-layer factors and that size."""
+    device = next(model.parameters()).device
+    ids, mask = encode_prompts(tok, [p + s for p, s in zip(prompts, solutions)], chat=False, device=device)
+    longest = max(len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts)
+    evicted = cfg.cache.policy_for(longest, "pte").evict_tokens
+    return calibrate(model, ids, mask, cfg.thought.init_move, evicted), evicted
 
 
 def warm_start(model: nn.Module, method: str, adapter_dir: Path) -> None:

@@ -19,10 +19,11 @@ import torch
 from omegaconf import OmegaConf
 
 from pte.config import METHOD_POLICY, Config, as_dict, load_config
+from pte.engine.encoder import get_thought
 from pte.engine.generate import decode_responses
 from pte.engine.update import build_experience, generate_rollouts, policy_update, replay_limits
 from pte.training.checkpoints import deferred_interrupts
-from pte.training.collectives import all_mean, all_sum
+from pte.training.collectives import all_mean, all_sum, broadcast_
 from pte.training.data import MathDataModule
 from pte.training.distributed import (
     ReplayFSDPStrategy,
@@ -34,12 +35,14 @@ from pte.training.distributed import (
 )
 from pte.training.grpo import uniform_groups
 from pte.training.memory import MemoryTracker
-from pte.training.methods import build_model, param_groups
+from pte.training.methods import build_model, calibrate_thought, param_groups
 from pte.training.prompts import few_shot_examples
 from pte.training.rewards import Grader, build_reward
 from pte.training.sft import sft_update, teacher_forced
 
 log = logging.getLogger(__name__)
+
+CALIBRATION_TEXTS = 8  # held-out prompts (with their worked solutions) whose K/V calibrate thought.init_move
 
 
 def build_datamodule(cfg: Config, tokenizer) -> MathDataModule:
@@ -126,6 +129,24 @@ class GRPOModule(L.LightningModule):
             self.grader = Grader(self.cfg.reward.timeout_s, self.cfg.reward.workers)
             spec = {"correctness": self.cfg.reward.correctness, "format": self.cfg.reward.format}
             self.reward = build_reward({k: w for k, w in spec.items() if w}, self.grader)
+
+    def on_fit_start(self) -> None:
+        """With ``thought.init_move``, scale a fresh PTE adapter's global tokens on held-out prompts and their worked
+        solutions (pte/engine/calibrate.py); not on a resume (its checkpoint is restored by now) or a warm start. Every
+        process takes rank 0's tokens."""
+        move = self.cfg.thought.init_move
+        if self.cfg.method != "pte" or move is None or self.cfg.model.adapter or self.trainer.ckpt_path:
+            return
+        dm = self.trainer.datamodule
+        examples = [dm.val_examples[i] for i in range(min(CALIBRATION_TEXTS, len(dm.val_examples)))]
+        prompts, solutions = [dm.prompt(e.question) for e in examples], [e.solution or "" for e in examples]
+        factors, evicted = calibrate_thought(self.model, self.tokenizer, self.cfg, prompts, solutions)
+        for layer in get_thought(self.model).layers:
+            broadcast_(layer.global_tokens)
+        scales = ", ".join(f"{f:.3g}" for f in factors)
+        log.info(
+            "thought.init_move=%s: global tokens scaled by %s (per layer; %d-token evictions)", move, scales, evicted
+        )
 
     def teardown(self, stage: str) -> None:
         if self.grader is not None:
