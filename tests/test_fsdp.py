@@ -213,10 +213,11 @@ FSDP = ("trainer.strategy=fsdp", "trainer.devices=2", "rollout.micro_batch=1")
 @pytest.mark.slow
 def test_fsdp_trains_and_exports_an_adapter_eval_loads(tmp_path):
     """Two steps with held-out evaluations under FSDP: unequal windows (so unequal replay chunks), two micro-batches
-    per rank, and 3 held-out prompts in batches of 1 (2 batches on rank 0, 1 on rank 1); eval.py loads the adapter."""
+    per rank, and 3 held-out prompts in batches of 1 (2 batches on rank 0, 1 on rank 1); eval.py loads the adapter.
+    The global tokens are calibrated (``thought.init_move``) through the sharded base; the scales are logged."""
     budget = _budget_for_unequal_windows(load_config(TINY, list(FSDP)))
     window = ["cache.window=0", f"cache.budget={budget}"]
-    evals = ["trainer.val_every=1", "trainer.val_limit=3"]
+    evals = ["trainer.val_every=1", "trainer.val_limit=3", "thought.init_move=0.2"]
     run_dir = _train_ddp(tmp_path, "trainer.max_steps=2", *window, *evals, launch=FSDP)
     first, last = (torch.load(run_dir / "checkpoints" / f, weights_only=False) for f in ("step-1.ckpt", "last.ckpt"))
     assert first["state_dict"].keys() == last["state_dict"].keys()
@@ -225,6 +226,8 @@ def test_fsdp_trains_and_exports_an_adapter_eval_loads(tmp_path):
     acc = EventAccumulator(str(run_dir / "tb"))
     acc.Reload()
     assert [e.step for e in acc.Scalars("val/accuracy")] == [1, 2]
+    scales = [acc.Scalars(f"thought/init_scale_layer{i}")[0].value for i in range(2)]
+    assert all(s > 0 and abs(s - 1) > 0.01 for s in scales), scales
     results = eval_cli.main(
         [f"ckpt={run_dir / 'adapter'}", "limit=2", "policies=[pte]", "cache.window=16", "cache.budget=null"]
     )

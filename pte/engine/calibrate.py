@@ -5,7 +5,7 @@ normalised state by ``thought.init_move``.
 a token for a few evictions. How far an increment moves the state depends on the model's K/V scale, which the
 equations leave unnormalised: with the global tokens at N(0, 1) one eviction moves the toy base's state by 40-97 %, an
 evicted value is gone long before its recall, and SFT spends hundreds of steps near chance lengthening that memory
-(docs/results.md, "Why SFT sits on the recall plateau"). The increment is linear in ``W_Q h_g`` and S_g is normalised
+(docs/results.md, "Why SFT sat on the recall plateau"). The increment is linear in ``W_Q h_g`` and S_g is normalised
 whatever its scale, so the move grows with the global tokens' scale, and each layer's scale is set by bisection.
 
 The move is measured on a simulated chain: evictions of ``m`` consecutive rows of the base model's own pre-rotary K and

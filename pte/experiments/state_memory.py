@@ -4,7 +4,7 @@ A recall on the carry task reads a marked letter that left the window tens of to
 eviction since. Each eviction adds its increment and renormalises (``S <- N(S + S')``), so the letter's term shrinks
 by the size of every later increment relative to the state. Until the encoder learns to keep it, the recall's
 gradient reaches the letter's term, and the W^a that would select it, through that shrinkage: SFT sits near chance
-while the memory lengthens (docs/results.md, "Why SFT sits on the recall plateau").
+while the memory lengthens (docs/results.md, "Why SFT sat on the recall plateau").
 
 On teacher-forced worked solutions of the carry task under one fixed window (``cache.window``, ``cache.evict_ratio``),
 for a freshly initialised adapter or a trained one (``--ckpt``), per layer:

@@ -143,6 +143,8 @@ class GRPOModule(L.LightningModule):
         factors, evicted = calibrate_thought(self.model, self.tokenizer, self.cfg, prompts, solutions)
         for layer in get_thought(self.model).layers:
             broadcast_(layer.global_tokens)
+        if self.logger is not None:
+            self.logger.log_metrics({f"thought/init_scale_layer{i}": f for i, f in enumerate(factors)}, step=0)
         scales = ", ".join(f"{f:.3g}" for f in factors)
         log.info(
             "thought.init_move=%s: global tokens scaled by %s (per layer; %d-token evictions)", move, scales, evicted
