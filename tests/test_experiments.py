@@ -320,13 +320,16 @@ def test_binding_probe_reads_the_mark_only_beside_the_predecessor_at_layer_0(mon
 
 def test_state_memory_shows_large_moves_forget_the_marked_letter():
     """A global-token scale whose increments rival the normalised state keeps an evicted letter for a few evictions;
-    one with small moves keeps it to the recall. The tiny model's K/V are small, so its scales are large."""
+    one with small moves keeps it to the recall, and so does the large scale once calibrated (``init_move``). The tiny
+    model's K/V are small, so its scales are large."""
     from pte.experiments import state_memory
 
-    def run(init_std: float) -> dict:
-        return state_memory.main(["--problems", "40", "model.name=tiny-llama", f"thought.init_std={init_std}"])
+    def run(init_std: float, init_move: str = "null") -> dict:
+        args = [f"thought.init_std={init_std}", f"thought.init_move={init_move}"]
+        return state_memory.main(["--problems", "40", "model.name=tiny-llama", *args])
 
-    small, large = run(10.0), run(300.0)
-    assert max(small["moves"]) < 0.1 and min(large["moves"]) > 0.5
+    small, large, calibrated = run(10.0), run(300.0), run(300.0, "0.1")
+    assert max(small["moves"]) < 0.1 and min(large["moves"]) > 0.5 and max(calibrated["moves"]) < 0.2
     for kept, forgot, near_s, near_l in zip(small["recall"], large["recall"], small["memory"][10], large["memory"][10]):
         assert kept > 0.5 * near_s and forgot < 0.05 * near_l
+    assert all(c > 10 * f for c, f in zip(calibrated["recall"], large["recall"]))  # init_move undoes the large scale
