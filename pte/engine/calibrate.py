@@ -16,6 +16,7 @@ prompts.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -24,6 +25,8 @@ from transformers import PreTrainedModel
 
 from pte.engine.encoder import decoder_layers, get_thought
 from pte.engine.thought import LayerThought
+
+log = logging.getLogger(__name__)
 
 Rows = tuple[torch.Tensor, torch.Tensor]  # one layer's pre-rotary K and V rows [N, width] in text order
 
@@ -94,4 +97,7 @@ def calibrate(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, tar
                     hi = mid
             factors.append(math.exp((lo + hi) / 2))
             layer.global_tokens.copy_(tokens * factors[-1])
+            reached = simulated_move(layer, proj, layer_rows, m, starts)
+            if not target / 2 < reached < 2 * target:  # the move saturates, or the factor hit the search's bounds
+                log.warning("thought.init_move=%s: layer %d reaches %.3g at most", target, len(factors) - 1, reached)
     return factors
