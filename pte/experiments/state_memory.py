@@ -30,9 +30,8 @@ from pte.training.carry import CODES, carry_problems
 from pte.training.methods import build_model, calibrate_thought, load_trained
 from pte.training.sft import teacher_forced
 
-Chunk = tuple[
-    int, int, list[torch.Tensor]
-]  # response tokens [start, stop) and the per-layer states [B, G, r] they read
+# A replay chunk: response tokens [start, stop) and the per-layer states [B, G, r] they read.
+Chunk = tuple[int, int, list[torch.Tensor]]
 
 
 def chunk_states(

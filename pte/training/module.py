@@ -138,7 +138,7 @@ class GRPOModule(L.LightningModule):
         if self.cfg.method != "pte" or move is None or self.cfg.model.adapter or self.trainer.ckpt_path:
             return
         dm = self.trainer.datamodule
-        examples = [dm.val_examples[i] for i in range(min(CALIBRATION_TEXTS, len(dm.val_examples)))]
+        examples = dm.val_examples[:CALIBRATION_TEXTS]
         prompts, solutions = [dm.prompt(e.question) for e in examples], [e.solution or "" for e in examples]
         factors, evicted = calibrate_thought(self.model, self.tokenizer, self.cfg, prompts, solutions)
         for layer in get_thought(self.model).layers:
