@@ -64,6 +64,16 @@ def test_calibrated_global_tokens_move_the_state_by_init_move(init_std, init_mov
     assert init_move / 2 < later[len(later) // 2] < init_move * 2, later
 
 
+def test_calibration_warns_when_a_layer_cannot_reach_the_move(caplog):
+    """A normalised state of fixed norm moves by at most 2x its norm: asking for 3 must name every layer it misses."""
+    model, tok = tiny("llama", initializer_range=64**-0.5)
+    attach_thought(model, ThoughtConfig(rank=4, global_tokens=3, alpha=8.0))
+    with caplog.at_level("WARNING", logger="pte.engine.calibrate"):
+        factors = calibrate(model, *encode_prompts(tok, PROMPTS), 3.0, 2)
+    warned = [r.getMessage() for r in caplog.records if "reaches" in r.getMessage()]
+    assert len(warned) == len(factors) == len(get_thought(model).layers), warned
+
+
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])
 def test_lr_factor_warms_up_then_follows_the_schedule(schedule):
     f = [lr_factor(4, 20, schedule, s) for s in range(25)]
