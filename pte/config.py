@@ -289,9 +289,9 @@ def check_shards(r: RolloutCfg, world: int) -> None:
 
 @dataclass
 class ReplayCfg:
-    """Bounds on the training pass's memory, none of which changes a log-prob or a gradient (docs/scale.md). They
-    hold for the GRPO replay, the full-cache replay of ``lora``, the reference of the KL term and SFT
-    (pte/engine/replay.py).
+    """Bounds on the training pass's memory and work, none of which changes a log-prob or a gradient (docs/scale.md).
+    They hold for the GRPO replay, the full-cache replay of ``lora``, the reference of the KL term and SFT
+    (pte/engine/replay.py); ``skip_zero_loss`` for the GRPO replay only.
 
     micro_batch: rows per replay forward + backward, independent of the rollout's rows (0 = a rollout micro-batch);
         a block of rows keeps the batch's prompt width and eviction steps, and ends at its own longest response.
@@ -304,12 +304,16 @@ class ReplayCfg:
     checkpointing: recompute each decoder layer's activations in the backward instead of keeping them (the rerun
         attends what the forward attended and stores no K/V; each chunk's loss must be backpropagated before the
         next chunk, as training does).
+    skip_zero_loss: the GRPO update replays only rows whose loss can be non-zero. A row with no weighted token, or
+        (with ``grpo.beta`` 0) a zero advantage, as in a group whose rewards all agree, adds exactly zero to the loss
+        and the gradient; the logged entropy, clip fraction and rollout/replay gap then cover the replayed rows.
     """
 
     micro_batch: int = 0
     max_chunk_tokens: int = 0
     logits_chunk: int = 4096
     checkpointing: bool = False
+    skip_zero_loss: bool = True
 
     def __post_init__(self) -> None:
         require(self.micro_batch >= 0, "replay.micro_batch", "must be >= 0 (0 = rollout.micro_batch)")

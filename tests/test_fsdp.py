@@ -48,6 +48,7 @@ from tests.test_distributed import (
 OVERRIDES = ["rollout.micro_batch=2", "cache.window=0", "cache.budget=28"]
 SFT_TARGETS = ["5", "1 2 3 4 5 6 7 8 9 10 11 12"]
 CASES = [*(("pte", agg) for agg in AGGS), ("lora_c", "dapo")]  # LoRA's q/k/v are sharded too, PTE's are not
+SKIP_REWARDS = [0.5, 0.5, 0.25, 0.75]  # rank 0's group agrees
 
 
 def _cfg(method: str, agg: str):
@@ -98,6 +99,7 @@ def _fsdp_worker(rank: int, store: str, out_dir: str) -> None:
         }
     out["eval"] = _evaluate(model, tok)
     out["sft"] = _sft_step(rank, mesh)
+    out["skip"] = _skip_step(rank, mesh)
     torch.save(out, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -117,6 +119,26 @@ def _sft_step(rank: int, mesh) -> dict:
     sft_update(model, rollouts, _counting_backward(backwards))
     reduce_gradients([p for p in model.parameters() if p.requires_grad])
     return {"grads": _grads(model), "backwards": len(backwards), "chunks": chunk_count(rollouts[0])}
+
+
+def _skip_step(rank: int, mesh) -> dict:
+    """One sharded GRPO update in which rank 0's group agrees (SKIP_REWARDS): it replays no row, only idle chunks."""
+    cfg = load_config(TINY, ["grpo.beta=0", "replay.skip_zero_loss=true", *OVERRIDES])
+    model, tok = _any_model(cfg)
+    shard_frozen_base(model, mesh)
+    generator = torch.Generator().manual_seed(cfg.seed + rank)
+    rollouts = generate_rollouts(model, tok, [PROMPTS[rank]] * 2, cfg, "pte", generator)
+    exp = build_experience(model, rollouts, torch.tensor(SKIP_REWARDS[2 * rank : 2 * rank + 2]), cfg)
+    backwards: list[None] = []
+    stats = policy_update(model, exp, cfg, _counting_backward(backwards))
+    reduce_gradients([p for p in model.parameters() if p.requires_grad])
+    return {
+        "rollouts": rollouts,
+        "grads": _grads(model),
+        "backwards": len(backwards),
+        "replayed": stats["replayed_rows"],
+        "chunks": chunk_count(rollouts[0]),
+    }
 
 
 def _evaluate(model, tok) -> dict:
@@ -172,6 +194,22 @@ def test_fsdp_sft_gradients_equal_single_process(fsdp_ranks):
     assert zero["chunks"] == 1 < one["chunks"] and zero["backwards"] == one["backwards"] == one["chunks"]
     model, tok = _any_model(_cfg("pte", "dapo"))
     sft_update(model, [ro for rank in range(WORLD) for ro in _sft_rollouts(tok, rank)], lambda loss: loss.backward())
+    for name, grad in _grads(model).items():
+        assert grad.abs().sum() > 0, name
+        for rank in (zero, one):
+            torch.testing.assert_close(rank["grads"][name], grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_fsdp_skipped_rows_still_run_in_lockstep(fsdp_ranks):
+    """replay.skip_zero_loss: rank 0 replays none of its rows (its rewards agree) but runs as many idle chunks as rank
+    1 replays; the summed gradients are one process's on the global batch replayed in full."""
+    zero, one = (rank["skip"] for rank in fsdp_ranks["ranks"])
+    assert (zero["replayed"], one["replayed"]) == (0, 2)
+    assert zero["backwards"] == one["backwards"] == one["chunks"] > 1
+    cfg = load_config(TINY, ["grpo.beta=0", "replay.skip_zero_loss=false", *OVERRIDES])
+    model, _ = _any_model(cfg)
+    exp = build_experience(model, [zero["rollouts"][0], one["rollouts"][0]], torch.tensor(SKIP_REWARDS), cfg)
+    policy_update(model, exp, cfg, lambda loss: loss.backward())
     for name, grad in _grads(model).items():
         assert grad.abs().sum() > 0, name
         for rank in (zero, one):

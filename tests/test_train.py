@@ -17,6 +17,7 @@ from pte.errors import UserError
 from pte.training.checkpoints import AtomicCheckpointIO, newest_checkpoint, resolve_ckpt_path
 from pte.training.methods import load_trained
 from pte.training.module import NonFiniteError
+from pte.training.rewards import CombinedReward
 from tests import digit_train
 
 LOGGED = {
@@ -38,6 +39,7 @@ LOGGED = {
     "train/nonfinite_steps",
     "train/logp_gap_max",
     "train/logp_gap_mean",
+    "train/replayed_frac",
     "memory/peak_rss_process_mib",  # CPU: the process's resident-set peak, not per phase
 }
 
@@ -77,12 +79,43 @@ def test_train_each_method(tmp_path, method, digit_reward):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_rollout_replay_gap_is_logged(tmp_path, dtype):
-    """train/logp_gap_max and train/logp_gap_mean every step: rounding in float32, finite and > 0 in bf16."""
-    acc = EventAccumulator(str(_train(tmp_path, "trainer.max_steps=1", f"model.dtype={dtype}") / "tb"))
+    """train/logp_gap_max and train/logp_gap_mean every step: rounding in float32, finite and > 0 in bf16. (Every row is
+    replayed: the tiny model earns no reward, so with grpo.beta 0 every row's loss would be 0 and none replayed.)"""
+    over = ["trainer.max_steps=1", f"model.dtype={dtype}", "replay.skip_zero_loss=false"]
+    acc = EventAccumulator(str(_train(tmp_path, *over) / "tb"))
     acc.Reload()
     gap_max, gap_mean = (acc.Scalars(f"train/logp_gap_{k}")[0].value for k in ("max", "mean"))
     assert math.isfinite(gap_max) and 0 <= gap_mean <= gap_max
     assert gap_max < 1e-4 if dtype == "float32" else 0 < gap_mean < 0.5
+
+
+class HasDigit:
+    """1 for a response with a digit, else 0: with groups of two, some groups agree and some do not."""
+
+    name = "has_digit"
+
+    def __call__(self, responses: list[str], golds: list[str]) -> torch.Tensor:
+        return torch.tensor([float(any(c.isdigit() for c in r)) for r in responses])
+
+
+def test_skipping_zero_loss_rows_trains_the_same_weights(tmp_path, monkeypatch):
+    """grpo.beta 0: replay.skip_zero_loss replays only the groups whose rewards disagree, and the run ends at the
+    weights of replaying every row (AdamW's momentum steps included, on steps where nothing is replayed)."""
+    monkeypatch.setattr(pte.training.module, "build_reward", lambda spec, grader: CombinedReward([HasDigit()], [1.0]))
+    over = ["trainer.max_steps=4", "rollout.temperature=1.0", "grpo.beta=0"]
+    runs = {flag: _train(tmp_path / flag, *over, f"replay.skip_zero_loss={flag}") for flag in ("true", "false")}
+    replayed = {}
+    for flag, run_dir in runs.items():
+        acc = EventAccumulator(str(run_dir / "tb"))
+        acc.Reload()
+        replayed[flag] = [e.value for e in acc.Scalars("train/replayed_frac")]
+    assert replayed["false"] == [1.0] * 4
+    assert len(replayed["true"]) == 4 and min(replayed["true"]) < 1 and max(replayed["true"]) > 0, replayed
+    skip, full = (torch.load(runs[f] / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"] for f in runs)
+    assert skip.keys() == full.keys()
+    for name, weight in full.items():
+        torch.testing.assert_close(skip[name], weight, atol=1e-6, rtol=1e-5, msg=name)
+    assert any(weight.abs().sum() > 0 for name, weight in full.items() if name.endswith("lr_a")), "nothing trained"
 
 
 def test_resume_is_exact(tmp_path, digit_reward):

@@ -105,3 +105,55 @@ def test_decode_batch_changes_no_token_and_replay_still_matches():
     widths = []
     stats = policy_update(model, exp, cfg, lambda loss: widths.append(1) or loss.backward())
     assert stats["logp_gap_max"] < 1e-4 and len(widths) == 2 * (len(whole.evict_before) + 1)
+
+
+def _update(model, exp, *overrides: str) -> tuple[dict, list[torch.Tensor | None], int]:
+    """policy_update from zeroed gradients: its stats, every trainable parameter's gradient, the backward count."""
+    cfg = load_config("configs/tiny.yaml", [*SIX, *overrides])
+    model.zero_grad(set_to_none=True)
+    calls: list[None] = []
+    stats = policy_update(model, exp, cfg, lambda loss: calls.append(loss.backward()))
+    grads = [None if p.grad is None else p.grad.clone() for p in model.parameters() if p.requires_grad]
+    return stats, grads, len(calls)
+
+
+SIX = ["rollout.group_size=3", "rollout.batch_size=6", "rollout.micro_batch=2", "grpo.beta=0"]
+
+
+@pytest.mark.parametrize("agg", ["dapo", "grpo"])
+def test_skipping_zero_loss_rows_keeps_the_loss_and_gradient(agg):
+    """Two groups of three in blocks of two: the first group's rewards agree, so with ``replay.skip_zero_loss`` only
+    the second group is replayed (fewer backwards), with the loss and gradient of replaying all six rows."""
+    model, tok = tiny_pte()
+    cfg = load_config("configs/tiny.yaml", [*SIX, f"grpo.loss_agg={agg}"])
+    ro = run(model, tok, PROMPTS[1:] * 3, CachePolicy("pte", window=8), 30, temperature=1.0, seed=3)
+    assert len(ro.evict_before) >= 3 and bool(ro.response_mask[3:].any(1).all())
+    rewards = torch.tensor([0.5, 0.5, 0.5, 1.0, 0.0, 0.25])
+    exp = build_experience(model, [ro], rewards, cfg)
+    full, full_grads, full_calls = _update(model, exp, "replay.skip_zero_loss=false", f"grpo.loss_agg={agg}")
+    skip, skip_grads, skip_calls = _update(model, exp, "replay.skip_zero_loss=true", f"grpo.loss_agg={agg}")
+    assert (full["rows"], full["replayed_rows"], skip["rows"], skip["replayed_rows"]) == (6, 6, 6, 3)
+    assert skip_calls < full_calls
+    assert full["loss"] != 0 and skip["loss"] == pytest.approx(full["loss"], rel=1e-6, abs=1e-9)
+    for a, b in zip(full_grads, skip_grads, strict=True):
+        assert b is not None
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+    assert any(g.abs().sum() > 0 for g in skip_grads)
+    with_kl = [f"grpo.loss_agg={agg}", "grpo.beta=0.1"]
+    exp = build_experience(model, [ro], rewards, load_config("configs/tiny.yaml", [*SIX, *with_kl]))
+    kl, *_ = _update(model, exp, "replay.skip_zero_loss=true", *with_kl)
+    assert kl["replayed_rows"] == 6, "with a KL term every weighted row has a loss"
+
+
+def test_nothing_to_replay_still_gives_every_parameter_a_zero_gradient():
+    """Every group agrees: no chunk is replayed, and each trainable parameter gets the exact zero gradient the full
+    replay gives it (not None), so AdamW still takes its momentum step as it would have."""
+    model, tok = tiny_pte()
+    cfg = load_config("configs/tiny.yaml", SIX)
+    ro = run(model, tok, PROMPTS[1:] * 3, CachePolicy("pte", window=8), 30, temperature=1.0, seed=3)
+    exp = build_experience(model, [ro], torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0]), cfg)
+    full, full_grads, full_calls = _update(model, exp, "replay.skip_zero_loss=false")
+    skip, skip_grads, skip_calls = _update(model, exp, "replay.skip_zero_loss=true")
+    assert full_calls > 0 and skip_calls == 0 and skip["replayed_rows"] == 0 and skip["loss"] == full["loss"] == 0
+    for a, b in zip(full_grads, skip_grads, strict=True):
+        assert a is not None and b is not None and torch.equal(a, b) and not b.any()

@@ -2,13 +2,16 @@
 
 Runs ``generate_rollouts``, the reward, ``build_experience`` + ``policy_update`` and the AdamW step exactly as
 ``GRPOModule.training_step`` does (same config schema, ``key=value`` overrides), on short arithmetic prompts,
-and reports per-phase medians over the steps after a warm-up step.
+and reports per-phase medians over the steps after a warm-up step. The replay is timed twice on the same rollouts:
+over every row (``replay_backward``, the phase's cost) and with ``replay.skip_zero_loss`` (``replay_skip``: only rows
+whose loss can be non-zero, ``replayed_frac`` of them), so the skip's saving is measured in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+from dataclasses import replace
 
 import torch
 
@@ -41,7 +44,8 @@ def _prompts(n: int, seed: int) -> tuple[list[str], list[str]]:
     return [f"What is {a} + {b}?" for a, b in pairs], [str(a + b) for a, b in pairs]
 
 
-def _update(model, rollouts, rewards, cfg) -> dict:
+def _update(model, rollouts, rewards, cfg, skip: bool) -> dict:
+    cfg = replace(cfg, replay=replace(cfg.replay, skip_zero_loss=skip))
     exp = build_experience(model, rollouts, rewards.to(common.device()), cfg)
     return policy_update(model, exp, cfg, lambda loss: loss.backward())
 
@@ -73,7 +77,10 @@ def time_method(method: str, args: argparse.Namespace) -> dict:
             texts = [x for ro in rollouts for x in decode_responses(tok, ro)]
             t["reward"], (rewards, _) = common.timed(reward, texts, golds)
             opt.zero_grad()
-            t["replay_backward"], _ = common.timed(_update, model, rollouts, rewards, cfg)
+            t["replay_skip"], stats = common.timed(_update, model, rollouts, rewards, cfg, True)
+            t["replayed_frac"] = stats["replayed_rows"] / stats["rows"]
+            opt.zero_grad()
+            t["replay_backward"], _ = common.timed(_update, model, rollouts, rewards, cfg, False)
             t["optimizer"], _ = common.timed(_optimizer_step, params, opt, cfg.optim.grad_clip)
             t["tokens"] = float(sum(ro.response_mask.sum() for ro in rollouts))
             per_step.append(t)
@@ -81,12 +88,12 @@ def time_method(method: str, args: argparse.Namespace) -> dict:
         grader.close()
     timed = per_step[1:] or per_step
     row = {"method": method, "model": args.model, "steps": len(timed)}
-    row |= {k: common.median([s[k] for s in timed]) for k in (*PHASES, "tokens")}
+    row |= {k: common.median([s[k] for s in timed]) for k in (*PHASES, "tokens", "replay_skip", "replayed_frac")}
     row["total"] = sum(row[k] for k in PHASES)
     return row
 
 
 def run(args: argparse.Namespace) -> dict:
     rows = [time_method(m, args) for m in args.methods]
-    print(common.table(rows, ["method", "tokens", *PHASES, "total"]))
+    print(common.table(rows, ["method", "tokens", *PHASES, "total", "replay_skip", "replayed_frac"]))
     return {"benchmark": "step-time", "overrides": args.overrides, "rows": rows}

@@ -128,33 +128,34 @@ def _chunk_hidden(
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
-def row_blocks(ro: Rollout, rows: int) -> list[tuple[slice, Rollout]]:
-    """``ro`` in blocks of at most ``rows`` rows (0 = one block), each cut to its own longest response.
+def take_rows(ro: Rollout, rows: slice | torch.Tensor) -> Rollout:
+    """``ro``'s ``rows`` (a slice, or a ``[B]`` bool mask) alone, cut to their longest response (none for no row).
 
-    A block keeps the padded prompt width and every eviction step of the batch before its end: where none of its rows
+    It keeps the padded prompt width and every eviction step of the batch before its end: where none of its rows
     evicts, the step is a chunk boundary with nothing evicted, as it is for those rows in the whole batch's replay. So
     every row's log-probs and gradients are the whole batch's.
     """
+    mask = ro.response_mask[rows]
+    t = int(mask.sum(1).max()) if mask.shape[0] else 0
+    return replace(
+        ro,
+        prompt_ids=ro.prompt_ids[rows],
+        prompt_mask=ro.prompt_mask[rows],
+        response_ids=ro.response_ids[rows, :t],
+        response_mask=mask[:, :t],
+        logprobs=ro.logprobs[rows, :t],
+        truncated=ro.truncated[rows],
+        evict_before=[j for j in ro.evict_before if j < t - 1],
+        logits=None,
+    )
+
+
+def row_blocks(ro: Rollout, rows: int) -> list[tuple[slice, Rollout]]:
+    """``ro`` in blocks of at most ``rows`` rows (0 = one block), each cut to its own longest response (take_rows)."""
     b = ro.response_ids.shape[0]
     if rows <= 0 or rows >= b:
         return [(slice(0, b), ro)]
-    blocks = []
-    for i in range(0, b, rows):
-        sl = slice(i, min(i + rows, b))
-        t = int(ro.response_mask[sl].sum(1).max())
-        block = replace(
-            ro,
-            prompt_ids=ro.prompt_ids[sl],
-            prompt_mask=ro.prompt_mask[sl],
-            response_ids=ro.response_ids[sl, :t],
-            response_mask=ro.response_mask[sl, :t],
-            logprobs=ro.logprobs[sl, :t],
-            truncated=ro.truncated[sl],
-            evict_before=[j for j in ro.evict_before if j < t - 1],
-            logits=None,
-        )
-        blocks.append((sl, block))
-    return blocks
+    return [(sl, take_rows(ro, sl)) for sl in (slice(i, min(i + rows, b)) for i in range(0, b, rows))]
 
 
 def chunk_count(ro: Rollout, rows: int = 0) -> int:
@@ -174,8 +175,8 @@ def replay_all(
 
     On a sharded model (FSDP) every chunk's forward and backward are collectives, so after each rollout this
     process runs zero-loss chunks (:func:`idle_loss`, through ``backward``) up to the most chunks any process
-    replays for it (pte.training.lockstep); unsharded, nothing is added. Every process splits the same number of rows
-    into the same blocks, so only the chunk counts differ.
+    replays for it (pte.training.lockstep); unsharded, nothing is added. The counts include the row blocks, so the
+    processes may replay different numbers of rows (a rollout of no rows replays nothing).
     """
     limits = limits or ReplayCfg()
     counts = [chunk_count(ro, limits.micro_batch) for ro in rollouts]
@@ -191,12 +192,12 @@ def replay_all(
 def idle_loss(model: nn.Module, ro: Rollout) -> torch.Tensor:
     """A zero loss whose backward runs through every layer as a real chunk's does (FSDP's collectives included).
 
-    One token (the last prompt token of the first row, always real under left padding) through a fresh cache and
-    thought state; times zero, so it adds nothing to any gradient.
+    One token (id 0: ``ro`` may hold no row) through a fresh cache and thought state; times zero, so it adds nothing to
+    any gradient.
     """
     cache = new_cache(model, ro.policy, 1, 1)
     start_thought(model, ro.policy.uses_thought, 1)
-    ids = ro.prompt_ids[:1, -1:]
+    ids = torch.zeros((1, 1), dtype=torch.long, device=ro.prompt_ids.device)
     logits = forward_tokens(model, cache, ids, torch.zeros_like(ids), torch.ones_like(ids, dtype=torch.bool))
     return logits.sum() * 0.0
 

@@ -20,7 +20,7 @@ from pte.config import Config, ConfigError, ReplayCfg
 from pte.engine.cache import CachePolicy
 from pte.engine.generate import encode_prompts, eos_ids
 from pte.engine.noise import RowNoise
-from pte.engine.replay import reference_logprobs, replay_all
+from pte.engine.replay import reference_logprobs, replay_all, take_rows
 from pte.engine.rollout import Rollout, rollout
 from pte.engine.shapes import kv_store
 from pte.training.distributed import all_sum
@@ -118,20 +118,45 @@ def build_experience(model: nn.Module, rollouts: list[Rollout], rewards: torch.T
     return Experience(rollouts, list(adv.split(sizes)), w_split, refs)
 
 
+def loss_rows(exp: Experience, beta: float) -> list[torch.Tensor]:
+    """Per rollout, ``[n]`` bool: the rows whose loss can be non-zero. A row without weighted tokens has none; with
+    ``beta`` 0 neither has one of zero advantage, whose clipped surrogate is exactly 0 at every token (token_loss)."""
+    return [(w != 0).any(1) & ((a != 0) | (beta > 0)) for w, a in zip(exp.weights, exp.advantages)]
+
+
+def only_rows(exp: Experience, keep: list[torch.Tensor]) -> Experience:
+    """``exp`` restricted to the rows ``keep`` (per rollout, ``[n]`` bool), each rollout cut to its longest kept row."""
+    rollouts = [take_rows(ro, k) for ro, k in zip(exp.rollouts, keep)]
+    weights = [w[k, : ro.response_ids.shape[1]] for w, k, ro in zip(exp.weights, keep, rollouts)]
+    refs = [
+        None if r is None else r[k, : ro.response_ids.shape[1]] for r, k, ro in zip(exp.ref_logprobs, keep, rollouts)
+    ]
+    return Experience(rollouts, [a[k] for a, k in zip(exp.advantages, keep)], weights, refs)
+
+
 def policy_update(model: nn.Module, exp: Experience, cfg: Config, backward: Callable[[torch.Tensor], None]) -> dict:
     """Backpropagate the GRPO loss chunk by chunk over every replay micro-batch (no optimiser step here).
 
-    On a sharded model each rollout is padded with zero-loss chunks to the most any process replays, so every
-    process runs as many forwards and backwards (pte.training.lockstep).
+    With ``replay.skip_zero_loss`` only the rows whose loss can be non-zero are replayed (loss_rows); if that leaves
+    a trainable parameter without a gradient, it gets a zero one, as the replay of the skipped rows would have given
+    it, so the optimiser steps as it would have. On a sharded model each rollout is padded with zero-loss chunks to
+    the most any process replays, so every process runs as many forwards and backwards (pte.training.lockstep).
 
     Returns:
-        Sums for logging: loss, weighted KL, clipped and masked token counts, entropy; and the rollout/replay gap
-        |replay log-prob - rollout log-prob| over response tokens (``logp_gap_sum``, ``logp_gap_max``): 0 up to
-        rounding when the replay reproduces the rollout (float32), the kernels' rounding in bf16.
+        Sums for logging: loss, weighted KL, clipped and masked token counts, entropy, rows and replayed rows; and the
+        rollout/replay gap |replay log-prob - rollout log-prob| over response tokens (``logp_gap_sum``,
+        ``logp_gap_max``): 0 up to rounding when the replay reproduces the rollout (float32), the kernels' rounding in
+        bf16.
     """
     g = cfg.grpo
     stats = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "tokens": 0.0, "entropy": 0.0}
-    stats |= {"logp_gap_sum": 0.0, "logp_gap_max": 0.0}
+    stats |= {"logp_gap_sum": 0.0, "logp_gap_max": 0.0, "rows": float(sum(len(a) for a in exp.advantages))}
+    skipped = False
+    if cfg.replay.skip_zero_loss:
+        keep = loss_rows(exp, g.beta)
+        skipped = not all(bool(k.all()) for k in keep)
+        exp = only_rows(exp, keep) if skipped else exp
+    stats["replayed_rows"] = float(sum(len(a) for a in exp.advantages))
     for i, chunk in replay_all(model, exp.rollouts, backward, replay_limits(cfg)):
         ro, w, ref = exp.rollouts[i], exp.weights[i], exp.ref_logprobs[i]
         at, adv = chunk.at, exp.advantages[i][chunk.rows]
@@ -151,4 +176,8 @@ def policy_update(model: nn.Module, exp: Experience, cfg: Config, backward: Call
         stats["entropy"] += float(chunk.entropy.masked_fill(~mask, 0.0).sum())  # x * 0 is NaN for x = inf
         if ref_chunk is not None:
             stats["kl"] += float((k3_kl(chunk.logprobs.detach(), ref_chunk, mask) * mask).sum())
+    if skipped:
+        for p in model.parameters():
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
     return stats

@@ -303,6 +303,7 @@ class GRPOModule(L.LightningModule):
             "reward_mean": rewards.mean(),
             "reward_std": rewards.std(),
             "uniform_groups": float(uniform_groups(rewards, self.cfg.rollout.group_size)),
+            "replayed_frac": stats["replayed_rows"] / max(stats["rows"], 1.0),
             "response_length": mean("response_length"),
             "truncated_frac": mean("truncated_frac"),
             "evictions_per_seq": mean("evictions"),
