@@ -39,8 +39,8 @@ eval: $(STAMP)  ## evaluate the demo run's checkpoint
 
 repro: $(STAMP)  ## the paper's budget sweep at toy scale: every arm x 3 seeds in two single-thread lanes (docs/results.md)
 	$(PY) -m pte.models.toy > /dev/null  # the toy base first, with every core
-	OMP_NUM_THREADS=1 $(PY) -m pte.experiments.toy_table --shard 0/2 & lane=$$!; \
-	OMP_NUM_THREADS=1 $(PY) -m pte.experiments.toy_table --shard 1/2 && wait $$lane
+	OMP_NUM_THREADS=1 $(PY) -m pte.experiments.toy_table --claim & lane=$$!; \
+	OMP_NUM_THREADS=1 $(PY) -m pte.experiments.toy_table --claim && wait $$lane
 	$(PY) -m pte.experiments.toy_table
 
 toy-base: $(STAMP)  ## build and cache the toy base model (python -m pte.models.toy)

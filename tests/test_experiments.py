@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -169,6 +172,36 @@ def test_toy_table_trains_evaluates_and_resumes(tmp_path, monkeypatch):
     assert toy_table.main(argv) == table
     trained = toy_table.load_config(out / "pte_sft_grpo" / "seed0" / "sft" / "config.yaml", [])
     assert trained.rollout.max_new_tokens == 30 and trained.eval.max_new_tokens == 17 + 5 * 3 + 10 + 8
+
+
+def test_claiming_lanes_skip_jobs_a_live_process_holds_and_take_over_a_dead_ones(tmp_path, monkeypatch):
+    """``--claim``: the costliest arms (listed last) first; a job claimed by a live process is left to it, one claimed
+    by a process that died is run; no claim is left behind, and the plain call then only tables the jobs."""
+    ran: list[tuple[str, int]] = []
+
+    def train_arm(name, arm, seed, *args):
+        ran.append((name, seed))
+
+    monkeypatch.setattr(toy_table, "train_arm", train_arm)
+    monkeypatch.setattr(toy_table, "load_arm_model", lambda *args: (None, None, None))
+    monkeypatch.setattr(toy_table, "evaluate_arm", lambda *args: {"W4": 0.5, "full": 1.0})
+    out = tmp_path / "table"
+    argv = [*TINY, "--config", "configs/tiny.yaml", "--out", str(out), "--seeds", "0", "1", "--windows", "4"]
+    argv += ["--arms", "base", "pte_sft_grpo"]
+    held = out / "pte_sft_grpo" / "seed0" / "claimed"
+    held.parent.mkdir(parents=True)
+    held.write_text(str(os.getpid()))  # a live process (this one) holds it
+    assert toy_table.main([*argv, "--claim"]) == {}
+    assert ran == [("pte_sft_grpo", 1), ("base", 1), ("base", 0)]
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    held.write_text(str(dead.pid))
+    toy_table.main([*argv, "--claim"])
+    assert ran[3:] == [("pte_sft_grpo", 0)] and not list(out.rglob("claimed"))
+    table = toy_table.main(argv)
+    assert len(ran) == 4 and table["pte_sft_grpo"]["W4"][:1] == [50.0]
+    with pytest.raises(SystemExit):
+        toy_table.main([*argv, "--claim", "--shard", "0/2"])
 
 
 def test_a_diverging_arm_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):

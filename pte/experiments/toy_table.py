@@ -22,8 +22,10 @@ drawn from 2 to 10 letters per problem (``data.carry_letters=[2,10]``: a recall 
 guess, so a group's samples disagree more often), evaluated on the task itself (10 letters).
 Writes ``results.json``, ``results.md`` (mean ± sd over seeds, one column per window) and ``accuracy_vs_budget.png``;
 every stage keeps its own run directory with TensorBoard logs. An interrupted run resumes arm by arm: finished stages
-and evaluations are read back, not recomputed. ``--shard I/N`` runs every N-th (arm, seed) job only, so N processes
-share the sweep; a last call without it reads them back and writes the table. ``--summarise`` trains nothing: it writes
+and evaluations are read back, not recomputed. ``--claim`` runs every (arm, seed) job no other live process has claimed
+(a ``claimed`` file in the job's directory), the arms in reverse order (the two-stage arms, listed last, take longest),
+so any number of processes share the sweep and end close together; ``--shard I/N`` runs every N-th job only. A last
+call without either reads them back and writes the table. ``--summarise`` trains nothing: it writes
 the table and plot from the jobs already scored, whichever seeds each arm has (a row names its seeds when they are fewer).
 Generation (training and evaluation) stops at the task's longest solution plus a margin unless the overrides set it:
 an arm at chance under a window otherwise samples to the config's limit, sized for the longest variant.
@@ -36,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import time
 from dataclasses import dataclass, replace
@@ -186,6 +189,32 @@ def _cache(cfg: Config, window: int, ratio: float | None) -> CacheCfg:
     return replace(cfg.cache, window=window, evict_ratio=cfg.cache.evict_ratio if ratio is None else ratio)
 
 
+def run_job(
+    name: str,
+    arm: Arm,
+    seed: int,
+    budget: Budget,
+    paths: tuple[Path, Path],
+    common: list[str],
+    problems,
+    grader: Grader,
+) -> None:
+    """Train one (arm, seed) job (``paths``: the base config and the sweep's directory) and write its scores to its
+    ``scores.json``, or, if its training diverged, why it failed."""
+    config, out = paths
+    done = out / name / f"seed{seed}" / "scores.json"
+    try:
+        adapter = train_arm(name, arm, seed, budget, config, out, common)
+    except NonFiniteError as err:  # a diverging recipe is a result of the sweep, not the end of it
+        done.write_text(json.dumps({FAILED: str(err)}, indent=2))
+        log.warning("%s seed %d diverged: %s", name, seed, err)
+        return
+    model, tok, cfg = load_arm_model(config, adapter, common)
+    scores = evaluate_arm(model, tok, cfg, arm, budget, problems, grader)
+    done.write_text(json.dumps(scores, indent=2))
+    log.info("%s seed %d: %s", name, seed, {k: round(100 * v, 1) for k, v in scores.items()})
+
+
 def load_arm_model(config: Path, adapter: Path | None, common: list[str]):
     """The trained policy (adapter export) or, for ``base``, the base model with the run's config."""
     if adapter is not None:
@@ -282,6 +311,33 @@ def generation_limits(cfg: Config, overrides: list[str]) -> list[str]:
     return [f"{k}={need}" for k in keys if not any(o.startswith(f"{k}=") for o in overrides)]
 
 
+def claim(done: Path) -> bool:
+    """Take the job whose scores go to ``done`` for this process: a ``claimed`` file beside it, created atomically, holds
+    the owner's pid. False while a live process holds it (or is still writing it); a dead owner's claim is taken over."""
+    lock = done.with_name("claimed")
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        owner = lock.read_text().strip()
+        if not owner.isdigit() or _alive(int(owner)):
+            return False
+        lock.unlink(missing_ok=True)
+        return claim(done)
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def _shard(text: str) -> tuple[int, int]:
     """``1/2`` -> (1, 2)."""
     i, _, n = text.partition("/")
@@ -304,11 +360,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=[*ARMS, *ABLATIONS, *MIXED])
     parser.add_argument("--ablations", action="store_true", help="add every ablation arm")
     parser.add_argument("--shard", type=_shard, default=None, help="I/N: run every N-th job from the I-th (0-based)")
+    parser.add_argument("--claim", action="store_true", help="run the jobs no other live process has claimed")
     parser.add_argument("--summarise", action="store_true", help="train nothing: table and plot of the scored jobs")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every arm (e.g. rollout.batch_size=16)")
     args = parser.parse_args(argv)
-    if args.summarise and args.shard is not None:
-        parser.error("--summarise writes the whole table: it takes no --shard")
+    if args.summarise and (args.shard is not None or args.claim):
+        parser.error("--summarise writes the whole table: it takes no --shard or --claim")
+    if args.claim and args.shard is not None:
+        parser.error("--claim shares the jobs out as they finish: it takes no --shard")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     lr = (("sft", args.sft_lr), ("grpo", args.grpo_lr))
     budget = Budget(args.steps, tuple(sorted(args.windows)), args.problems, tuple(args.seeds), args.sft_share, lr)
@@ -323,27 +382,27 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {}
     with Grader(timeout_s=5.0, workers=1) as grader:
         jobs = [(n, s) for n in names for s in budget.seeds]
-        mine = jobs if args.shard is None else jobs[args.shard[0] :: args.shard[1]]
+        mine = jobs[::-1] if args.claim else jobs if args.shard is None else jobs[args.shard[0] :: args.shard[1]]
+        ran = 0
         for name, seed in tqdm(mine, desc="arms x seeds"):
             done = args.out / name / f"seed{seed}" / "scores.json"  # one file per job: seeds can run in parallel
             if not done.exists():
                 if args.summarise:
                     continue
-                arm = arms[name]
                 done.parent.mkdir(parents=True, exist_ok=True)
+                if args.claim and not claim(done):
+                    continue
                 try:
-                    adapter = train_arm(name, arm, seed, budget, args.config, args.out, common)
-                except NonFiniteError as err:  # a diverging recipe is a result of the sweep, not the end of it
-                    done.write_text(json.dumps({FAILED: str(err)}, indent=2))
-                    log.warning("%s seed %d diverged: %s", name, seed, err)
-                else:
-                    model, tok, cfg = load_arm_model(args.config, adapter, common)
-                    scores = evaluate_arm(model, tok, cfg, arm, budget, problems, grader)
-                    done.write_text(json.dumps(scores, indent=2))
-                    log.info("%s seed %d: %s", name, seed, {k: round(100 * v, 1) for k, v in scores.items()})
+                    if not done.exists():  # another process may have finished it since the check above
+                        run_job(name, arms[name], seed, budget, (args.config, args.out), common, problems, grader)
+                        ran += 1
+                finally:
+                    if args.claim:
+                        done.with_name("claimed").unlink(missing_ok=True)
             results.setdefault(name, {})[str(seed)] = json.loads(done.read_text())
-    if args.shard is not None:
-        log.info("shard %d/%d: %d jobs done in %.0f s", *args.shard, len(mine), time.perf_counter() - t0)
+    if args.shard is not None or args.claim:
+        lane = "claimed jobs" if args.claim else f"shard {args.shard[0]}/{args.shard[1]}"
+        log.info("%s: %d jobs run in %.0f s", lane, ran, time.perf_counter() - t0)
         return {}
     setup = vars(args) | {"out": str(args.out), "config": str(args.config)}
     (args.out / "results.json").write_text(json.dumps({"setup": setup, "results": results}, indent=2, default=str))
