@@ -127,10 +127,9 @@ def loss_rows(exp: Experience, beta: float) -> list[torch.Tensor]:
 def only_rows(exp: Experience, keep: list[torch.Tensor]) -> Experience:
     """``exp`` restricted to the rows ``keep`` (per rollout, ``[n]`` bool), each rollout cut to its longest kept row."""
     rollouts = [take_rows(ro, k) for ro, k in zip(exp.rollouts, keep)]
-    weights = [w[k, : ro.response_ids.shape[1]] for w, k, ro in zip(exp.weights, keep, rollouts)]
-    refs = [
-        None if r is None else r[k, : ro.response_ids.shape[1]] for r, k, ro in zip(exp.ref_logprobs, keep, rollouts)
-    ]
+    lengths = [ro.response_ids.shape[1] for ro in rollouts]
+    weights = [w[k, :t] for w, k, t in zip(exp.weights, keep, lengths)]
+    refs = [None if r is None else r[k, :t] for r, k, t in zip(exp.ref_logprobs, keep, lengths)]
     return Experience(rollouts, [a[k] for a, k in zip(exp.advantages, keep)], weights, refs)
 
 

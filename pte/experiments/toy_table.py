@@ -41,6 +41,8 @@ import logging
 import os
 import statistics
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -194,14 +196,14 @@ def run_job(
     arm: Arm,
     seed: int,
     budget: Budget,
-    paths: tuple[Path, Path],
+    config: Path,
+    out: Path,
     common: list[str],
     problems,
     grader: Grader,
 ) -> None:
-    """Train one (arm, seed) job (``paths``: the base config and the sweep's directory) and write its scores to its
-    ``scores.json``, or, if its training diverged, why it failed."""
-    config, out = paths
+    """Train one (arm, seed) job of the sweep in ``out`` and write its scores to its ``scores.json``, or, if its
+    training diverged, why it failed."""
     done = out / name / f"seed{seed}" / "scores.json"
     try:
         adapter = train_arm(name, arm, seed, budget, config, out, common)
@@ -311,21 +313,28 @@ def generation_limits(cfg: Config, overrides: list[str]) -> list[str]:
     return [f"{k}={need}" for k in keys if not any(o.startswith(f"{k}=") for o in overrides)]
 
 
-def claim(done: Path) -> bool:
-    """Take the job whose scores go to ``done`` for this process: a ``claimed`` file beside it, created atomically, holds
-    the owner's pid. False while a live process holds it (or is still writing it); a dead owner's claim is taken over."""
+@contextmanager
+def claimed(done: Path) -> Iterator[bool]:
+    """Whether this process holds the job whose scores go to ``done``, released on exit: a ``claimed`` file beside it,
+    created atomically, holds the owner's pid. False while a live process holds it (or is still writing it); a dead
+    owner's claim is taken over."""
     lock = done.with_name("claimed")
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        owner = lock.read_text().strip()
-        if not owner.isdigit() or _alive(int(owner)):
-            return False
-        lock.unlink(missing_ok=True)
-        return claim(done)
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            owner = lock.read_text().strip()
+            if not owner.isdigit() or _alive(int(owner)):
+                yield False
+                return
+            lock.unlink(missing_ok=True)
     with os.fdopen(fd, "w") as f:
         f.write(str(os.getpid()))
-    return True
+    try:
+        yield True
+    finally:
+        lock.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:
@@ -390,15 +399,12 @@ def main(argv: list[str] | None = None) -> dict:
                 if args.summarise:
                     continue
                 done.parent.mkdir(parents=True, exist_ok=True)
-                if args.claim and not claim(done):
-                    continue
-                try:
-                    if not done.exists():  # another process may have finished it since the check above
-                        run_job(name, arms[name], seed, budget, (args.config, args.out), common, problems, grader)
+                with claimed(done) if args.claim else nullcontext(True) as ours:
+                    if ours and not done.exists():  # another process may have finished it since the check above
+                        run_job(name, arms[name], seed, budget, args.config, args.out, common, problems, grader)
                         ran += 1
-                finally:
-                    if args.claim:
-                        done.with_name("claimed").unlink(missing_ok=True)
+                if not done.exists():  # another live process holds it
+                    continue
             results.setdefault(name, {})[str(seed)] = json.loads(done.read_text())
     if args.shard is not None or args.claim:
         lane = "claimed jobs" if args.claim else f"shard {args.shard[0]}/{args.shard[1]}"
