@@ -156,11 +156,11 @@ def train(cfg: Config, argv: list[str] | None = None) -> dict[str, float]:
             raise SystemExit(128 + err.signum) from None
         raise
     trainer.save_checkpoint(ckpt_dir / "last.ckpt")
-    if not trainer.is_global_zero:  # every process holds the same adapter; one writes it
-        return {k: float(v) for k, v in trainer.callback_metrics.items()}
-    adapter = export_adapter(module.model, cfg, run_dir / "adapter")
-    log.info("run directory %s (adapter %s, checkpoint %s)", run_dir, adapter, ckpt_dir / "last.ckpt")
-    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+    metrics = {**{k: float(v) for k, v in trainer.callback_metrics.items()}, **module.step_metrics}
+    if trainer.is_global_zero:  # every process holds the same adapter; one writes it
+        adapter = export_adapter(module.model, cfg, run_dir / "adapter")
+        log.info("run directory %s (adapter %s, checkpoint %s)", run_dir, adapter, ckpt_dir / "last.ckpt")
+    return metrics
 
 
 def _report_stop(err: BaseException, saver: SaveOnInterrupt, step: int, argv: list[str]) -> None:

@@ -23,7 +23,7 @@ def test_hash_matches_unbounded_arithmetic_and_is_a_bijection():
 
 def test_uniforms_are_uniform_in_the_half_open_unit_interval():
     noise = RowNoise.draw(torch.Generator().manual_seed(0), 20000, 8, "cpu")
-    u = torch.stack([noise.uniform(s) for s in range(8)])  # [steps, rows]
+    u = noise.uniforms().T  # [steps, rows]
     assert u.dtype == torch.float64 and (u > 0).all() and (u <= 1).all()
     assert abs(float(u.mean()) - 0.5) < 0.005 and abs(float(u.var()) - 1 / 12) < 0.002
     counts = torch.histc(u.float(), bins=10, min=0, max=1)
@@ -35,11 +35,10 @@ def test_a_rows_draws_do_not_depend_on_the_other_rows():
     """Any block of rows, or the rows left after others finished, draws what it draws in the whole batch."""
     noise = RowNoise.draw(torch.Generator().manual_seed(3), 64, 16, "cpu")
     left = torch.tensor([2, 17, 40])
-    for step in (0, 7, 15):
-        whole = noise.uniform(step)
-        assert torch.equal(noise[16:32].uniform(step), whole[16:32])
-        assert torch.equal(noise[left].uniform(step), whole[left])
-    assert noise.uniform(0).unique().numel() == 64
+    whole = noise.uniforms()  # [rows, steps]
+    assert torch.equal(noise[16:32].uniforms(), whole[16:32])
+    assert torch.equal(noise[left].uniforms(), whole[left])
+    assert whole[:, 0].unique().numel() == 64
 
 
 def test_one_draw_from_the_generator_whatever_the_rows():
@@ -49,5 +48,5 @@ def test_one_draw_from_the_generator_whatever_the_rows():
     first = RowNoise.draw(gens[0], 4, 8, "cpu")
     wide = RowNoise.draw(gens[1], 64, 8, "cpu")
     assert torch.equal(gens[0].get_state(), gens[1].get_state())
-    assert torch.equal(first.uniform(3), wide[:4].uniform(3))
-    assert not torch.equal(RowNoise.draw(gens[0], 4, 8, "cpu").uniform(3), first.uniform(3)), "a new seed per draw"
+    assert torch.equal(first.uniforms(), wide[:4].uniforms())
+    assert not torch.equal(RowNoise.draw(gens[0], 4, 8, "cpu").uniforms(), first.uniforms()), "a new seed per draw"

@@ -262,7 +262,7 @@ def test_sink_batch_invariance_when_windows_and_sinks_interleave(window):
 
 
 def uniforms(rows: int) -> torch.Tensor:
-    return RowNoise.draw(torch.Generator().manual_seed(0), rows, 1, "cpu").uniform(0)
+    return RowNoise.draw(torch.Generator().manual_seed(0), rows, 1, "cpu").uniforms()[:, 0]
 
 
 def test_draw_follows_the_probabilities_and_never_picks_zero_mass():

@@ -131,6 +131,22 @@ def test_resume_is_exact(tmp_path, digit_reward):
     assert one_step["global_step"] == 2
 
 
+def test_validation_leaves_training_alone(tmp_path, digit_reward):
+    """Held-out evaluations draw nothing the training draws: the same weights whether they run every step or never
+    (so the toy table may evaluate less often), and train() returns the last step's train/ scalars either way."""
+    runs, returned = {}, {}
+    for every in (0, 1):
+        over = [f"trainer.out_dir={tmp_path / str(every)}", "trainer.run_name=run", "rollout.temperature=1.0"]
+        returned[every] = train.main(
+            ["--config", "configs/tiny.yaml", "trainer.max_steps=3", *over, f"trainer.val_every={every}"]
+        )
+        runs[every] = torch.load(tmp_path / str(every) / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert "val/accuracy" in _scalars(tmp_path / "1" / "run") and "val/accuracy" not in _scalars(tmp_path / "0" / "run")
+    a, b = runs[0]["state_dict"], runs[1]["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert returned[0]["train/loss"] == returned[1]["train/loss"] and "train/reward_mean" in returned[0]
+
+
 def test_drawn_cache_schedules_vary_by_step_and_resume_exactly(tmp_path, digit_reward):
     """cache.train_windows / train_evict_ratios: each step draws its own schedule from the run's seed and the step, so
     a resumed run trains under the schedules an uninterrupted one would have."""

@@ -37,12 +37,12 @@ class RowNoise:
     """Independent uniform streams, one per row, for steps ``0..T-1``.
 
     ``keys [B]`` int64 in [0, 2^32) are distinct per row; ``counters [T, 2]`` hold each step's two hashed counters,
-    built once on the device so that a decode step reads them without a host-to-device copy (which would wait for
+    built on the device, so a rollout's draws (:meth:`uniforms`) need no host-to-device copy (which would wait for
     the queued GPU work).
     """
 
-    keys: torch.Tensor
-    counters: torch.Tensor
+    keys: torch.Tensor  # [B]
+    counters: torch.Tensor  # [T, 2]
 
     @classmethod
     def draw(cls, generator: torch.Generator | None, rows: int, steps: int, device: torch.device | str) -> RowNoise:
@@ -57,8 +57,9 @@ class RowNoise:
         """The streams of ``rows`` (a block of the rows being decoded, or the rows still in the batch)."""
         return RowNoise(self.keys[rows], self.counters)
 
-    def uniform(self, step: int) -> torch.Tensor:
-        """Row b's draw at ``step``: ``[B]`` float64 in (0, 1], 53 random bits from two 32-bit words."""
-        words = hash32(self.keys[:, None] ^ self.counters[step])  # [B, 2]
-        u = ((words[:, 0] >> 5) * 2**26 + (words[:, 1] >> 6)).double() / 2**53  # [0, 1)
+    def uniforms(self) -> torch.Tensor:
+        """Every row's draws at every step, ``[B, T]`` float64 in (0, 1]: 53 random bits from two 32-bit words. One
+        pass for the whole rollout costs about what one decode step's hashing did."""
+        words = hash32(self.keys[:, None, None] ^ self.counters)  # [B, T, 2]
+        u = ((words[..., 0] >> 5) * 2**26 + (words[..., 1] >> 6)).double() / 2**53  # [0, 1)
         return 1.0 - u

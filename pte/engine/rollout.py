@@ -11,7 +11,9 @@ the group's rows. Each row draws its own uniforms (pte/engine/noise.py), so its 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 from torch import nn
@@ -67,6 +69,13 @@ class Rollout:
     slot_bytes: int = 0  # K/V bytes of one row in one occupied slot (all layers)
     attn_flops_per_key: int = 0  # attention FLOPs of one query against one cached key, all layers
     logits: torch.Tensor | None = None  # [B, T, V] raw logits, only with keep_logits (debugging, parity tests)
+
+    def for_autograd(self) -> Rollout:
+        """This rollout with every tensor made in inference mode copied out of it, so replay may save it for backward."""
+        made = {f.name: getattr(self, f.name) for f in fields(self)}
+        return replace(
+            self, **{k: v.clone() for k, v in made.items() if isinstance(v, torch.Tensor) and v.is_inference()}
+        )
 
     @property
     def kv_bytes(self) -> torch.Tensor:
@@ -209,6 +218,23 @@ def prefill(
     return logits.index_select(0, inverse)
 
 
+def decoding(fn: Callable[..., Rollout]) -> Callable[..., Rollout]:
+    """Run a rollout ``fn(model, ...)`` without autograd and hand back tensors autograd can use.
+
+    Inference mode skips autograd's bookkeeping on every op (11-13 % of a toy model's rollout on a CPU); the tensors it
+    makes are copied out (:meth:`Rollout.for_autograd`) so replay may save them for backward. FSDP's gathered weights
+    must stay normal tensors for its own backward, so a sharded model decodes under no_grad.
+    """
+
+    @functools.wraps(fn)
+    def run(model: nn.Module, *args, **kwargs) -> Rollout:
+        with torch.no_grad() if is_sharded(model) else torch.inference_mode():
+            out = fn(model, *args, **kwargs)
+        return out.for_autograd()
+
+    return run
+
+
 @dataclass
 class _Decode:
     """The rows in the cache, indexed like its batch (finished rows leave at stop checks, see :func:`rollout`), and
@@ -219,7 +245,7 @@ class _Decode:
     pos: torch.Tensor  # [B', 1] position of the last forwarded token, bumped in place
     last: torch.Tensor  # [B', 1] the token fed to the next decode step
     ones: torch.Tensor  # [B', 1] bool, the decode step's validity
-    noise: RowNoise
+    uniforms: torch.Tensor  # [B', T] float64, each row's draw at each step (pte/engine/noise.py)
     tokens: torch.Tensor  # [B, T] pad after EOS
     logprobs: torch.Tensor  # [B, T]
     mask: torch.Tensor  # [B, T] bool
@@ -233,7 +259,7 @@ class _Decode:
             pos=prompt_mask.sum(1, keepdim=True) - 1,
             last=torch.empty(b, 1, dtype=torch.long, device=device),
             ones=torch.ones(b, 1, dtype=torch.bool, device=device),
-            noise=noise,
+            uniforms=noise.uniforms(),
             tokens=torch.full((b, steps), pad_id, dtype=torch.long, device=device),
             logprobs=torch.zeros(b, steps, device=device),
             mask=torch.zeros(b, steps, dtype=torch.bool, device=device),
@@ -251,10 +277,10 @@ class _Decode:
     def keep(self, stay: torch.Tensor) -> None:
         """Keep the rows at positions ``stay [B'']`` of the current batch."""
         self.rows, self.alive, self.pos = self.rows[stay], self.alive[stay], self.pos[stay]
-        self.last, self.ones, self.noise = self.last[stay], self.ones[stay], self.noise[stay]
+        self.last, self.ones, self.uniforms = self.last[stay], self.ones[stay], self.uniforms[stay]
 
 
-@torch.no_grad()
+@decoding
 def rollout(
     model: PreTrainedModel,
     prompt_ids: torch.Tensor,
@@ -311,7 +337,7 @@ def rollout(
                 logits = forward_tokens(step_model, cache, d.last, d.pos, d.ones)[:, -1]
             if keep_logits:
                 kept.append(logits.new_zeros(b, logits.shape[-1]).index_copy_(0, d.rows, logits))
-            d.take(j, *sample(logits, sampling, d.noise.uniform(j)), pad_id, eos)
+            d.take(j, *sample(logits, sampling, d.uniforms[:, j]), pad_id, eos)
             used.append(cache.used)
             held.append(len(d.rows))
             steps = j + 1

@@ -366,6 +366,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--grpo-lr", type=float, default=3e-4, help="learning rate of every GRPO stage")
     parser.add_argument("--windows", type=int, nargs="+", default=[12, 16, 24, 32, 64], help="thought windows W")
     parser.add_argument("--problems", type=int, default=100, help="held-out problems per evaluation")
+    parser.add_argument(
+        "--val-every", type=int, default=100, help="steps between each stage's val/accuracy (TensorBoard only)"
+    )
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=[*ARMS, *ABLATIONS, *MIXED])
     parser.add_argument("--ablations", action="store_true", help="add every ablation arm")
     parser.add_argument("--shard", type=_shard, default=None, help="I/N: run every N-th job from the I-th (0-based)")
@@ -384,7 +387,8 @@ def main(argv: list[str] | None = None) -> dict:
     names = [*args.arms, *(n for n in ABLATIONS if args.ablations and n not in args.arms)]
     args.out.mkdir(parents=True, exist_ok=True)
     base_cfg = load_config(args.config, args.overrides)
-    common = [*generation_limits(base_cfg, args.overrides), *args.overrides]
+    # held-out evaluations during training only feed TensorBoard and draw nothing the training draws (tested)
+    common = [*generation_limits(base_cfg, args.overrides), f"trainer.val_every={args.val_every}", *args.overrides]
     d = base_cfg.data
     problems = carry_problems(budget.problems, 20_000, d.carry_steps, d.carry_values, letters=d.carry_letters)
     t0 = time.perf_counter()

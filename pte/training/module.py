@@ -333,12 +333,12 @@ class GRPOModule(L.LightningModule):
     def _publish(self, logs: dict) -> None:
         """Average the step's scalars over processes (one all-reduce; a no-op in one process) and keep them as
         ``step_metrics`` for pte.training.progress.StepLog, which writes them at the step this batch produced (the axis
-        of val/ and memory/). self.log only feeds the progress bar and ``trainer.callback_metrics``."""
+        of val/ and memory/). self.log only feeds the progress bar: Lightning's logging of each scalar took 15-20 ms a
+        step, 5-7 % of a toy step."""
         keys = sorted(logs)
         values = torch.tensor([float(logs[k]) for k in keys], dtype=torch.float64, device=self.device)
         values = all_mean(values)
         self.step_metrics = {f"train/{k}": float(v) for k, v in zip(keys, values.tolist())}
-        self.log_dict(self.step_metrics, on_step=True, prog_bar=False, logger=False)
         if "train/reward_mean" in self.step_metrics:
             self.log("train/reward", self.step_metrics["train/reward_mean"], prog_bar=True, logger=False)
 
