@@ -104,13 +104,17 @@ def test_skipping_zero_loss_rows_trains_the_same_weights(tmp_path, monkeypatch):
     monkeypatch.setattr(pte.training.module, "build_reward", lambda spec, grader: CombinedReward([HasDigit()], [1.0]))
     over = ["trainer.max_steps=4", "rollout.temperature=1.0", "grpo.beta=0"]
     runs = {flag: _train(tmp_path / flag, *over, f"replay.skip_zero_loss={flag}") for flag in ("true", "false")}
-    replayed = {}
+    replayed, entropy_steps = {}, {}
     for flag, run_dir in runs.items():
         acc = EventAccumulator(str(run_dir / "tb"))
         acc.Reload()
-        replayed[flag] = [e.value for e in acc.Scalars("train/replayed_frac")]
-    assert replayed["false"] == [1.0] * 4
-    assert len(replayed["true"]) == 4 and min(replayed["true"]) < 1 and max(replayed["true"]) > 0, replayed
+        replayed[flag] = {e.step: e.value for e in acc.Scalars("train/replayed_frac")}
+        entropy_steps[flag] = {e.step for e in acc.Scalars("train/entropy")}
+    assert list(replayed["false"].values()) == [1.0] * 4
+    assert len(replayed["true"]) == 4 and min(replayed["true"].values()) < 1 and max(replayed["true"].values()) > 0
+    # per-replayed-token scalars are written only at steps that replayed some row
+    assert entropy_steps["true"] == {s for s, frac in replayed["true"].items() if frac > 0}, replayed
+    assert entropy_steps["false"] == set(replayed["false"])
     skip, full = (torch.load(runs[f] / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"] for f in runs)
     assert skip.keys() == full.keys()
     for name, weight in full.items():

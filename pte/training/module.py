@@ -314,11 +314,6 @@ class GRPOModule(L.LightningModule):
             ),
             "attn_tflops": sum(s["attn_tflops"] for s in ro_stats),
             "loss": stats["loss"],
-            "kl": stats["kl"] / max(stats["tokens"], 1.0),
-            "clip_frac": stats["clipped"] / max(stats["tokens"], 1.0),
-            "entropy": stats["entropy"] / max(stats["tokens"], 1.0),
-            "logp_gap_mean": stats["logp_gap_sum"] / max(stats["tokens"], 1.0),
-            "logp_gap_max": stats["logp_gap_max"],
             "grad_norm": float(grad_norm),
             "lr": self.optimizers().param_groups[0]["lr"],
             "time_rollout_s": t_rollout,
@@ -326,6 +321,11 @@ class GRPOModule(L.LightningModule):
             "tokens_per_s": tokens / max(t_rollout, 1e-9),
             "nonfinite_steps": self.nonfinite_steps,
         }
+        if stats["tokens"]:  # per replayed token: undefined on a step that replayed none (replay.skip_zero_loss)
+            n = stats["tokens"]
+            logs["kl"], logs["clip_frac"] = stats["kl"] / n, stats["clipped"] / n
+            logs["entropy"], logs["logp_gap_mean"] = stats["entropy"] / n, stats["logp_gap_sum"] / n
+            logs["logp_gap_max"] = stats["logp_gap_max"]
         logs.update({f"reward_{k}": v.mean() for k, v in parts.items()})
         logs["accuracy"] = parts["correctness"].mean() if "correctness" in parts else rewards.new_tensor(0.0)
         self._publish(logs)
