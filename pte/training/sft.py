@@ -35,8 +35,9 @@ def eviction_schedule(policy: CachePolicy, prompt_mask: torch.Tensor, steps: int
         return []
     lengths = prompt_mask.sum(1).tolist()
     width = prompt_mask.shape[1]
-    offsets = [width - n + (n if policy.retain_prompt else 0) + policy.sink_tokens for n in lengths]  # pads + kept
-    done = [0] * len(lengths)
+    # pads + kept tokens; rows with the same offset evict alike (with the prompt retained, every row)
+    offsets = sorted({width - n + (n if policy.retain_prompt else 0) + policy.sink_tokens for n in lengths})
+    done = [0] * len(offsets)
     out = []
     for j in range(1, steps):
         due = [policy.evicted_before(width + j - 1 - off) for off in offsets]
@@ -58,7 +59,7 @@ def teacher_forced(
     """A Rollout whose responses are ``targets`` (each followed by EOS), ready for :func:`pte.engine.replay.replay`;
     with ``draw`` its cache schedule is drawn (``cache.train_*``)."""
     ids, mask = encode_prompts(tok, prompts, chat=False, device=device)
-    rows = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in targets]
+    rows = [r + [tok.eos_token_id] for r in tok(targets, add_special_tokens=False)["input_ids"]]
     t_max = max(len(r) for r in rows)
     response = torch.full((len(rows), t_max), tok.pad_token_id, dtype=torch.long, device=device)
     response_mask = torch.zeros(len(rows), t_max, dtype=torch.bool, device=device)
