@@ -90,12 +90,14 @@ def test_rollout_throughput_decodes_the_same_tokens_both_ways(tmp_path):
 
 
 def test_step_time_replays_every_row_and_the_skipped_rows(tmp_path):
-    """The tiny model earns no arithmetic reward, so every group agrees: the skipping replay runs no row."""
+    """The tiny model earns no arithmetic reward, so every group agrees: the skipping replay runs no row. The rollout
+    is timed in inference mode and under no_grad."""
     out = tmp_path / "step.json"
     args = ["step-time", "--model", "tiny-llama", "--methods", "pte", "--steps", "2", "--json", str(out)]
     main([*args, "rollout.batch_size=4", "rollout.group_size=2", "rollout.micro_batch=4", "rollout.max_new_tokens=12"])
     (row,) = json.loads(out.read_text())["rows"]
     assert row["replayed_frac"] == 0 and row["replay_backward"] > 0 and row["replay_skip"] >= 0
+    assert row["same_tokens"] == 1 and row["rollout_no_grad"] > 0  # inference mode samples what no_grad does
     assert row["total"] == pytest.approx(sum(row[k] for k in ("rollout", "reward", "replay_backward", "optimizer")))
 
 

@@ -4,7 +4,9 @@ Runs ``generate_rollouts``, the reward, ``build_experience`` + ``policy_update``
 ``GRPOModule.training_step`` does (same config schema, ``key=value`` overrides), on short arithmetic prompts,
 and reports per-phase medians over the steps after a warm-up step. The replay is timed twice on the same rollouts:
 over every row (``replay_backward``, the phase's cost) and with ``replay.skip_zero_loss`` (``replay_skip``: only rows
-whose loss can be non-zero, ``replayed_frac`` of them), so the skip's saving is measured in the same run.
+whose loss can be non-zero, ``replayed_frac`` of them), so the skip's saving is measured in the same run. The rollout
+is also decoded twice from the same sampler state: in inference mode (``rollout``, the engine's) and under plain
+``no_grad`` (``rollout_no_grad``, the baseline), in alternating order; ``same_tokens`` checks they sample alike.
 """
 
 from __future__ import annotations
@@ -12,12 +14,15 @@ from __future__ import annotations
 import argparse
 import random
 from dataclasses import replace
+from unittest import mock
 
 import torch
 
 from pte.bench import common
 from pte.config import METHOD_POLICY, load_config
+from pte.engine import update
 from pte.engine.generate import decode_responses
+from pte.engine.rollout import rollout
 from pte.engine.update import build_experience, generate_rollouts, policy_update
 from pte.training.methods import build_model
 from pte.training.prompts import config_prompt
@@ -50,6 +55,26 @@ def _update(model, rollouts, rewards, cfg, skip: bool) -> dict:
     return policy_update(model, exp, cfg, lambda loss: loss.backward())
 
 
+def _rollouts_no_grad(*args) -> list:
+    """``generate_rollouts`` with every rollout decoded under ``no_grad`` instead of inference mode."""
+    with mock.patch.object(update, "rollout", torch.no_grad()(rollout.__wrapped__)):
+        return generate_rollouts(*args)
+
+
+def _both_rollouts(model, tok, prompts, cfg, policy: str, gen: torch.Generator, no_grad_first: bool) -> tuple:
+    """(seconds in inference mode, seconds under no_grad, the rollouts, same tokens?) from the same sampler state."""
+    start = gen.get_state()
+    args = (model, tok, prompts, cfg, policy, gen)
+    order = [(_rollouts_no_grad, "no_grad"), (generate_rollouts, "inference")]
+    out = {}
+    for fn, name in order if no_grad_first else order[::-1]:
+        gen.set_state(start)
+        out[name] = common.timed(fn, *args)
+    (t_inf, ros), (t_plain, plain) = out["inference"], out["no_grad"]
+    same = all(torch.equal(a.response_ids, b.response_ids) for a, b in zip(ros, plain, strict=True))
+    return t_inf, t_plain, ros, float(same)
+
+
 def _optimizer_step(params: list[torch.nn.Parameter], opt: torch.optim.Optimizer, clip: float) -> None:
     torch.nn.utils.clip_grad_norm_(params, clip)
     opt.step()
@@ -71,8 +96,8 @@ def time_method(method: str, args: argparse.Namespace) -> dict:
             prompts = [config_prompt(tok, cfg.data, q) for q in questions for _ in range(cfg.rollout.group_size)]
             golds = [g for g in golds for _ in range(cfg.rollout.group_size)]
             t = {}
-            t["rollout"], rollouts = common.timed(
-                generate_rollouts, model, tok, prompts, cfg, METHOD_POLICY[method], gen
+            t["rollout"], t["rollout_no_grad"], rollouts, t["same_tokens"] = _both_rollouts(
+                model, tok, prompts, cfg, METHOD_POLICY[method], gen, no_grad_first=step % 2 == 0
             )
             texts = [x for ro in rollouts for x in decode_responses(tok, ro)]
             t["reward"], (rewards, _) = common.timed(reward, texts, golds)
@@ -88,12 +113,15 @@ def time_method(method: str, args: argparse.Namespace) -> dict:
         grader.close()
     timed = per_step[1:] or per_step
     row = {"method": method, "model": args.model, "steps": len(timed)}
-    row |= {k: common.median([s[k] for s in timed]) for k in (*PHASES, "tokens", "replay_skip", "replayed_frac")}
+    extra = ("tokens", "replay_skip", "replayed_frac", "rollout_no_grad")
+    row |= {k: common.median([s[k] for s in timed]) for k in (*PHASES, *extra)}
     row["total"] = sum(row[k] for k in PHASES)
+    row["same_tokens"] = min(s["same_tokens"] for s in per_step)
     return row
 
 
 def run(args: argparse.Namespace) -> dict:
     rows = [time_method(m, args) for m in args.methods]
-    print(common.table(rows, ["method", "tokens", *PHASES, "total", "replay_skip", "replayed_frac"]))
+    extra = ["replay_skip", "replayed_frac", "rollout_no_grad", "same_tokens"]
+    print(common.table(rows, ["method", "tokens", *PHASES, "total", *extra]))
     return {"benchmark": "step-time", "overrides": args.overrides, "rows": rows}
