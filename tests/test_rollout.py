@@ -151,6 +151,29 @@ def test_pte_at_init_equals_window():
     assert torch.equal(ours.logprobs, window.logprobs)
 
 
+def test_rollout_decodes_in_inference_mode_and_hands_back_normal_tensors(monkeypatch):
+    """Decoding skips autograd's bookkeeping (inference mode), samples what no_grad samples, and its tensors leave
+    inference mode, so replay may save them for backward."""
+    model, tok = tiny_pte(random_a=True)
+    modes, forward = [], pte.engine.rollout.forward_tokens
+
+    def spy(*args, **kwargs):
+        modes.append(torch.is_inference_mode_enabled())
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(pte.engine.rollout, "forward_tokens", spy)
+    ro = run(model, tok, PROMPTS, CachePolicy("pte", window=8), 16, temperature=1.0)
+    assert modes and all(modes)
+    tensors = [v for v in vars(ro).values() if isinstance(v, torch.Tensor)]
+    assert len(tensors) >= 6 and not any(t.is_inference() for t in tensors)
+    ids, mask = encode_prompts(tok, PROMPTS)
+    sampling, gen = SamplingConfig(temperature=1.0, max_new_tokens=16), torch.Generator().manual_seed(0)
+    plain = torch.no_grad()(rollout.__wrapped__)(
+        model, ids, mask, CachePolicy("pte", window=8), sampling, [], tok.pad_token_id, gen
+    )
+    assert torch.equal(plain.response_ids, ro.response_ids) and torch.equal(plain.logprobs, ro.logprobs)
+
+
 def test_thought_state_changes_outputs_once_a_is_nonzero():
     model, tok = tiny_pte(random_a=True)
     window = run(model, tok, PROMPTS, CachePolicy("window", window=8), 30)

@@ -21,7 +21,7 @@ paper's inference 15 %. ``--arms lora_c_mix pte_grpo_mix`` trains GRPO alone on 
 drawn from 2 to 10 letters per problem (``data.carry_letters=[2,10]``: a recall under the window is a 1-in-2 to 1-in-10
 guess, so a group's samples disagree more often), evaluated on the task itself (10 letters).
 Writes ``results.json``, ``results.md`` (mean ± sd over seeds, one column per window) and ``accuracy_vs_budget.png``;
-every stage keeps its own run directory with TensorBoard logs. An interrupted run resumes arm by arm: finished stages
+every stage keeps its own run directory with TensorBoard logs (``val/accuracy`` every ``--val-every`` steps). An interrupted run resumes arm by arm: finished stages
 and evaluations are read back, not recomputed. ``--claim`` runs every (arm, seed) job no other live process has claimed
 (a ``claimed`` file in the job's directory), the arms in reverse order (the two-stage arms, listed last, take longest),
 so any number of processes share the sweep and end close together; ``--shard I/N`` runs every N-th job only. A last
