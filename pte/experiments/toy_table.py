@@ -21,16 +21,16 @@ paper's inference 15 %. ``--arms lora_c_mix pte_grpo_mix`` trains GRPO alone on 
 drawn from 2 to 10 letters per problem (``data.carry_letters=[2,10]``: a recall under the window is a 1-in-2 to 1-in-10
 guess, so a group's samples disagree more often), evaluated on the task itself (10 letters).
 Writes ``results.json``, ``results.md`` (mean ± sd over seeds, one column per window) and ``accuracy_vs_budget.png``;
-every stage keeps its own run directory with TensorBoard logs (``val/accuracy`` every ``--val-every`` steps). An interrupted run resumes arm by arm: finished stages
-and evaluations are read back, not recomputed. ``--claim`` runs every (arm, seed) job no other live process has claimed
-(a ``claimed`` file in the job's directory), the arms in reverse order (the two-stage arms, listed last, take longest),
-so any number of processes share the sweep and end close together; ``--shard I/N`` runs every N-th job only. A last
-call without either reads them back and writes the table. ``--summarise`` trains nothing: it writes
-the table and plot from the jobs already scored, whichever seeds each arm has (a row names its seeds when they are fewer).
-Generation (training and evaluation) stops at the task's longest solution plus a margin unless the overrides set it:
-an arm at chance under a window otherwise samples to the config's limit, sized for the longest variant.
-An arm whose training stops on non-finite steps is recorded as diverged and left out of the means (delete its
-``scores.json`` to try it again); the sweep goes on.
+every stage keeps its own run directory with TensorBoard logs (``val/accuracy`` every ``--val-every`` steps). An
+interrupted run resumes arm by arm: finished stages and evaluations are read back, not recomputed. ``--claim`` runs
+every (arm, seed) job no other live process has claimed (a ``claimed`` file in the job's directory), the arms in reverse
+order (the two-stage arms, listed last, take longest), so any number of processes share the sweep and end close
+together; ``--shard I/N`` runs every N-th job only. A last call without either reads them back and writes the table.
+``--summarise`` trains nothing: it writes the table and plot from the jobs already scored, whichever seeds each arm has
+(a row names its seeds when they are fewer). Generation (training and evaluation) stops at the task's longest solution
+plus a margin unless the overrides set it: an arm at chance under a window otherwise samples to the config's limit,
+sized for the longest variant. An arm whose training stops on non-finite steps is recorded as diverged and left out of
+the means (delete its ``scores.json`` to try it again); the sweep goes on.
 """
 
 from __future__ import annotations
@@ -117,6 +117,12 @@ def stage_steps(arm: Arm, budget: Budget) -> list[int]:
     return [sft, budget.steps - sft]
 
 
+def job_dir(out: Path, name: str, seed: int) -> Path:
+    """One (arm, seed) job's directory: its stages' runs and its ``scores.json`` (one per job, so jobs can run in
+    parallel processes)."""
+    return out / name / f"seed{seed}"
+
+
 def run_stage(config: Path, overrides: list[str], out: Path) -> Path:
     """Train one stage unless its adapter export exists; return the adapter directory."""
     from train import train
@@ -150,7 +156,7 @@ def train_arm(
         ]
         if adapter is not None:
             overrides.append(f"model.adapter={adapter}")
-        adapter = run_stage(config, overrides, out / name / f"seed{seed}" / stage)
+        adapter = run_stage(config, overrides, job_dir(out, name, seed) / stage)
     return adapter
 
 
@@ -204,7 +210,7 @@ def run_job(
 ) -> None:
     """Train one (arm, seed) job of the sweep in ``out`` and write its scores to its ``scores.json``, or, if its
     training diverged, why it failed."""
-    done = out / name / f"seed{seed}" / "scores.json"
+    done = job_dir(out, name, seed) / "scores.json"
     try:
         adapter = train_arm(name, arm, seed, budget, config, out, common)
     except NonFiniteError as err:  # a diverging recipe is a result of the sweep, not the end of it
@@ -398,7 +404,7 @@ def main(argv: list[str] | None = None) -> dict:
         mine = jobs[::-1] if args.claim else jobs if args.shard is None else jobs[args.shard[0] :: args.shard[1]]
         ran = 0
         for name, seed in tqdm(mine, desc="arms x seeds"):
-            done = args.out / name / f"seed{seed}" / "scores.json"  # one file per job: seeds can run in parallel
+            done = job_dir(args.out, name, seed) / "scores.json"
             if not done.exists():
                 if args.summarise:
                     continue
