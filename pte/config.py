@@ -130,6 +130,7 @@ class ThoughtCfg:
     evicted_context: str = "token"
     init_std: float = 1.0
     init_move: float | None = None
+    write_gate: bool = False
     state_grad: str = "detach"
 
     def build(self) -> ThoughtConfig:

@@ -332,7 +332,7 @@ def test_task_mix_arms_train_grpo_alone_on_the_letter_mix(tmp_path, monkeypatch)
     budget = toy_table.Budget(steps=10, windows=(12, 24), problems=4, seeds=(0,))
     for name, method in (("pte_grpo_mix", "pte"), ("lora_c_mix", "lora_c")):
         stages.clear()
-        toy_table.train_arm(name, toy_table.MIXED[name], 0, budget, tmp_path / "c.yaml", tmp_path, ["data.size=9"])
+        toy_table.train_arm(name, toy_table.GRPO_ALONE[name], 0, budget, tmp_path / "c.yaml", tmp_path, ["data.size=9"])
         [(stage, overrides)] = stages
         assert stage == "grpo" and f"method={method}" in overrides and "trainer.max_steps=10" in overrides
         assert overrides[-1] == "data.carry_letters=[2,10]" and "data.size=9" in overrides

@@ -155,3 +155,29 @@ def test_pair_context_folds_each_evicted_token_beside_its_predecessor():
         torch.testing.assert_close(encoder.store.states[i], torch.stack([s2[0], s2[1]]))
     token = attach_thought(tiny("llama", initializer_range=64**-0.5)[0], replace(cfg, evicted_context="token"))
     assert encoder.layers[0].lat_k.in_features == 2 * token.layers[0].lat_k.in_features
+
+
+def test_write_gate_starts_open_and_can_shut_a_token_out():
+    """At init the gate weighs every term by 1 (the ungated increment, so an untrained gated adapter is the paper's);
+    shut on one token, that token's term leaves the increment; its parameters get a gradient."""
+    torch.manual_seed(0)
+    q_lat = torch.randn(3, 4)
+    k, v = torch.randn(1, 3, 4), torch.randn(1, 3, 4)  # [B, m, kv_dim]
+    torch.manual_seed(1)
+    plain = _layer("sum")
+    torch.manual_seed(1)
+    gated = LayerThought(ThoughtConfig(rank=4, global_tokens=3, state_scale="sum", write_gate=True), 8, 8, 4)
+    assert plain.gate is None
+    torch.testing.assert_close(gated._increment(q_lat, k, v), plain._increment(q_lat, k, v), rtol=0, atol=0)
+    top, second = k[0, :, 0].topk(2).values
+    with torch.no_grad():  # g = 2 sigmoid(1e4 (threshold - K[0])): 0 on the largest K[0], 2 on the others
+        gated.gate.weight.zero_()
+        gated.gate.weight[0, 0] = -1e4
+        gated.gate.bias.fill_(1e4 * float(top + second) / 2)
+    shut = int(k[0, :, 0].argmax())
+    rest = [t for t in range(3) if t != shut]
+    torch.testing.assert_close(gated._increment(q_lat, k, v), 2 * plain._increment(q_lat, k[:, rest], v[:, rest]))
+    gated.gate.weight.data.zero_()
+    gated.gate.bias.data.zero_()
+    gated._increment(q_lat, k, v).square().sum().backward()
+    assert gated.gate.weight.grad.abs().sum() > 0 and gated.gate.bias.grad.abs() > 0

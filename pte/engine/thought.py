@@ -14,7 +14,10 @@ Frobenius). Heads are flattened (K_e: [B, m, H_kv*D]); each layer's state comes 
 evicted keys/values; keys are un-rotated back to their pre-rotary form by default (``evicted_keys``)
 so the state depends on content, not on absolute position. With ``evicted_context: pair`` (not the paper) each evicted
 token's K and V rows are concatenated with its predecessor's, [K_t, K_{t-1}] and [V_t, V_{t-1}], so one term of the
-state can bind a token to the one before it (a recalled letter to its mark's symbol).
+state can bind a token to the one before it (a recalled letter to its mark's symbol). With ``write_gate`` (not the
+paper) each token's term is weighted by ``g_t = 2 sigmoid(w . [K_t, V_t] + b)`` (w, b zero at init, so g = 1):
+
+    S'_e = c_m (W^a_Q q_g) (W^a_K K_e)^T diag(g) (W^a_V V_e)
 
 Precision (pte/training/precision.py): every parameter here is float32 and the state is built and updated in float32,
 with autocast off, whatever the base model's dtype; only ThoughtLinear's update runs in the activation dtype.
@@ -55,6 +58,9 @@ class ThoughtConfig:
         init_move: when set (e.g. 0.15), training a fresh adapter rescales each layer's global tokens so that one
             eviction moves the state by this fraction (pte/engine/calibrate.py): the state starts with a memory
             whatever the model's K/V scale; ``init_std`` then only draws their direction.
+        write_gate: weight each evicted token's term by ``2 sigmoid(w . [K_t, V_t] + b)``, per layer, w and b zero at
+            init (not the paper). The term itself is bilinear in the token's K/V, so making most tokens' terms small
+            while keeping a few large takes both W^a_K and W^a_V; the gate can shut a token out with one direction.
         state_grad: ``detach`` (the paper's memory claim: the carried state is a constant in each replay chunk, so
             h_g and W^a learn only from the newest eviction) or ``chain`` (exact gradient through every state
             update; the evicted K/V stay constants, and the chain keeps them for the W^a gradient).
@@ -70,6 +76,7 @@ class ThoughtConfig:
     evicted_context: str = "token"
     init_std: float = 1.0
     init_move: float | None = None
+    write_gate: bool = False
     state_grad: str = "detach"
 
     def __post_init__(self) -> None:
@@ -115,6 +122,10 @@ class LayerThought(nn.Module):
         self.width = kv_dim * (2 if cfg.evicted_context == "pair" else 1)  # a row of the state's K/V input
         self.lat_k = nn.Linear(self.width, cfg.rank, bias=False)  # W^a_K
         self.lat_v = nn.Linear(self.width, cfg.rank, bias=False)  # W^a_V
+        self.gate = nn.Linear(2 * self.width, 1) if cfg.write_gate else None  # g_t = 2 sigmoid(w . [K_t, V_t] + b)
+        if self.gate is not None:
+            nn.init.zeros_(self.gate.weight)
+            nn.init.zeros_(self.gate.bias)
 
     def _scale(self, m: int) -> float:
         if self.cfg.state_scale == "sum":
@@ -124,6 +135,10 @@ class LayerThought(nn.Module):
     def _increment(self, q_lat: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """c_m (W^a_Q q_g)(W^a_K K)^T (W^a_V V) for K, V ``[B, m, kv_dim]`` -> ``[B, G, r]``."""
         k_lat, v_lat = _latent(self.lat_k, k), _latent(self.lat_v, v)  # [B, m, r]
+        if self.gate is not None:
+            kv = torch.cat([k, v], dim=-1).float()  # [B, m, 2 width]
+            logit = nn.functional.linear(kv, self.gate.weight.float(), self.gate.bias.float())  # [B, m, 1]
+            v_lat = v_lat * 2 * torch.sigmoid(logit)
         return q_lat @ k_lat.transpose(-1, -2) @ v_lat * self._scale(k.shape[1])
 
     def _project(self, proj: nn.Module, width: int | None = None) -> torch.Tensor:

@@ -15,11 +15,12 @@ window.
 Each arm is evaluated greedily on held-out problems at every window of ``--windows`` under its bounded policy (PTE for
 PTE arms, the plain window otherwise) and with nothing evicted (``full``: the full cache, or for PTE arms the PTE policy
 with a window the response never fills). ``--ablations`` adds PTE variants (SFT only, without the GRPO stage; one fixed
-training schedule instead of drawn ones; global tokens; Normalize; detach vs chain; the paper's mean state scale); PTE
-arms are also scored at the tightest window with 5 % evicted at once (one token) and at the middle window with the
-paper's inference 15 %. ``--arms lora_c_mix pte_grpo_mix`` trains GRPO alone on a task mix whose marked values are
-drawn from 2 to 10 letters per problem (``data.carry_letters=[2,10]``: a recall under the window is a 1-in-2 to 1-in-10
-guess, so a group's samples disagree more often), evaluated on the task itself (10 letters).
+training schedule instead of drawn ones; global tokens; Normalize; detach vs chain; the paper's mean state scale; the
+write gate); PTE arms are also scored at the tightest window with 5 % evicted at once (one token) and at the middle
+window with the paper's inference 15 %. ``--arms lora_c_mix pte_grpo_mix`` trains GRPO alone on a task mix whose marked
+values are drawn from 2 to 10 letters per problem (``data.carry_letters=[2,10]``: a recall under the window is a 1-in-2
+to 1-in-10 guess, so a group's samples disagree more often), evaluated on the task itself (10 letters); ``--arms
+pte_grpo_write_gate`` trains GRPO alone with the write gate (``thought.write_gate``).
 Writes ``results.json``, ``results.md`` (mean ± sd over seeds, one column per window) and ``accuracy_vs_budget.png``;
 every stage keeps its own run directory with TensorBoard logs (``val/accuracy`` every ``--val-every`` steps). An
 interrupted run resumes arm by arm: finished stages and evaluations are read back, not recomputed. ``--claim`` runs
@@ -87,13 +88,15 @@ ABLATIONS = {
     **{f"pte_norm_{n}": Arm("pte", ("sft", "grpo"), (f"thought.normalize={n}",)) for n in ("frobenius", "none")},
     "pte_detach": Arm("pte", ("sft", "grpo"), ("thought.state_grad=detach",)),
     "pte_scale_mean": Arm("pte", ("sft", "grpo"), ("thought.state_scale=mean",)),  # the paper's 1/m, not the sum
+    "pte_write_gate": Arm("pte", ("sft", "grpo"), ("thought.write_gate=true",)),
 }
 
 
 TASK_MIX = ("data.carry_letters=[2,10]",)  # training only: every arm is evaluated on the problems of the sweep's config
-MIXED = {
+GRPO_ALONE = {  # the paper's recipe (no SFT stage) where the reward under the window might carry more signal
     "lora_c_mix": Arm("lora_c", ("grpo",), TASK_MIX),
     "pte_grpo_mix": Arm("pte", ("grpo",), TASK_MIX),
+    "pte_grpo_write_gate": Arm("pte", ("grpo",), ("thought.write_gate=true",)),
 }
 
 
@@ -375,7 +378,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--val-every", type=int, default=100, help="steps between each stage's val/accuracy (TensorBoard only)"
     )
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=[*ARMS, *ABLATIONS, *MIXED])
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=[*ARMS, *ABLATIONS, *GRPO_ALONE])
     parser.add_argument("--ablations", action="store_true", help="add every ablation arm")
     parser.add_argument("--shard", type=_shard, default=None, help="I/N: run every N-th job from the I-th (0-based)")
     parser.add_argument("--claim", action="store_true", help="run the jobs no other live process has claimed")
@@ -389,7 +392,7 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     lr = (("sft", args.sft_lr), ("grpo", args.grpo_lr))
     budget = Budget(args.steps, tuple(sorted(args.windows)), args.problems, tuple(args.seeds), args.sft_share, lr)
-    arms = {**ARMS, **ABLATIONS, **MIXED}
+    arms = {**ARMS, **ABLATIONS, **GRPO_ALONE}
     names = [*args.arms, *(n for n in ABLATIONS if args.ablations and n not in args.arms)]
     args.out.mkdir(parents=True, exist_ok=True)
     base_cfg = load_config(args.config, args.overrides)

@@ -48,6 +48,7 @@ STRUCTURE_KEYS = (
     "thought.state_scale",
     "thought.evicted_keys",
     "thought.evicted_context",
+    "thought.write_gate",
     "lora.rank",
     "lora.alpha",
     "lora.target_modules",

@@ -117,7 +117,7 @@ def _check_thought_shape(model: nn.Module, adapter_dir: Path) -> None:
     would otherwise surface as torch's size-mismatch error)."""
     saved = json.loads((adapter_dir / "pte_config.json").read_text())
     ours = asdict(get_thought(model).cfg)
-    for key in ("rank", "global_tokens", "target_modules", "evicted_context"):
+    for key in ("rank", "global_tokens", "target_modules", "evicted_context", "write_gate"):
         old = saved.get(key, ThoughtConfig.__dataclass_fields__[key].default)  # exports before a key had its default
         if _plain(old) != _plain(ours[key]):
             raise ConfigError(
