@@ -237,8 +237,8 @@ def test_resume_refuses_a_checkpoint_of_another_adapter_shape(tmp_path):
 
 
 def test_warm_start_from_an_adapter_of_another_shape_names_the_key(tmp_path, capsys):
-    """A token-context export cannot start a pair-context run (W^a_K, W^a_V are twice as wide): the error names the key,
-    not torch's size mismatch; the same shape warm-starts."""
+    """A token-context export cannot start a pair-context run (W^a_K, W^a_V are twice as wide), nor an ungated one a
+    gated run: the error names the key, not torch's size mismatch or a missing weight; the same shape warm-starts."""
     adapter = _train(tmp_path, "trainer.max_steps=1") / "adapter"
     with pytest.raises(SystemExit):
         _train(tmp_path / "b", "trainer.max_steps=1", f"model.adapter={adapter}", "thought.evicted_context=pair")
@@ -246,6 +246,10 @@ def test_warm_start_from_an_adapter_of_another_shape_names_the_key(tmp_path, cap
     assert err.startswith("error: thought.evicted_context: model.adapter ") and err.endswith(
         "'token', this run has 'pair'"
     )
+    with pytest.raises(SystemExit):
+        _train(tmp_path / "d", "trainer.max_steps=1", f"model.adapter={adapter}", "thought.write_gate=true")
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: thought.write_gate: model.adapter ") and err.endswith("False, this run has True")
     _train(tmp_path / "c", "trainer.max_steps=1", f"model.adapter={adapter}")
 
 
