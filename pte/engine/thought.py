@@ -133,7 +133,8 @@ class LayerThought(nn.Module):
         return 1.0 / (m * (math.sqrt(self.cfg.rank) if self.cfg.state_scale == "mean_sqrt_rank" else 1.0))
 
     def _increment(self, q_lat: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """c_m (W^a_Q q_g)(W^a_K K)^T (W^a_V V) for K, V ``[B, m, kv_dim]`` -> ``[B, G, r]``."""
+        """c_m (W^a_Q q_g)(W^a_K K)^T diag(g) (W^a_V V) for K, V ``[B, m, width]`` -> ``[B, G, r]`` (g = 1 without
+        ``write_gate``)."""
         k_lat, v_lat = _latent(self.lat_k, k), _latent(self.lat_v, v)  # [B, m, r]
         if self.gate is not None:
             kv = torch.cat([k, v], dim=-1).float()  # [B, m, 2 width]
