@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help install test test-full demo eval repro seeds toy-base bench bench-gpu gpu-smoke lint clean
+.PHONY: help install test test-full demo eval repro seeds family toy-base bench bench-gpu gpu-smoke lint clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -42,6 +42,11 @@ repro: $(STAMP)  ## the paper's budget sweep at toy scale: every arm x 3 seeds i
 	OMP_NUM_THREADS=1 $(PY) -m pte.experiments.toy_table --claim & lane=$$!; \
 	OMP_NUM_THREADS=1 $(PY) -m pte.experiments.toy_table --claim && wait $$lane
 	$(PY) -m pte.experiments.toy_table
+
+SEEDS ?= 0 1 2
+family: $(STAMP)  ## one carry-family adapter per seed (SEEDS="0 1 2"): its three stages and scores, two seeds at a time
+	$(PY) -m pte.models.toy > /dev/null  # the toy base first, with every core
+	$(PY) -m pte.experiments.family --seeds $(SEEDS) --lanes 2 --threads 1 --out runs/family
 
 toy-base: $(STAMP)  ## build and cache the toy base model (python -m pte.models.toy)
 	$(PY) -m pte.models.toy

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -366,3 +368,72 @@ def test_state_memory_shows_large_moves_forget_the_marked_letter():
     for kept, forgot, near_s, near_l in zip(small["recall"], large["recall"], small["memory"][10], large["memory"][10]):
         assert kept > 0.5 * near_s and forgot < 0.05 * near_l
     assert all(c > 10 * f for c, f in zip(calibrated["recall"], large["recall"]))  # init_move undoes the large scale
+
+
+def test_family_runs_every_stage_of_a_seed_scores_it_and_keeps_what_is_finished(tmp_path, monkeypatch):
+    from pte.experiments import family
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    argv = [
+        "--config",
+        "configs/tiny.yaml",
+        "--base-config",
+        "configs/tiny.yaml",
+        "--out",
+        str(tmp_path),
+        "--seeds",
+        "0",
+    ]
+    argv += ["--first-values", "1", "1", "--all-steps", "2", "--problems", "4", "--windows", "4", "--free-window", "64"]
+    argv += [
+        "--eval-overrides",
+        "eval.benchmarks=[carry]",
+        "eval.max_new_tokens=30",
+        "--",
+        *TINY,
+        "trainer.max_steps=2",
+        "data.carry_steps=[3,4]",  # two variants: scores are read per variant
+    ]
+    summary = family.main(argv)
+    assert list(summary["by_values"]) == ["pte-w4", "pte-w64", "full", "evict0.05 pte-w4"]
+    assert set(summary["by_values"]["full"]) == {"1", "all"} and len(summary["by_values"]["full"]["all"]) == 1
+    every = family.load_config(tmp_path / "seed0" / "all" / "config.yaml")
+    assert every.trainer.max_steps == 2 and every.model.adapter == str(tmp_path / "seed0" / "first" / "adapter")
+    assert family.load_config(tmp_path / "seed0" / "demo" / "config.yaml").trainer.stop_at == 0.95
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished stage must not run again")
+
+    monkeypatch.setattr(family.subprocess, "run", fail)
+    assert family.main(argv)["by_values"] == summary["by_values"]
+
+
+def test_family_resumes_a_cut_off_stage_and_keys_the_demo_stage_to_the_family_structure(tmp_path):
+    from pte.experiments import family
+
+    args = argparse.Namespace(
+        out=tmp_path, config=Path("configs/carry_family.yaml"), base_config=Path("configs/default.yaml"),
+        first_values=[2, 3], demo_stop=0.95, all_steps=2500, problems=9, windows=[12], free_window=200,
+        overrides=[], eval_overrides=[],
+    )  # fmt: skip
+    (tmp_path / "seed3" / "first" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "seed3" / "first" / "checkpoints" / "step-10.ckpt").touch()
+    (demo, _, demo_cmd), (_, _, first_cmd), (_, _, all_cmd), *evals = family.seed_jobs(args, 3)
+    assert demo == tmp_path / "seed3" / "demo" and "trainer.overwrite=true" in demo_cmd
+    assert {"thought.evicted_context=pair", "thought.write_gate=true", "seed=3"} <= set(demo_cmd)
+    assert "ckpt_path=last" in first_cmd and "data.carry_values=[2,3]" in first_cmd
+    assert f"model.adapter={tmp_path / 'seed3' / 'first' / 'adapter'}" in all_cmd
+    assert [e[2][-1] for e in evals] == [f"eval.out_dir={tmp_path / 'seed3' / n}" for n in ("eval", "eval_r05")]
+
+
+def test_family_summary_weights_variants_by_problems_and_lists_the_cells_below_target():
+    from pte.experiments.family import summarise
+
+    per_seed = {
+        0: {"pte-w12": {"6x1": (100.0, 3), "6x2": (50.0, 1)}, "full": {"6x1": (0.0, 3), "6x2": (100.0, 1)}},
+        1: {"pte-w12": {"6x1": (100.0, 1), "6x2": (100.0, 1)}, "full": {"6x1": (100.0, 1), "6x2": (100.0, 1)}},
+    }
+    summary, markdown = summarise(per_seed, 0.85)
+    assert summary["by_values"]["pte-w12"] == {"1": [100.0, 100.0], "2": [50.0, 100.0], "all": [87.5, 100.0]}
+    assert summary["below_target"] == [(0, "pte-w12", "6x2", 50.0, 1)]  # the full cache is the base's, not scored
+    assert "| pte-w12 | 100.0 ± 0.0 | 75.0 ± 35.4 | 93.8 ± 8.8 | 6x2 50, 6x1 100 |" in markdown
