@@ -125,7 +125,11 @@ def summarise(per_seed: dict[int, dict[str, dict[str, tuple[float, int]]]], targ
     def mean_sd(xs: list[float]) -> str:
         return f"{statistics.mean(xs):.1f}" + (f" ± {statistics.stdev(xs):.1f}" if len(xs) > 1 else "")
 
-    head = ["setting", *(f"{g} value{'' if g == '1' else 's'}" if g != "all" else "all" for g in groups), "weakest"]
+    head = [
+        "setting",
+        *(f"{g} value{'' if g == '1' else 's'}" if g != "all" else "all" for g in groups),
+        "weakest variant per seed",
+    ]
     lines = [f"Seeds {', '.join(map(str, per_seed))}: pass@1 % by number of marked values, mean ± sd over seeds.", ""]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for st in settings:
