@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pte.config import load_config
+from pte.experiments.seed_sweep import write_results
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAINED = "adapter/config.yaml"  # written last by an export: a stage that has it is finished
@@ -176,12 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
         for s in args.seeds
     }
     summary, markdown = summarise(per_seed, args.target)
-    setup = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    summary |= {"setup": setup, "seconds": round(time.perf_counter() - t0)}
-    (args.out / "results.json").write_text(json.dumps(summary, indent=2))
-    (args.out / "results.md").write_text(markdown)
-    print(markdown)
-    return summary
+    return write_results(args, summary, markdown, t0)
 
 
 if __name__ == "__main__":

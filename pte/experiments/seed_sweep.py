@@ -96,8 +96,14 @@ def main(argv: list[str] | None = None) -> dict:
     run_seeds(args.config, args.seeds, args.out, args.threads, args.lanes, args.overrides)
     curves = {s: val_curve(args.out / f"seed{s}") for s in args.seeds}
     summary, markdown = summarise(curves, args.target)
+    return write_results(args, summary | {"curves": curves}, markdown, t0)
+
+
+def write_results(args: argparse.Namespace, summary: dict, markdown: str, started: float) -> dict:
+    """Save ``results.json`` (the summary, the command's arguments and its seconds) and ``results.md`` under
+    ``args.out``; print the Markdown."""
     setup = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    summary |= {"setup": setup, "curves": curves, "seconds": round(time.perf_counter() - t0)}
+    summary |= {"setup": setup, "seconds": round(time.perf_counter() - started)}
     (args.out / "results.json").write_text(json.dumps(summary, indent=2))
     (args.out / "results.md").write_text(markdown)
     print(markdown)
