@@ -1,7 +1,7 @@
 """One carry-family adapter per seed, start to finish: ``python -m pte.experiments.family --seeds 0 1 2 --lanes 2``.
 
 Runs configs/carry_family.yaml's stages for each seed: a demo stage (``--base-config``, one value, with the family
-config's ``thought.evicted_context`` and ``thought.write_gate``, until ``val/accuracy`` reaches ``--demo-stop``), a
+config's adapter-shape keys such as ``thought.evicted_context`` and ``thought.write_gate``, until ``val/accuracy`` reaches ``--demo-stop``), a
 stage on ``--first-values`` marked values (the family config's ``trainer.max_steps``), a stage on every value
 (``--all-steps``), then evaluates the last adapter greedily on ``--problems`` family problems at every window of
 ``--windows`` (eviction 25 % and 5 %) beside the base with a full cache. Each seed is one lane (``--threads`` threads);
@@ -26,6 +26,7 @@ from pathlib import Path
 
 from pte.config import load_config
 from pte.experiments.seed_sweep import write_results
+from pte.training.methods import SHAPE_KEYS
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAINED = "adapter/config.yaml"  # written last by an export: a stage that has it is finished
@@ -33,12 +34,16 @@ EVALUATED = "config.yaml"  # written last by eval.py, once every setting is scor
 
 
 def thought_keys(config: Path) -> list[str]:
-    """The family config's structure keys the demo stage must share (a warm start refuses other shapes)."""
+    """The family config's adapter-shape keys as overrides: the demo stage must share them (a warm start refuses
+    other shapes)."""
     thought = load_config(config).thought
-    return [
-        f"thought.evicted_context={thought.evicted_context}",
-        f"thought.write_gate={str(thought.write_gate).lower()}",
-    ]
+
+    def value(v: object) -> str:
+        if isinstance(v, (list, tuple)):
+            return "[" + ",".join(map(str, v)) + "]"
+        return str(v).lower() if isinstance(v, bool) else str(v)
+
+    return [f"thought.{key}={value(getattr(thought, key))}" for key in SHAPE_KEYS]
 
 
 def train_stage(run: Path, config: Path, seed: int, stage: list[str], overrides: list[str]) -> list[str]:

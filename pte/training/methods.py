@@ -112,12 +112,16 @@ def warm_start(model: nn.Module, method: str, adapter_dir: Path) -> None:
             raise ConfigError(f"model.adapter: {adapter_dir} does not match this model's LoRA adapter")
 
 
+# The thought.* keys that shape a PTE adapter's weights: a warm start (model.adapter) must match them.
+SHAPE_KEYS = ("rank", "global_tokens", "target_modules", "evicted_context", "write_gate")
+
+
 def _check_thought_shape(model: nn.Module, adapter_dir: Path) -> None:
     """Name the ``thought.*`` key whose value differs between a PTE export and this run's adapter (a shape mismatch
     would otherwise surface as torch's size-mismatch error)."""
     saved = json.loads((adapter_dir / "pte_config.json").read_text())
     ours = asdict(get_thought(model).cfg)
-    for key in ("rank", "global_tokens", "target_modules", "evicted_context", "write_gate"):
+    for key in SHAPE_KEYS:
         old = saved.get(key, ThoughtConfig.__dataclass_fields__[key].default)  # exports before a key had its default
         if _plain(old) != _plain(ours[key]):
             raise ConfigError(
