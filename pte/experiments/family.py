@@ -1,14 +1,14 @@
 """One carry-family adapter per seed, start to finish: ``python -m pte.experiments.family --seeds 0 1 2 --lanes 2``.
 
 Runs configs/carry_family.yaml's stages for each seed: a demo stage (``--base-config``, one value, with the family
-config's adapter-shape keys such as ``thought.evicted_context`` and ``thought.write_gate``, until ``val/accuracy`` reaches ``--demo-stop``), a
-stage on ``--first-values`` marked values (the family config's ``trainer.max_steps``), a stage on every value
-(``--all-steps``), then evaluates the last adapter greedily on ``--problems`` family problems at every window of
-``--windows`` (eviction 25 % and 5 %) beside the base with a full cache. Each seed is one lane (``--threads`` threads);
-``--lanes`` seeds run at a time. A finished stage (its adapter export or its scores) is read back, an interrupted one
-resumes from its newest checkpoint. Writes ``results.json`` and ``results.md`` under ``--out``: per seed, accuracy by
-number of marked values at each setting, the weakest variant per setting, and every (variant, setting) cell below
-``--target``.
+config's adapter-shape keys such as ``thought.evicted_context`` and ``thought.write_gate``, until ``val/accuracy``
+reaches ``--demo-stop``), a stage on ``--first-values`` marked values (the family config's ``trainer.max_steps``), a
+stage on every value (``--all-steps``), then evaluates the last adapter greedily on ``--problems`` family problems at
+every window of ``--windows`` (eviction 25 % and 5 %) beside the base with a full cache. Each seed is one lane
+(``--threads`` threads); ``--lanes`` seeds run at a time. A finished stage (its adapter export or its scores) is read
+back, an interrupted one resumes from its newest checkpoint. Writes ``results.json`` and ``results.md`` under ``--out``:
+per seed, accuracy by number of marked values at each setting, the weakest variant per setting, and every (variant,
+setting) cell below ``--target``.
 """
 
 from __future__ import annotations
