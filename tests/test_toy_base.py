@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from pte.models import toy
-from pte.models.toy import FILLER, ToySpec, shifted_positions, toy_base_dir, with_fillers
+from pte.models.tiny import tiny_tokenizer
+from pte.models.toy import FILLER, ToySpec, lookup_batch, shifted_positions, toy_base_dir, with_fillers
 from pte.training.carry import carry_problems
 from pte.training.rewards import verify_answer
 
@@ -32,6 +33,37 @@ def test_fillers_go_into_question_and_solution_alike():
         assert [x for x in q if x != FILLER] == p.question.split(" "), "only fillers were added"
         assert [x for x in s if x != FILLER] == p.solution.split(" ")
     assert seen == {0, 1, 2, 3}
+
+
+def test_separate_fillers_keep_each_side_in_order_and_break_the_alignment():
+    rng = np.random.default_rng(0)
+    counts, unaligned = set(), 0
+    for p in carry_problems(200, 1, (6, 20), (1, 3)):
+        f = with_fillers(p, rng, 6, separate=True)
+        q, s = f.question.split(" "), f.solution.split(" ")
+        counts |= {q.count(FILLER), s.count(FILLER)}
+        assert [x for x in q if x != FILLER] == p.question.split(" ") and max(q.count(FILLER), s.count(FILLER)) <= 6
+        assert [x for x in s if x != FILLER] == p.solution.split(" ") and f.answer == p.answer
+        unaligned += len(s) != len(q) + 1 or any(q[i] != s[i] for i in range(len(q)) if FILLER in (q[i], s[i]))
+    assert counts == set(range(7)) and unaligned > 150
+
+
+def test_the_solution_s_own_fillers_are_not_scored():
+    tok, filler = tiny_tokenizer(), tiny_tokenizer().convert_tokens_to_ids(FILLER)
+    problems = carry_problems(64, 2, (6, 20), (1, 3))
+    for separate in (False, True):
+        spec = replace(ToySpec(), fillers=6, separate_fillers=separate)
+        ids, labels, pos = lookup_batch(spec, tok, problems, np.random.default_rng(3))
+        solution = labels != -100
+        assert ids.shape == labels.shape == pos.shape and solution.any(1).all()
+        in_solution = (ids == filler) & (pos > torch.arange(ids.shape[1]))  # shifted, so past the prompt
+        assert in_solution.any(), "some solution carries fillers"
+        assert (labels[in_solution] == -100).all() == separate, "copied fillers are targets, separate ones are not"
+
+
+def test_the_default_lookup_phase_keeps_its_cache_name():
+    assert ToySpec().name == "toy-carry-56b5a185-lookup-43d968b5", "a new option renamed every cached default base"
+    assert replace(ToySpec(), separate_fillers=True).name != ToySpec().name
 
 
 def test_a_shifted_solution_keeps_its_prompt_positions_and_moves_as_one_block():
