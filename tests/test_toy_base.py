@@ -49,7 +49,8 @@ def test_separate_fillers_keep_each_side_in_order_and_break_the_alignment():
 
 
 def test_the_solution_s_own_fillers_are_not_scored():
-    tok, filler = tiny_tokenizer(), tiny_tokenizer().convert_tokens_to_ids(FILLER)
+    tok = tiny_tokenizer()
+    filler = tok.convert_tokens_to_ids(FILLER)
     problems = carry_problems(64, 2, (6, 20), (1, 3))
     for separate in (False, True):
         spec = replace(ToySpec(), fillers=6, separate_fillers=separate)
