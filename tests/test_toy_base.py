@@ -10,8 +10,16 @@ import torch
 
 from pte.models import toy
 from pte.models.tiny import tiny_tokenizer
-from pte.models.toy import FILLER, ToySpec, lookup_batch, shifted_positions, toy_base_dir, with_fillers
-from pte.training.carry import carry_problems
+from pte.models.toy import (
+    FILLER,
+    ToySpec,
+    lookup_batch,
+    shifted_positions,
+    toy_base_dir,
+    with_fillers,
+    with_shifted_labels,
+)
+from pte.training.carry import LABELS, carry_problems, problem_variant
 from pte.training.rewards import verify_answer
 
 TINY = ToySpec(
@@ -62,9 +70,29 @@ def test_the_solution_s_own_fillers_are_not_scored():
         assert (labels[in_solution] == -100).all() == separate, "copied fillers are targets, separate ones are not"
 
 
-def test_the_default_lookup_phase_keeps_its_cache_name():
-    assert ToySpec().name == "toy-carry-56b5a185-lookup-43d968b5", "a new option renamed every cached default base"
-    assert replace(ToySpec(), separate_fillers=True).name != ToySpec().name
+def test_shifted_labels_start_late_on_both_sides_and_never_pass_z():
+    rng = np.random.default_rng(0)
+    firsts, last_letters = set(), {}
+    for p in carry_problems(300, 1, (6, 20), (1, 3)):
+        f = with_shifted_labels(p, rng, 6)
+        steps, values = problem_variant(p.question)
+        for shifted, plain in ((f.question, p.question), (f.solution, p.solution)):
+            items, before = shifted.split(" "), plain.split(" ")
+            labels = [x[0] for x in items if x[:1].islower() and x[1:2].isdigit()]
+            start = LABELS.index(labels[0])
+            assert labels == list(LABELS[start : start + steps]), "consecutive labels, one per step"
+            assert [x[1:] for x in items] == [x[1:] for x in before] and items[-1] == before[-1], "only labels move"
+        assert f.answer == p.answer and verify_answer(f.solution, f.answer) and "ans" in f.solution.split(" ")
+        firsts.add(start)
+        last_letters.setdefault(values, set()).add(labels[-1])
+    assert firsts == set(range(7)), "0 to 6 letters late"
+    assert last_letters[1] >= set(LABELS[5:]), "one-value chains end at every letter from f to z"
+
+
+def test_cache_names_of_the_default_and_of_the_base_before_it():
+    assert ToySpec().name == "toy-carry-56b5a185-lookup-e8bd29e6", "a change renamed every cached default base"
+    before = replace(ToySpec(), separate_fillers=False, label_shift=0)  # copied fillers, labels from a
+    assert before.name == "toy-carry-56b5a185-lookup-43d968b5", "bases built before the options keep their names"
 
 
 def test_a_shifted_solution_keeps_its_prompt_positions_and_moves_as_one_block():

@@ -8,9 +8,10 @@ full-cache next-token prediction on worked carry-chain solutions (pte/training/c
 combination, held-out ones included, so an adapter can be tested on variants nobody tuned for.
 
 Two phases. The first learns the task from a random start; its model finds operands and where the chain ends by
-relative position and the question's length, which fails on held-out combinations. The second (the lookup phase)
-goes on from it with filler items at random places of the worksheet and solutions shifted to random positions, which
-only a lookup by content survives. Each phase is cached on its own (the first is reused by any second phase started
+relative position, the question's length and the last step's label, which fails on held-out combinations. The second
+(the lookup phase) goes on from it with filler items at random places of question and solution (drawn apart, so the
+two no longer line up), solutions shifted to random positions and step labels starting at random letters, which only
+a lookup by content survives. Each phase is cached on its own (the first is reused by any second phase started
 from it). The base is saved as a plain Hugging Face model directory (``model.name`` can point to it); ``model.name:
 toy-carry`` builds it on first use and caches it under ``$PTE_CACHE`` (``~/.cache/pte``).
 """
@@ -22,6 +23,7 @@ import hashlib
 import json
 import logging
 import random
+import re
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -39,7 +41,7 @@ from pte.engine.generate import generate
 from pte.machine import cpu_name
 from pte.models.tiny import cache_dir, tiny_tokenizer
 from pte.training.answers import extract_answer
-from pte.training.carry import FORMAT, CarryProblem, carry_problems, variants
+from pte.training.carry import FORMAT, LABELS, CarryProblem, carry_problems, variants
 from pte.training.prompts import format_prompt
 from pte.training.rewards import Grader
 
@@ -72,8 +74,9 @@ class ToySpec:
     lookup_steps: int = 4000  # second phase (0: none), lr decaying linearly from lookup_lr to 0; see train_lookup_phase
     lookup_lr: float = 2e-3
     fillers: int = 3  # second phase: 0 to this many filler items per problem, at random places of its worksheet
-    separate_fillers: bool = False  # second phase: the solution draws its own fillers (unscored), not the question's
+    separate_fillers: bool = True  # second phase: the solution draws its own fillers (unscored), not the question's
     position_jump: int = 32  # second phase: the solution's positions shifted by 0 to this many, drawn per problem
+    label_shift: int = 6  # second phase: step labels start 0 to this many letters late (``b``, ``c``, ...), per problem
 
     @property
     def name(self) -> str:
@@ -81,8 +84,9 @@ class ToySpec:
         reused by every second phase started from it."""
         spec = asdict(self)
         lookup = {k: spec.pop(k) for k in LOOKUP_FIELDS}
-        if not lookup["separate_fillers"]:
-            del lookup["separate_fillers"]  # bases built before the option keep their cache names
+        for key in ("separate_fillers", "label_shift"):
+            if not lookup[key]:
+                del lookup[key]  # bases built before these options keep their cache names
         name = f"toy-carry-{_digest([spec, FORMAT])}"
         return f"{name}-lookup-{_digest([lookup, LOOKUP_RECIPE])}" if self.lookup_steps else name
 
@@ -92,7 +96,7 @@ class ToySpec:
 
 FILLER = "."  # the lookup phase's filler item
 LOOKUP_RECIPE = "fillers-anywhere"  # bump when the lookup phase changes: its cached bases are keyed by it
-LOOKUP_FIELDS = ("lookup_steps", "lookup_lr", "fillers", "separate_fillers", "position_jump")
+LOOKUP_FIELDS = ("lookup_steps", "lookup_lr", "fillers", "separate_fillers", "position_jump", "label_shift")
 
 
 def _digest(obj: object) -> str:
@@ -265,13 +269,13 @@ def train_first_phase(spec: ToySpec, tok: PreTrainedTokenizerFast, banned: set[s
 def train_lookup_phase(spec: ToySpec, model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, banned: set[str]) -> None:
     """Second phase: teach the built base to look its question up by content.
 
-    The first phase's base finds operands and where the chain ends by relative position and the question's length:
-    exact on every trained variant, wrong on held-out ones, and a solution shifted by one position is all wrong
-    (docs/results.md). Here each problem carries 0 to ``spec.fillers`` filler items at random places of its worksheet,
-    copied into the solution (so what comes after each step or recall must be looked up, and no length gives where
-    the chain or the answer line ends), and its solution starts 0 to ``spec.position_jump`` positions late (so no
-    fixed offset reaches an operand). With ``spec.separate_fillers`` the solution draws its own fillers, which are not
-    scored (docs/results.md: it mends the held-out 14x1 of the AMD build at 6 fillers and breaks the trained 20x1).
+    The first phase's base finds operands and where the chain ends by relative position, the question's length and
+    the last step's label: exact on every trained variant, wrong on held-out ones, and a solution shifted by one
+    position is all wrong (docs/results.md). Here each problem carries 0 to ``spec.fillers`` filler items at random
+    places of its question and, drawn apart and not scored, of its solution (``spec.separate_fillers``; so what comes
+    after each step or recall must be looked up, and no length or alignment gives where the chain or the answer line
+    ends); its step labels start 0 to ``spec.label_shift`` letters late (so no label marks the chain's end); and its
+    solution starts 0 to ``spec.position_jump`` positions late (so no fixed offset reaches an operand).
     """
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lookup_lr, weight_decay=0.0)
     decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 - i / spec.lookup_steps)
@@ -290,6 +294,8 @@ def lookup_batch(
     spec: ToySpec, tok: PreTrainedTokenizerFast, problems: list[CarryProblem], rng: np.random.Generator
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One lookup-phase batch ``(input_ids, labels, position_ids)``, each ``[N, L]``: fillers, shifted solutions."""
+    if spec.label_shift:
+        problems = [with_shifted_labels(p, rng, spec.label_shift) for p in problems]
     ids, labels = _batch(tok, [with_fillers(p, rng, spec.fillers, spec.separate_fillers) for p in problems])
     if spec.separate_fillers:
         labels[ids == tok.convert_tokens_to_ids(FILLER)] = -100  # the solution's own fillers are noise, not targets
@@ -317,7 +323,7 @@ def with_fillers(problem: CarryProblem, rng: np.random.Generator, most: int, sep
     solution alike (the question's items line up one to one with the solution's, which ends with one more).
 
     With ``separate`` the solution draws its own 0 to ``most`` fillers instead of the question's: the two no longer
-    line up, so not even "stop where the solution is as long as the question" finds the chain's end.
+    line up, so not even "stop where the solution is as long as the question" finds the chain's end (the default).
     """
     question, solution = problem.question.split(" "), problem.solution.split(" ")
     places = _filler_places(rng, len(question), most)
@@ -325,6 +331,27 @@ def with_fillers(problem: CarryProblem, rng: np.random.Generator, most: int, sep
         for i in at:
             items.insert(i, FILLER)
     return CarryProblem(" ".join(question), " ".join(solution), problem.answer)
+
+
+def with_shifted_labels(problem: CarryProblem, rng: np.random.Generator, most: int) -> CarryProblem:
+    """``problem`` with its step labels 0 to ``most`` letters later (at most to ``z``), in question and solution alike.
+
+    The first phase ties where a chain ends to its last label and the number of values (13x1 ends at ``m``, 14x2 at
+    ``n``), so a held-out combination (14x1: ``n`` and one value) gets a wrong end; late labels end every chain length
+    at many letters.
+    """
+    steps = sum(1 for item in problem.question.split(" ") if LABEL_ITEM.match(item))
+    shift = int(rng.integers(min(most, len(LABELS) - steps) + 1))
+
+    def relabel(text: str) -> str:
+        return " ".join(
+            LABELS[LABELS.index(x[0]) + shift] + x[1:] if LABEL_ITEM.match(x) else x for x in text.split(" ")
+        )
+
+    return CarryProblem(relabel(problem.question), relabel(problem.solution), problem.answer)
+
+
+LABEL_ITEM = re.compile(r"[a-z]\d=")  # a chain step's item (``a1=?``, ``a1=9``); ``ans`` and recalls are not
 
 
 def _filler_places(rng: np.random.Generator, items: int, most: int) -> list[int]:
