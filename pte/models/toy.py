@@ -95,6 +95,7 @@ class ToySpec:
 
 
 FILLER = "."  # the lookup phase's filler item
+LABEL_ITEM = re.compile(r"[a-z]\d=")  # a chain step's item (``a1=?``, ``a1=9``); ``ans`` and recalls are not
 LOOKUP_RECIPE = "fillers-anywhere"  # bump when the lookup phase changes: its cached bases are keyed by it
 LOOKUP_FIELDS = ("lookup_steps", "lookup_lr", "fillers", "separate_fillers", "position_jump", "label_shift")
 
@@ -293,7 +294,8 @@ def train_lookup_phase(spec: ToySpec, model: LlamaForCausalLM, tok: PreTrainedTo
 def lookup_batch(
     spec: ToySpec, tok: PreTrainedTokenizerFast, problems: list[CarryProblem], rng: np.random.Generator
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One lookup-phase batch ``(input_ids, labels, position_ids)``, each ``[N, L]``: fillers, shifted solutions."""
+    """One lookup-phase batch ``(input_ids, labels, position_ids)``, each ``[N, L]``: late labels, fillers, shifted
+    solutions."""
     if spec.label_shift:
         problems = [with_shifted_labels(p, rng, spec.label_shift) for p in problems]
     ids, labels = _batch(tok, [with_fillers(p, rng, spec.fillers, spec.separate_fillers) for p in problems])
@@ -349,9 +351,6 @@ def with_shifted_labels(problem: CarryProblem, rng: np.random.Generator, most: i
         )
 
     return CarryProblem(relabel(problem.question), relabel(problem.solution), problem.answer)
-
-
-LABEL_ITEM = re.compile(r"[a-z]\d=")  # a chain step's item (``a1=?``, ``a1=9``); ``ans`` and recalls are not
 
 
 def _filler_places(rng: np.random.Generator, items: int, most: int) -> list[int]:
