@@ -76,12 +76,15 @@ def test_shifted_labels_start_late_on_both_sides_and_never_pass_z():
     for p in carry_problems(300, 1, (6, 20), (1, 3)):
         f = with_shifted_labels(p, rng, 6)
         steps, values = problem_variant(p.question)
+        starts = set()
         for shifted, plain in ((f.question, p.question), (f.solution, p.solution)):
             items, before = shifted.split(" "), plain.split(" ")
             labels = [x[0] for x in items if x[:1].islower() and x[1:2].isdigit()]
             start = LABELS.index(labels[0])
+            starts.add(start)
             assert labels == list(LABELS[start : start + steps]), "consecutive labels, one per step"
             assert [x[1:] for x in items] == [x[1:] for x in before] and items[-1] == before[-1], "only labels move"
+        assert len(starts) == 1, "question and solution are shifted alike"
         assert f.answer == p.answer and verify_answer(f.solution, f.answer) and "ans" in f.solution.split(" ")
         firsts.add(start)
         last_letters.setdefault(values, set()).add(labels[-1])

@@ -41,7 +41,7 @@ from pte.engine.generate import generate
 from pte.machine import cpu_name
 from pte.models.tiny import cache_dir, tiny_tokenizer
 from pte.training.answers import extract_answer
-from pte.training.carry import FORMAT, LABELS, CarryProblem, carry_problems, variants
+from pte.training.carry import FORMAT, LABELS, CarryProblem, carry_problems, problem_variant, variants
 from pte.training.prompts import format_prompt
 from pte.training.rewards import Grader
 
@@ -342,7 +342,7 @@ def with_shifted_labels(problem: CarryProblem, rng: np.random.Generator, most: i
     ``n``), so a held-out combination (14x1: ``n`` and one value) gets a wrong end; late labels end every chain length
     at many letters.
     """
-    steps = sum(1 for item in problem.question.split(" ") if LABEL_ITEM.match(item))
+    steps, _ = problem_variant(problem.question)
     shift = int(rng.integers(min(most, len(LABELS) - steps) + 1))
 
     def relabel(text: str) -> str:
