@@ -130,3 +130,24 @@ def test_a_built_first_phase_is_reused_and_the_record_names_it(tmp_path, monkeyp
     assert set(record["heldout_accuracy_by_steps_x_values"]) == {"3x1", "4x1", "4x2"}
     toy_base_dir(replace(TINY, lookup_lr=1e-4))  # another second phase from the same first phase
     assert len(calls) == 1, "the first phase was trained again"
+
+
+def test_score_counts_each_variant_on_its_own_problems_apart_from_the_builders(monkeypatch):
+    problems = toy.scoring_problems(TINY, 4)
+    held_out = {p.question for ps in toy.heldout_problems(TINY).values() for p in ps}
+    assert set(problems) == set(toy.combinations(TINY)) and all(len(ps) == 4 for ps in problems.values())
+    assert all(problem_variant(p.question) == key for key, ps in problems.items() for p in ps)
+    assert not held_out & {p.question for ps in problems.values() for p in ps}
+    right = {p.question for p in problems[(3, 1)][:3]} | {problems[(4, 2)][0].question}
+    monkeypatch.setattr(toy, "full_cache_correct", lambda model, tok, ps: [p.question in right for p in ps])
+    assert toy.accuracy_by_variant(None, None, problems) == {"3x1": 0.75, "4x1": 0.0, "4x2": 0.25}
+
+
+def test_the_cli_builds_then_scores_the_base(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PTE_CACHE", str(tmp_path))
+    tiny = "--steps 3,4 --values 1,2 --held-out 4:1 --hidden 16 --layers 1 --heads 2 --kv-heads 1 --train-steps 2"
+    toy.main(f"{tiny} --batch 4 --eval-problems 2 --lookup-steps 2 --score 3".split())
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["base"] == TINY.name and (tmp_path / TINY.name / "toy_base.json").is_file()
+    assert scored["problems_per_variant"] == 3 and set(scored["by_variant"]) == {"3x1", "4x1", "4x2"}
+    assert scored["min"] == min(scored["by_variant"].values())

@@ -13,7 +13,8 @@ relative position, the question's length and the last step's label, which fails 
 two no longer line up), solutions shifted to random positions and step labels starting at random letters, which only
 a lookup by content survives. Each phase is cached on its own (the first is reused by any second phase started
 from it). The base is saved as a plain Hugging Face model directory (``model.name`` can point to it); ``model.name:
-toy-carry`` builds it on first use and caches it under ``$PTE_CACHE`` (``~/.cache/pte``).
+toy-carry`` builds it on first use and caches it under ``$PTE_CACHE`` (``~/.cache/pte``). ``--score N`` then scores
+the built base on N more problems per variant (greedy, full cache).
 """
 
 from __future__ import annotations
@@ -192,6 +193,22 @@ def heldout_problems(spec: ToySpec) -> dict[tuple[int, int], list[CarryProblem]]
     }
 
 
+def scoring_problems(spec: ToySpec, n: int) -> dict[tuple[int, int], list[CarryProblem]]:
+    """``n`` problems per combination for scoring a built base (``--score``): seeds 41000 + 100 x steps + values, apart
+    from the builder's held-out seeds, as in docs/results.md."""
+    return {(s, v): carry_problems(n, seed=41_000 + 100 * s + v, steps=s, carry=v) for s, v in combinations(spec)}
+
+
+def accuracy_by_variant(model, tok, problems: dict[tuple[int, int], list[CarryProblem]]) -> dict[str, float]:
+    """Greedy full-cache accuracy per ``"<steps>x<values>"`` variant, every variant's problems in one pass."""
+    correct = full_cache_correct(model, tok, [p for ps in problems.values() for p in ps])
+    scores, i = {}, 0
+    for (s, v), ps in problems.items():
+        scores[f"{s}x{v}"] = sum(correct[i : i + len(ps)]) / len(ps)
+        i += len(ps)
+    return scores
+
+
 @global_rng_untouched()
 def train_toy_base(spec: ToySpec, out_dir: Path, tok: PreTrainedTokenizerFast, start: Path | None = None) -> dict:
     """Train the toy base, check it on held-out problems, save it to ``out_dir``; return the build record.
@@ -212,18 +229,13 @@ def train_toy_base(spec: ToySpec, out_dir: Path, tok: PreTrainedTokenizerFast, s
     if spec.lookup_steps:
         train_lookup_phase(spec, model, tok, banned)
     model.eval().requires_grad_(False)
-    flat = [p for ps in held_out.values() for p in ps]
-    correct = full_cache_correct(model, tok, flat)
-    per_combo, i = {}, 0
-    for (s, v), ps in held_out.items():
-        per_combo[f"{s}x{v}"] = sum(correct[i : i + len(ps)]) / len(ps)
-        i += len(ps)
+    per_combo = accuracy_by_variant(model, tok, held_out)
     record = {
         "spec": asdict(spec),
         "format": FORMAT,
         "params": sum(p.numel() for p in model.parameters()),
         **first,
-        "heldout_full_cache_accuracy": sum(correct) / len(correct),
+        "heldout_full_cache_accuracy": sum(per_combo.values()) / len(per_combo),
         "heldout_min_combination_accuracy": min(per_combo.values()),
         "heldout_problems_per_combination": spec.eval_problems,
         "heldout_accuracy_by_steps_x_values": per_combo,
@@ -407,15 +419,18 @@ def _parse_pairs(text: str) -> tuple[tuple[int, int], ...]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="output directory (default: the toy-carry cache)")
+    parser.add_argument(
+        "--score", type=int, default=0, metavar="N", help="then score the base on N more problems per variant"
+    )
     for field, default in asdict(ToySpec()).items():
         flag = f"--{field.replace('_', '-')}"
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
             continue
-        kind = _parse_pairs if field == "held_out" else _parse_range if isinstance(default, list) else type(default)
+        kind = _parse_pairs if field == "held_out" else _parse_range if isinstance(default, tuple) else type(default)
         parser.add_argument(flag, type=kind, default=getattr(ToySpec(), field))
     args = vars(parser.parse_args(argv))
-    out = args.pop("out")
+    out, score = args.pop("out"), args.pop("score")
     spec = ToySpec(**args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if out is None:
@@ -423,7 +438,13 @@ def main(argv: list[str] | None = None) -> None:
     else:
         train_toy_base(spec, out, tiny_tokenizer())
         path = out
-    print(json.dumps(json.loads((path / "toy_base.json").read_text()), indent=2))
+    if not score:
+        print(json.dumps(json.loads((path / "toy_base.json").read_text()), indent=2))
+        return
+    model = LlamaForCausalLM.from_pretrained(path).eval().requires_grad_(False)
+    scores = accuracy_by_variant(model, tiny_tokenizer(), scoring_problems(spec, score))
+    summary = {"base": path.name, "problems_per_variant": score, "min": min(scores.values())}
+    print(json.dumps({**summary, "mean": sum(scores.values()) / len(scores), "by_variant": scores}, indent=2))
 
 
 if __name__ == "__main__":
