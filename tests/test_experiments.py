@@ -127,7 +127,7 @@ def test_toy_base_saves_a_hub_style_directory(tmp_path):
 
     spec = ToySpec(
         steps=(3, 4), values=(1, 2), held_out=((4, 1),), hidden=32, layers=2, heads=2, kv_heads=1, train_steps=2,
-        batch=4, eval_problems=3, lookup_steps=2,
+        batch=4, eval_problems=3, lookup_steps=2, polish_rounds=1, polish_steps=2, polish_problems=2,
     )  # fmt: skip
     record = train_toy_base(spec, tmp_path / "toy", tiny_tokenizer())
     assert 0.0 <= record["heldout_full_cache_accuracy"] <= 1.0 and record["heldout_problems_per_combination"] == 3

@@ -31,7 +31,11 @@ TINY_SPEC = ToySpec(
     batch=2,
     eval_problems=2,
     lookup_steps=2,
-)
+    polish_rounds=1,
+    polish_steps=2,
+    polish_problems=2,
+    polish_target=1.01,
+)  # all three phases, the polish one trained (no tiny build meets a target above 1)
 SMALL = ["data.carry_steps=3", "data.size=16", "data.val_size=2", "rollout.batch_size=4", "rollout.micro_batch=4"]
 
 

@@ -6,6 +6,7 @@ import json
 from dataclasses import replace
 
 import numpy as np
+import pytest
 import torch
 
 from pte.models import toy
@@ -24,8 +25,9 @@ from pte.training.rewards import verify_answer
 
 TINY = ToySpec(
     steps=(3, 4), values=(1, 2), held_out=((4, 1),), hidden=16, layers=1, heads=2, kv_heads=1, train_steps=2,
-    batch=4, eval_problems=2, lookup_steps=2,
+    batch=4, eval_problems=2, lookup_steps=2, polish_rounds=0,
 )  # fmt: skip
+POLISHED = replace(TINY, polish_rounds=2, polish_steps=2, polish_problems=3, polish_target=1.01)  # never met
 
 
 def test_fillers_go_into_question_and_solution_alike():
@@ -93,8 +95,9 @@ def test_shifted_labels_start_late_on_both_sides_and_never_pass_z():
 
 
 def test_cache_names_of_the_default_and_of_the_base_before_it():
-    assert ToySpec().name == "toy-carry-56b5a185-lookup-e8bd29e6", "a change renamed every cached default base"
-    before = replace(ToySpec(), separate_fillers=False, label_shift=0)  # copied fillers, labels from a
+    assert ToySpec().name == "toy-carry-56b5a185-lookup-e8bd29e6-polish-8c006d1d", "a change renamed the default base"
+    assert ToySpec().previous_phase().name == "toy-carry-56b5a185-lookup-e8bd29e6", "built lookup phases are reused"
+    before = replace(ToySpec(), separate_fillers=False, label_shift=0, polish_rounds=0)  # copied fillers, labels from a
     assert before.name == "toy-carry-56b5a185-lookup-43d968b5", "bases built before the options keep their names"
 
 
@@ -146,8 +149,43 @@ def test_score_counts_each_variant_on_its_own_problems_apart_from_the_builders(m
 def test_the_cli_builds_then_scores_the_base(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PTE_CACHE", str(tmp_path))
     tiny = "--steps 3,4 --values 1,2 --held-out 4:1 --hidden 16 --layers 1 --heads 2 --kv-heads 1 --train-steps 2"
-    toy.main(f"{tiny} --batch 4 --eval-problems 2 --lookup-steps 2 --score 3".split())
+    toy.main(f"{tiny} --batch 4 --eval-problems 2 --lookup-steps 2 --polish-rounds 0 --score 3".split())
     scored = json.loads(capsys.readouterr().out)
     assert scored["base"] == TINY.name and (tmp_path / TINY.name / "toy_base.json").is_file()
     assert scored["problems_per_variant"] == 3 and set(scored["by_variant"]) == {"3x1", "4x1", "4x2"}
     assert scored["min"] == min(scored["by_variant"].values())
+
+
+def test_the_polish_phase_starts_from_the_cached_lookup_phase_and_keeps_its_best_round(tmp_path, monkeypatch):
+    monkeypatch.setenv("PTE_CACHE", str(tmp_path))
+    out = toy_base_dir(POLISHED)
+    assert out.name == TINY.name + "-polish-" + POLISHED.name.rsplit("-", 1)[1] and (tmp_path / TINY.name).is_dir()
+    record = json.loads((out / "toy_base.json").read_text())
+    assert record["lookup_phase"]["name"] == TINY.name and record["lookup_phase"]["first_phase"]["name"]
+    polish = record["polish"]
+    assert [r["steps"] for r in polish["rounds"]] == [0, 2, 4] and polish["met_target"] is False
+    assert all(set(r["short"]) == {"3x1", "4x2"} for r in polish["rounds"]), "trained variants only, all short"
+    best = max(range(3), key=lambda i: (polish["rounds"][i]["min"], polish["rounds"][i]["mean"]))
+    assert polish["kept_after_steps"] == 2 * best
+    assert set(record["heldout_accuracy_by_steps_x_values"]) == {"3x1", "4x1", "4x2"}, "held-out 4x1 scored at the end"
+
+
+def test_a_build_that_meets_the_polish_target_is_saved_unchanged(monkeypatch):
+    model = toy.new_model(TINY, len(tiny_tokenizer()))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.setattr(toy, "accuracy_by_variant", lambda m, t, problems: {f"{s}x{v}": 1.0 for s, v in problems})
+    monkeypatch.setattr(toy, "_decaying_run", lambda *a: pytest.fail("trained a build that met the target"))
+    record = toy.polish_phase(replace(POLISHED, polish_target=0.96), model, tiny_tokenizer(), set())
+    assert record == {"rounds": [{"steps": 0, "min": 1.0, "mean": 1.0, "short": {}}], "kept_after_steps": 0,
+                      "met_target": True}  # fmt: skip
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_polish_draws_weak_variants_more_often_and_every_trained_one_sometimes():
+    weights = toy.polish_weights({"3x1": 1.0, "4x2": 0.8, "3x2": 0.9})
+    assert weights[(4, 2)] > weights[(3, 2)] > weights[(3, 1)] > 0 and sum(weights.values()) == pytest.approx(1.0)
+    assert toy.polish_weights({"3x1": 1.0, "4x2": 1.0}) == {(3, 1): 0.25, (4, 2): 0.25}
+    checks = toy.check_problems(TINY)
+    assert set(checks) == {(3, 1), (4, 2)}, "no check problem of a held-out variant"
+    problems = toy.polish_problems(TINY, np.random.default_rng(0), {(3, 1): 0.0, (4, 2): 1.0}, set())
+    assert problems and all(problem_variant(p.question) == (4, 2) for p in problems)
