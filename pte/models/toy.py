@@ -520,7 +520,8 @@ def toy_base_dir(spec: ToySpec | None = None) -> Path:
     if not (out / "toy_base.json").exists():
         previous = spec.previous_phase()
         start = toy_base_dir(previous) if previous else None
-        log.info("building the toy base model %s (once; 20-50 min on a 2-core CPU)", spec.name)
+        took = "1-8 min" if spec.polish_rounds else "13-40 min"
+        log.info("building the toy base model %s (once; this phase %s on a 2-core CPU)", spec.name, took)
         train_toy_base(spec, out, tiny_tokenizer(), start=start)
     return out
 
