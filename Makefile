@@ -31,7 +31,7 @@ test-full: $(STAMP)  ## everything, including tests marked slow
 	$(PY) -m pytest -q -m "slow or not slow"
 
 demo: $(STAMP)  ## python train.py on the embedded default (PTE on the carry task, toy base built on first use, CPU)
-	$(PY) -m pte.models.toy > /dev/null  # the toy base: two phases, built once with every core (50 min on 2 Intel cores)
+	$(PY) -m pte.models.toy > /dev/null  # the toy base: three phases, built once with every core (35-40 min on 2 cores)
 	OMP_NUM_THREADS=1 $(PY) train.py trainer.overwrite=true  # one thread: as fast on this toy model
 
 eval: $(STAMP)  ## evaluate the demo run's checkpoint
