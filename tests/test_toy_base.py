@@ -182,9 +182,9 @@ def test_a_build_that_meets_the_polish_target_is_saved_unchanged(monkeypatch):
 
 
 def test_polish_draws_weak_variants_more_often_and_every_trained_one_sometimes():
-    weights = toy.polish_weights({"3x1": 1.0, "4x2": 0.8, "3x2": 0.9})
+    weights = toy.polish_weights({(3, 1): 1.0, (4, 2): 0.8, (3, 2): 0.9})
     assert weights[(4, 2)] > weights[(3, 2)] > weights[(3, 1)] > 0 and sum(weights.values()) == pytest.approx(1.0)
-    assert toy.polish_weights({"3x1": 1.0, "4x2": 1.0}) == {(3, 1): 0.25, (4, 2): 0.25}
+    assert toy.polish_weights({(3, 1): 1.0, (4, 2): 1.0}) == {(3, 1): 0.25, (4, 2): 0.25}
     checks = toy.check_problems(TINY)
     assert set(checks) == {(3, 1), (4, 2)}, "no check problem of a held-out variant"
     problems = toy.polish_problems(TINY, np.random.default_rng(0), {(3, 1): 0.0, (4, 2): 1.0}, set())

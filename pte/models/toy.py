@@ -13,7 +13,8 @@ relative position, the question's length and the last step's label, which fails 
 two no longer line up), solutions shifted to random positions and step labels starting at random letters, which only
 a lookup by content survives. The third (polish) checks every trained variant and, while one is short of its target,
 trains more on the weak ones: the same spec rounds differently on another CPU, so the builder checks its target
-instead of hoping. Each phase is cached on its own (a built phase is reused by any later phase started from it). The base is saved as a plain Hugging Face model directory (``model.name`` can point to it); ``model.name:
+instead of hoping. Each phase is cached on its own (a built phase is reused by any later phase started from it). The
+base is saved as a plain Hugging Face model directory (``model.name`` can point to it); ``model.name:
 toy-carry`` builds it on first use and caches it under ``$PTE_CACHE`` (``~/.cache/pte``). ``--score N`` then scores
 the built base on N more problems per variant (greedy, full cache).
 """
@@ -353,7 +354,7 @@ def polish_phase(spec: ToySpec, model: LlamaForCausalLM, tok: PreTrainedTokenize
         if not short or r == spec.polish_rounds:
             break
         model.train()
-        weights = polish_weights(scores)
+        weights = polish_weights(dict(zip(checks, scores.values())))  # scores come in the order of checks
         draw = lambda w=weights: _augmented(spec, tok, polish_problems(spec, rng, w, banned), rng)
         _decaying_run(model, spec.polish_steps, spec.polish_lr, draw, f"polish round {r + 1}")
     model.load_state_dict(best[2])
@@ -374,9 +375,9 @@ def check_problems(spec: ToySpec) -> dict[tuple[int, int], list[CarryProblem]]:
     }
 
 
-def polish_weights(scores: dict[str, float]) -> dict[tuple[int, int], float]:
-    """How often each trained variant is drawn: half uniform, half in proportion to its check errors."""
-    errors = {tuple(map(int, k.split("x"))): 1 - v for k, v in scores.items()}
+def polish_weights(scores: dict[tuple[int, int], float]) -> dict[tuple[int, int], float]:
+    """How often each trained variant (steps, values) is drawn: half uniform, half in proportion to its check errors."""
+    errors = {k: 1 - v for k, v in scores.items()}
     total = sum(errors.values()) or 1.0
     return {k: 0.5 / len(errors) + 0.5 * e / total for k, e in errors.items()}
 
