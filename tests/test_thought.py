@@ -18,7 +18,7 @@ from pte.training.module import lr_factor
 from tests.helpers import PROMPTS, run, tiny
 
 
-def _relative_moves(init_std: float, init_move: float | None = None) -> list[float]:
+def _relative_moves(init_std: float, init_move: float | None = None, normalize: str = "rms") -> list[float]:
     """|S_k - S_{k-1}| / |S_{k-1}| of layer 0 at each eviction of a pte rollout (S_0 = S_g); with ``init_move`` the
     global tokens are first calibrated for it on the prompts' K/V.
 
@@ -26,7 +26,7 @@ def _relative_moves(init_std: float, init_move: float | None = None) -> list[flo
     Face's 0.02 init, under which every K/V, and so every increment, is tiny.
     """
     model, tok = tiny("llama", initializer_range=64**-0.5)
-    attach_thought(model, replace(ThoughtConfig(rank=4, global_tokens=3, alpha=8.0), init_std=init_std))
+    attach_thought(model, ThoughtConfig(rank=4, global_tokens=3, alpha=8.0, init_std=init_std, normalize=normalize))
     policy = CachePolicy("pte", window=8, evict_ratio=0.25)
     if init_move is not None:
         calibrate(model, *encode_prompts(tok, PROMPTS), init_move, policy.evict_tokens)
@@ -62,6 +62,14 @@ def test_calibrated_global_tokens_move_the_state_by_init_move(init_std, init_mov
     each later eviction of a rollout moves the state."""
     later = sorted(_relative_moves(init_std, init_move)[1:])
     assert init_move / 2 < later[len(later) // 2] < init_move * 2, later
+
+
+@pytest.mark.parametrize("init_std", [0.02, 1.0, 50.0])
+def test_calibration_without_normalize_moves_the_state_by_init_move(init_std):
+    """Without Normalize S_g is cubic in the global tokens' scale and an increment linear in it, so the move shrinks as
+    the scale grows: the search must go the other way (it went to its bounds, and training to NaN at the second step)."""
+    later = sorted(_relative_moves(init_std, 0.15, normalize="none")[1:])
+    assert 0.075 < later[len(later) // 2] < 0.3, later
 
 
 def test_calibration_warns_when_a_layer_cannot_reach_the_move(caplog):

@@ -7,6 +7,8 @@ equations leave unnormalised: with the global tokens at N(0, 1) one eviction mov
 evicted value is gone long before its recall, and SFT spends hundreds of steps near chance lengthening that memory
 (docs/results.md, "Why SFT sat on the recall plateau"). The increment is linear in ``W_Q h_g`` and S_g is normalised
 whatever its scale, so the move grows with the global tokens' scale, and each layer's scale is set by bisection.
+Without Normalize (``normalize: none``) S_g is cubic in that scale and the move shrinks as it grows; the bisection
+follows whichever way the move goes.
 
 The move is measured on a simulated chain: evictions of ``m`` consecutive rows of the base model's own pre-rotary K and
 V on sample text (the run's held-out prompts and worked solutions), folded in by the layer's own update. Sampled rows
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+from functools import partial
 
 import torch
 from torch import nn
@@ -74,6 +77,20 @@ def simulated_move(layer: LayerThought, proj: tuple[nn.Module, ...], rows: Rows,
     return float(torch.tensor(moves[1:]).median())
 
 
+def _scaled_move(
+    layer: LayerThought,
+    proj: tuple[nn.Module, ...],
+    rows: Rows,
+    m: int,
+    starts: list[int],
+    tokens: torch.Tensor,
+    log_factor: float,
+) -> float:
+    """``simulated_move`` with the layer's global tokens set to ``tokens`` x exp(``log_factor``)."""
+    layer.global_tokens.copy_(tokens * math.exp(log_factor))
+    return simulated_move(layer, proj, rows, m, starts)
+
+
 def calibrate(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, target: float, m: int) -> list[float]:
     """Scale each layer's global tokens so that an eviction of ``m`` tokens moves its state by ``target``.
 
@@ -87,11 +104,12 @@ def calibrate(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, tar
     with torch.no_grad():
         for layer, proj, layer_rows in zip(encoder.layers, encoder.projections, rows):
             tokens = layer.global_tokens.detach().clone()
-            lo, hi = math.log(1e-4), math.log(1e4)  # log of the factor; the move grows with it
+            move = partial(_scaled_move, layer, proj, layer_rows, m, starts, tokens)
+            lo, hi = math.log(1e-4), math.log(1e4)  # log of the factor
+            grows = move(hi) >= move(lo)  # normalised: S fixed in norm, S' linear in the scale; `none`: S_g is cubic
             for _ in range(40):
                 mid = (lo + hi) / 2
-                layer.global_tokens.copy_(tokens * math.exp(mid))
-                if simulated_move(layer, proj, layer_rows, m, starts) < target:
+                if (move(mid) < target) == grows:
                     lo = mid
                 else:
                     hi = mid
