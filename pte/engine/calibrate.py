@@ -113,9 +113,8 @@ def calibrate(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, tar
                     lo = mid
                 else:
                     hi = mid
+            reached = move((lo + hi) / 2)  # leaves the global tokens at the chosen scale
             factors.append(math.exp((lo + hi) / 2))
-            layer.global_tokens.copy_(tokens * factors[-1])
-            reached = simulated_move(layer, proj, layer_rows, m, starts)
             if not target / 2 < reached < 2 * target:  # the move saturates, or the factor hit the search's bounds
                 log.warning("thought.init_move=%s: layer %d reaches %.3g at most", target, len(factors) - 1, reached)
     return factors
